@@ -1,0 +1,214 @@
+#include "arena.h"
+
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+#include "errors.h"
+
+namespace kvsnap {
+
+namespace {
+
+std::atomic<bool> g_poison{false};
+
+size_t round_up(size_t n, size_t to) {
+  return (n + to - 1) / to * to;
+}
+
+constexpr size_t kArrayAlign = 64;
+constexpr size_t kPage = 4096;
+
+} // namespace
+
+void set_poison(bool on) {
+  g_poison = on;
+}
+
+bool poison() {
+  return g_poison;
+}
+
+void ArenaGeometry::validate() const {
+  auto positive = [](const char* name, int v) {
+    if (v <= 0) {
+      throw InvalidArgument(name, "must be positive, got " + std::to_string(v));
+    }
+  };
+  positive("n_layers", n_layers);
+  positive("n_kv_heads", n_kv_heads);
+  positive("head_dim", head_dim);
+  positive("block_tokens", block_tokens);
+  if (bits != 4 && bits != 8) {
+    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(bits));
+  }
+  if (group_size != 16 && group_size != 32 && group_size != 64 &&
+      group_size != 128) {
+    throw InvalidArgument(
+        "group_size",
+        "must be 16, 32, 64 or 128, got " + std::to_string(group_size));
+  }
+  if (head_dim > 256) {
+    throw InvalidArgument(
+        "head_dim", "must be at most 256, got " + std::to_string(head_dim));
+  }
+  if (head_dim % group_size != 0) {
+    throw InvalidArgument(
+        "group_size",
+        std::to_string(group_size) + " does not divide head_dim " +
+            std::to_string(head_dim));
+  }
+}
+
+Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
+    : geo_(geometry) {
+  geo_.validate();
+  size_t rows = size_t(geo_.n_kv_heads) * geo_.block_tokens;
+  size_t packed = rows * geo_.words_per_row() * sizeof(uint32_t);
+  size_t meta = rows * geo_.groups_per_row() * sizeof(uint16_t);
+  size_t sizes[6] = {packed, meta, meta, packed, meta, meta};
+  size_t off = 0;
+  layers_.resize(geo_.n_layers);
+  for (auto& layer : layers_) {
+    for (int i = 0; i < 6; ++i) {
+      layer.off[i] = off;
+      off = round_up(off + sizes[i], kArrayAlign);
+    }
+  }
+  slot_bytes_ = round_up(off, kPage);
+  if (budget_bytes < int64_t(slot_bytes_)) {
+    throw InvalidArgument(
+        "budget_bytes",
+        std::to_string(budget_bytes) + " bytes is less than one slot (" +
+            std::to_string(slot_bytes_) + " bytes for this geometry)");
+  }
+  n_slots_ = budget_bytes / int64_t(slot_bytes_);
+  map_bytes_ = size_t(n_slots_) * slot_bytes_;
+  void* p = mmap(
+      nullptr,
+      map_bytes_,
+      PROT_READ | PROT_WRITE,
+      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+      -1,
+      0);
+  if (p == MAP_FAILED) {
+    throw ArenaFull(
+        "could not map " + std::to_string(map_bytes_) +
+        " bytes for the arena: " + std::strerror(errno));
+  }
+  base_ = static_cast<uint8_t*>(p);
+  refcount_.assign(n_slots_, 0);
+  free_list_.reserve(n_slots_);
+  // Lowest slot on top of the stack: allocation order is predictable.
+  for (int64_t s = n_slots_ - 1; s >= 0; --s) {
+    free_list_.push_back(s);
+  }
+}
+
+Arena::~Arena() {
+  if (base_) {
+    munmap(base_, map_bytes_);
+  }
+}
+
+size_t Arena::array_bytes(int which) const {
+  size_t rows = size_t(geo_.n_kv_heads) * geo_.block_tokens;
+  if (which == 0 || which == 3) {
+    return rows * geo_.words_per_row() * sizeof(uint32_t);
+  }
+  return rows * geo_.groups_per_row() * sizeof(uint16_t);
+}
+
+void Arena::check_range(int64_t slot, const char* what) const {
+  if (slot < 0 || slot >= n_slots_) {
+    throw SlotError(
+        std::string(what) + ": slot " + std::to_string(slot) +
+        " is out of range (arena has " + std::to_string(n_slots_) + " slots)");
+  }
+}
+
+void Arena::check_live(int64_t slot, const char* what) const {
+  check_range(slot, what);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (refcount_[slot] == 0) {
+    throw SlotError(
+        std::string(what) + ": slot " + std::to_string(slot) +
+        " is not allocated (used after free?)");
+  }
+}
+
+int64_t Arena::alloc() {
+  int64_t slot;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (free_list_.empty()) {
+      throw ArenaFull(
+          "arena is full: all " + std::to_string(n_slots_) + " slots of " +
+          std::to_string(slot_bytes_) +
+          " bytes are in use; free blocks or create a larger arena");
+    }
+    slot = free_list_.back();
+    free_list_.pop_back();
+    refcount_[slot] = 1;
+    ++used_;
+  }
+  if (poison()) {
+    std::memset(slot_ptr(slot), 0xFF, slot_bytes_);
+  }
+  return slot;
+}
+
+int64_t Arena::incref(int64_t slot) {
+  check_range(slot, "incref");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (refcount_[slot] == 0) {
+    throw SlotError(
+        "incref: slot " + std::to_string(slot) +
+        " is free; it must be allocated before it can be shared");
+  }
+  if (++refcount_[slot] == 2) {
+    ++shared_;
+  }
+  return refcount_[slot];
+}
+
+int64_t Arena::decref(int64_t slot) {
+  check_range(slot, "decref");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (refcount_[slot] == 0) {
+    throw SlotError(
+        "decref: slot " + std::to_string(slot) +
+        " is already free (double free)");
+  }
+  int32_t rc = --refcount_[slot];
+  if (rc == 1) {
+    --shared_;
+  } else if (rc == 0) {
+    --used_;
+    free_list_.push_back(slot);
+  }
+  return rc;
+}
+
+int64_t Arena::refcount(int64_t slot) const {
+  check_range(slot, "refcount");
+  std::lock_guard<std::mutex> lock(mu_);
+  return refcount_[slot];
+}
+
+ArenaStats Arena::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  ArenaStats s;
+  s.slots_total = n_slots_;
+  s.slots_used = used_;
+  s.slots_shared = shared_;
+  s.slot_bytes = int64_t(slot_bytes_);
+  s.bytes_total = n_slots_ * int64_t(slot_bytes_);
+  s.bytes_used = used_ * int64_t(slot_bytes_);
+  return s;
+}
+
+} // namespace kvsnap

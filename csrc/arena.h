@@ -1,0 +1,101 @@
+// The block arena: one mmap'd region cut into fixed-size slots. A slot holds
+// one block (block_tokens consecutive tokens of one sequence) for every layer,
+// keys and values, in MLX's affine-quantized layout:
+//
+//   for each layer: K packed, K scales, K biases, V packed, V scales, V biases
+//   packed  uint32  [n_kv_heads, block_tokens, head_dim * bits / 32]
+//   scales  float16 [n_kv_heads, block_tokens, head_dim / group_size]
+//   biases  float16 [n_kv_heads, block_tokens, head_dim / group_size]
+//
+// Each array starts on a 64-byte boundary; a slot is a whole number of pages.
+// Slots are reference counted; eviction policy lives in Python.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+namespace kvsnap {
+
+struct ArenaGeometry {
+  int n_layers;
+  int n_kv_heads;
+  int head_dim;
+  int block_tokens;
+  int bits;
+  int group_size;
+
+  int words_per_row() const { return head_dim * bits / 32; }
+  int groups_per_row() const { return head_dim / group_size; }
+  // Validates every field; throws InvalidArgument naming the bad one.
+  void validate() const;
+};
+
+// Byte offsets of the six arrays of one layer inside a slot.
+struct LayerOffsets {
+  // 0..2: K packed, scales, biases; 3..5: V packed, scales, biases.
+  std::array<size_t, 6> off;
+};
+
+struct ArenaStats {
+  int64_t slots_total;
+  int64_t slots_used;
+  int64_t slots_shared; // refcount > 1
+  int64_t slot_bytes;
+  int64_t bytes_total;
+  int64_t bytes_used;
+};
+
+class Arena {
+ public:
+  Arena(const ArenaGeometry& geometry, int64_t budget_bytes);
+  ~Arena();
+  Arena(const Arena&) = delete;
+  Arena& operator=(const Arena&) = delete;
+
+  const ArenaGeometry& geometry() const { return geo_; }
+  size_t slot_bytes() const { return slot_bytes_; }
+  int64_t n_slots() const { return n_slots_; }
+  const LayerOffsets& layer(int i) const { return layers_[i]; }
+  uint8_t* base() const { return base_; }
+  uint8_t* slot_ptr(int64_t slot) const { return base_ + slot * slot_bytes_; }
+
+  // Takes a free slot (refcount 1). Throws ArenaFull when none is left.
+  int64_t alloc();
+  // Returns the new refcount. Throws SlotError for a free or out-of-range slot.
+  int64_t incref(int64_t slot);
+  // Returns the new refcount; at 0 the slot goes back on the free list.
+  int64_t decref(int64_t slot);
+  int64_t refcount(int64_t slot) const;
+  // Throws SlotError unless `slot` is allocated; `what` names the caller.
+  void check_live(int64_t slot, const char* what) const;
+  ArenaStats stats() const;
+
+  // Bytes of one array of one layer, by LayerOffsets index.
+  size_t array_bytes(int which) const;
+
+ private:
+  void check_range(int64_t slot, const char* what) const;
+
+  ArenaGeometry geo_;
+  size_t slot_bytes_ = 0;
+  int64_t n_slots_ = 0;
+  size_t map_bytes_ = 0;
+  uint8_t* base_ = nullptr;
+  std::vector<LayerOffsets> layers_;
+
+  mutable std::mutex mu_;
+  std::vector<int64_t> free_list_; // stack of free slots
+  std::vector<int32_t> refcount_;
+  int64_t used_ = 0;
+  int64_t shared_ = 0;
+};
+
+// When on, freshly allocated slots and kernel outputs are filled with NaN
+// bit patterns, so a test can tell an element that was never written.
+void set_poison(bool on);
+bool poison();
+
+} // namespace kvsnap

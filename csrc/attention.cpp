@@ -1,0 +1,375 @@
+#include "attention.h"
+
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+
+namespace kvsnap {
+
+namespace {
+
+// Checks queries [B, Hq, L, D] against Hkv and D.
+void check_queries(const mx::array& q, int n_kv_heads, int head_dim) {
+  if (q.ndim() != 4) {
+    throw InvalidArgument(
+        "queries",
+        "must have shape (B, n_heads, L, head_dim), got " +
+            shape_str(q.shape()));
+  }
+  float_dtype(q, "queries");
+  if (q.shape(3) != head_dim) {
+    throw InvalidArgument(
+        "queries",
+        "head_dim " + std::to_string(q.shape(3)) + " differs from the keys' " +
+            std::to_string(head_dim));
+  }
+  if (q.shape(1) % n_kv_heads != 0) {
+    throw InvalidArgument(
+        "queries",
+        std::to_string(q.shape(1)) + " query heads are not a multiple of " +
+            std::to_string(n_kv_heads) + " KV heads");
+  }
+}
+
+void check_scale(float scale) {
+  if (!(scale > 0.f) || !std::isfinite(scale)) {
+    throw InvalidArgument(
+        "scale", "must be a positive finite number, got " + std::to_string(scale));
+  }
+}
+
+// Checks one (packed, scales, biases) triple; returns its T.
+int check_triple(
+    const std::vector<mx::array>& t,
+    const char* arg,
+    int B,
+    int head_dim,
+    int group_size,
+    int bits) {
+  if (t.size() != 3) {
+    throw InvalidArgument(
+        arg, "must be a (packed, scales, biases) triple, got " +
+            std::to_string(t.size()) + " arrays");
+  }
+  const mx::array& p = t[0];
+  if (p.ndim() != 4 || p.dtype() != mx::uint32) {
+    throw InvalidArgument(
+        arg, "packed data must be a uint32 array (B, n_kv_heads, T, head_dim * bits / 32), got shape " +
+            shape_str(p.shape()));
+  }
+  if (p.shape(0) != B) {
+    throw InvalidArgument(
+        arg, "batch " + std::to_string(p.shape(0)) + " differs from the queries' " +
+            std::to_string(B));
+  }
+  if (int64_t(p.shape(3)) * 32 != int64_t(head_dim) * bits) {
+    throw InvalidArgument(
+        arg, "packed rows of " + std::to_string(p.shape(3)) + " words do not hold head_dim " +
+            std::to_string(head_dim) + " at " + std::to_string(bits) + " bits");
+  }
+  mx::Shape meta = {p.shape(0), p.shape(1), p.shape(2), head_dim / group_size};
+  for (int i = 1; i < 3; ++i) {
+    const char* what = i == 1 ? "scales" : "biases";
+    if (t[i].shape() != meta) {
+      throw InvalidArgument(
+          arg, std::string(what) + " must have shape " + shape_str(meta) + ", got " +
+              shape_str(t[i].shape()));
+    }
+    float_dtype(t[i], arg);
+    if (t[i].dtype() != t[1].dtype()) {
+      throw InvalidArgument(arg, "scales and biases have different dtypes");
+    }
+  }
+  return p.shape(2);
+}
+
+void check_quant_format(int group_size, int bits, int head_dim) {
+  if (bits != 4 && bits != 8) {
+    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(bits));
+  }
+  if (group_size != 16 && group_size != 32 && group_size != 64 &&
+      group_size != 128) {
+    throw InvalidArgument(
+        "group_size",
+        "must be 16, 32, 64 or 128, got " + std::to_string(group_size));
+  }
+  if (head_dim % group_size != 0) {
+    throw InvalidArgument(
+        "group_size",
+        std::to_string(group_size) + " does not divide head_dim " +
+            std::to_string(head_dim));
+  }
+  if (head_dim > 256) {
+    throw InvalidArgument(
+        "queries", "head_dim must be at most 256, got " + std::to_string(head_dim));
+  }
+}
+
+// A row-major copy of a 4-D array whose last axis is strided (rare: the
+// kernel loads rows as dense runs).
+std::vector<char> dense_copy(const mx::array& x) {
+  const size_t item = x.itemsize();
+  std::vector<char> buf(x.size() * item);
+  const char* base = x.data<char>();
+  size_t k = 0;
+  for (int i0 = 0; i0 < x.shape(0); ++i0) {
+    for (int i1 = 0; i1 < x.shape(1); ++i1) {
+      for (int i2 = 0; i2 < x.shape(2); ++i2) {
+        for (int i3 = 0; i3 < x.shape(3); ++i3, k += item) {
+          int64_t off = i0 * x.strides()[0] + i1 * x.strides()[1] +
+              i2 * x.strides()[2] + i3 * x.strides()[3];
+          std::memcpy(&buf[k], base + off * item, item);
+        }
+      }
+    }
+  }
+  return buf;
+}
+
+} // namespace
+
+mx::array paged_attention(
+    std::shared_ptr<Arena> arena,
+    int layer,
+    const mx::array& queries,
+    const IntTable& block_table,
+    const std::vector<int32_t>& lengths,
+    float scale,
+    bool causal,
+    int window,
+    const std::vector<mx::array>& after,
+    mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "attention");
+  const ArenaGeometry& g = arena->geometry();
+  if (layer < 0 || layer >= g.n_layers) {
+    throw InvalidArgument(
+        "layer",
+        std::to_string(layer) + " is out of range for an arena of " +
+            std::to_string(g.n_layers) + " layers");
+  }
+  check_queries(queries, g.n_kv_heads, g.head_dim);
+  check_scale(scale);
+  if (window < 0) {
+    throw InvalidArgument("window", "must be >= 0, got " + std::to_string(window));
+  }
+  const int B = queries.shape(0);
+  const int L = queries.shape(2);
+  if (int(lengths.size()) != B) {
+    throw InvalidArgument(
+        "lengths",
+        "has " + std::to_string(lengths.size()) + " entries for a batch of " +
+            std::to_string(B));
+  }
+  std::vector<int64_t> end(B);
+  for (int b = 0; b < B; ++b) {
+    if (lengths[b] < 0 || (causal && lengths[b] < L)) {
+      throw InvalidArgument(
+          "lengths",
+          "entry " + std::to_string(b) + " is " + std::to_string(lengths[b]) +
+              (causal ? "; with causal masking each sequence must hold at "
+                        "least its L = " + std::to_string(L) + " queries"
+                      : "; lengths must be >= 0"));
+    }
+    end[b] = lengths[b];
+  }
+  check_block_table(*arena, block_table, B, end, "attention");
+
+  std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
+  inputs.insert(inputs.end(), after.begin(), after.end());
+  PagedSpec spec{arena, layer, block_table, lengths};
+  return mx::array(
+      queries.shape(),
+      queries.dtype(),
+      std::make_shared<QuantizedAttention>(
+          stream, std::move(spec), scale, causal, window, g.group_size, g.bits, false),
+      std::move(inputs));
+}
+
+mx::array q4_attention(
+    const mx::array& queries,
+    const std::vector<mx::array>& keys,
+    const std::vector<mx::array>& values,
+    float scale,
+    bool causal,
+    const std::optional<mx::array>& mask,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "q4_attention");
+  if (queries.ndim() != 4) {
+    throw InvalidArgument(
+        "queries",
+        "must have shape (B, n_heads, L, head_dim), got " +
+            shape_str(queries.shape()));
+  }
+  const int D = queries.shape(3);
+  check_quant_format(group_size, bits, D);
+  check_scale(scale);
+  const int B = queries.shape(0);
+  int T = check_triple(keys, "keys", B, D, group_size, bits);
+  int Tv = check_triple(values, "values", B, D, group_size, bits);
+  if (keys[0].shape() != values[0].shape()) {
+    throw InvalidArgument(
+        "values",
+        "packed shape " + shape_str(values[0].shape()) + " differs from keys " +
+            shape_str(keys[0].shape()));
+  }
+  if (values[1].dtype() != keys[1].dtype()) {
+    throw InvalidArgument("values", "scales dtype differs from the keys' scales");
+  }
+  check_queries(queries, keys[0].shape(1), D);
+  const int Hq = queries.shape(1);
+  const int L = queries.shape(2);
+  if (causal && T < L) {
+    throw InvalidArgument(
+        "mask",
+        "causal masking needs at least as many keys (" + std::to_string(T) +
+            ") as queries (" + std::to_string(L) + ")");
+  }
+  (void)Tv;
+
+  std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
+  inputs.insert(inputs.end(), keys.begin(), keys.end());
+  inputs.insert(inputs.end(), values.begin(), values.end());
+  if (mask) {
+    const mx::array& m = *mask;
+    mx::Shape full = {B, Hq, L, T};
+    if (m.ndim() > 4) {
+      throw InvalidArgument(
+          "mask", "has " + std::to_string(m.ndim()) + " dimensions; at most 4");
+    }
+    for (int i = 0; i < m.ndim(); ++i) {
+      int dim = m.shape(m.ndim() - 1 - i);
+      int want = full[3 - i];
+      if (dim != 1 && dim != want) {
+        throw InvalidArgument(
+            "mask",
+            "shape " + shape_str(m.shape()) +
+                " does not broadcast to the scores " + shape_str(full));
+      }
+    }
+    mx::array mm = m;
+    if (m.dtype() == mx::bool_) {
+      // kept as is
+    } else if (mx::issubdtype(m.dtype(), mx::floating)) {
+      mm = mx::astype(m, mx::float32, stream);
+    } else {
+      std::ostringstream msg;
+      msg << "must be bool or floating point, got " << m.dtype();
+      throw InvalidArgument("mask", msg.str());
+    }
+    inputs.push_back(mx::broadcast_to(mm, full, stream));
+  }
+  return mx::array(
+      queries.shape(),
+      queries.dtype(),
+      std::make_shared<QuantizedAttention>(
+          stream,
+          std::nullopt,
+          scale,
+          causal,
+          0,
+          group_size,
+          bits,
+          mask.has_value()),
+      std::move(inputs));
+}
+
+void QuantizedAttention::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  enc.set_output_array(out);
+  std::vector<mx::array> ins;
+  for (auto& in : inputs) {
+    ins.push_back(mx::array::unsafe_weak_copy(in));
+  }
+  enc.dispatch([ins = std::move(ins),
+                out = mx::array::unsafe_weak_copy(out),
+                paged = paged_,
+                scale = scale_,
+                causal = causal_,
+                window = window_,
+                group_size = group_size_,
+                bits = bits_,
+                has_mask = has_mask_]() mutable {
+    const mx::array& q = ins[0];
+    cpu::AttentionArgs a;
+    a.B = q.shape(0);
+    a.Hq = q.shape(1);
+    a.L = q.shape(2);
+    a.scale = scale;
+    a.q = q.data<void>();
+    a.q_dtype = float_dtype(q, "queries");
+    a.out = out.data<void>();
+    a.causal = causal;
+    a.window = window;
+    cpu::QuantSource& src = a.kv;
+    src.bits = bits;
+    src.group_size = group_size;
+    src.head_dim = q.shape(3);
+    std::vector<int32_t> kv_len;
+    std::vector<char> dense[6];
+    if (paged) {
+      const Arena& arena = *paged->arena;
+      src.n_kv_heads = arena.geometry().n_kv_heads;
+      src.scale_dtype = cpu::DType::f16;
+      src.paged = true;
+      src.arena = arena.base();
+      src.slot_bytes = arena.slot_bytes();
+      for (int i = 0; i < 6; ++i) {
+        src.off[i] = arena.layer(paged->layer).off[i];
+      }
+      src.block_tokens = arena.geometry().block_tokens;
+      src.block_table = paged->block_table.data.data();
+      src.max_blocks = paged->block_table.shape[1];
+      kv_len = paged->lengths;
+    } else {
+      src.n_kv_heads = ins[1].shape(1);
+      src.scale_dtype = float_dtype(ins[2], "keys");
+      src.n_tokens = ins[1].shape(2);
+      for (int i = 0; i < 6; ++i) {
+        const mx::array& x = ins[1 + i];
+        src.ptr[i] = x.data<void>();
+        for (int d = 0; d < 3; ++d) {
+          src.stride[i][d] = x.strides()[d];
+        }
+        if (x.strides()[3] != 1 && x.shape(3) > 1) {
+          dense[i] = dense_copy(x);
+          src.ptr[i] = dense[i].data();
+          int64_t n = x.shape(3);
+          for (int d = 2; d >= 0; --d) {
+            src.stride[i][d] = n;
+            n *= x.shape(d);
+          }
+        }
+      }
+      kv_len.assign(a.B, src.n_tokens);
+      if (has_mask) {
+        const mx::array& m = ins[7];
+        a.mask = m.data<void>();
+        a.mask_is_bool = m.dtype() == mx::bool_;
+        for (int d = 0; d < 4; ++d) {
+          a.mask_stride[d] = m.strides()[d];
+        }
+      }
+    }
+    a.kv_len = kv_len.data();
+    poison_fill(a.out, out.nbytes());
+    cpu::attention(a);
+  });
+}
+
+void QuantizedAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw DeviceUnsupported(
+      "attention: kvsnap has no GPU kernel yet; run it on the CPU stream");
+}
+
+} // namespace kvsnap

@@ -1,0 +1,91 @@
+// The fused quantized attention primitive: softmax(scale * q k^T) v with K/V
+// read in MLX's affine-quantized layout and dequantized on the fly, either
+// from arena blocks through a block table or from contiguous arrays.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "arena.h"
+#include "common.h"
+#include "mlx/primitives.h"
+
+namespace kvsnap {
+
+// Attention of queries [B, Hq, L, D] over `layer` of the arena. Sequence b
+// holds lengths[b] tokens in the blocks block_table[b]; with `causal` its L
+// queries are its last L positions. window > 0 limits each query to the last
+// `window` keys. `after`: tokens of kv_write calls this read must follow.
+mx::array paged_attention(
+    std::shared_ptr<Arena> arena,
+    int layer,
+    const mx::array& queries,
+    const IntTable& block_table,
+    const std::vector<int32_t>& lengths,
+    float scale,
+    bool causal,
+    int window,
+    const std::vector<mx::array>& after,
+    mx::StreamOrDevice s = {});
+
+// The same over contiguous quantized K/V: keys and values are
+// (packed [B, Hkv, T, D * bits / 32] uint32, scales, biases [B, Hkv, T,
+// D / group_size]). mask: none, causal (queries are the last L of T
+// positions), or an array broadcastable to [B, Hq, L, T] (bool: keep where
+// true; float: added to the scores).
+mx::array q4_attention(
+    const mx::array& queries,
+    const std::vector<mx::array>& keys,
+    const std::vector<mx::array>& values,
+    float scale,
+    bool causal,
+    const std::optional<mx::array>& mask,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+struct PagedSpec {
+  std::shared_ptr<Arena> arena;
+  int layer;
+  IntTable block_table;
+  std::vector<int32_t> lengths;
+};
+
+class QuantizedAttention : public mx::UnaryPrimitive {
+ public:
+  QuantizedAttention(
+      mx::Stream stream,
+      std::optional<PagedSpec> paged,
+      float scale,
+      bool causal,
+      int window,
+      int group_size,
+      int bits,
+      bool has_mask)
+      : mx::UnaryPrimitive(stream),
+        paged_(std::move(paged)),
+        scale_(scale),
+        causal_(causal),
+        window_(window),
+        group_size_(group_size),
+        bits_(bits),
+        has_mask_(has_mask) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "QuantizedAttention";
+  }
+
+ private:
+  std::optional<PagedSpec> paged_;
+  float scale_;
+  bool causal_;
+  int window_;
+  int group_size_;
+  int bits_;
+  bool has_mask_;
+};
+
+} // namespace kvsnap

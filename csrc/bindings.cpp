@@ -1,0 +1,191 @@
+// The Python surface of kvsnap's C++ core (module kvsnap._ext). Thin: types
+// cross here once, and C++ exceptions become kvsnap.errors classes.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/optional.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+
+#include "arena.h"
+#include "attention.h"
+#include "cpu/kernels.h"
+#include "cpu/thread_pool.h"
+#include "kv_write.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+using kvsnap::Arena;
+
+namespace {
+
+using Int32Table = nb::ndarray<const int32_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+
+kvsnap::IntTable to_table(const Int32Table& t) {
+  kvsnap::IntTable out;
+  out.shape = {int(t.shape(0)), int(t.shape(1))};
+  out.data.assign(t.data(), t.data() + t.size());
+  return out;
+}
+
+// Python classes of kvsnap.errors, looked up once at import.
+struct ErrorClasses {
+  PyObject* invalid_argument;
+  PyObject* arena_full;
+  PyObject* slot_error;
+  PyObject* device_unsupported;
+};
+ErrorClasses g_errors;
+
+void raise_invalid_argument(const kvsnap::InvalidArgument& e) {
+  PyObject* exc = PyObject_CallFunction(
+      g_errors.invalid_argument, "ss", e.what(), e.argument.c_str());
+  if (exc) {
+    PyErr_SetObject(g_errors.invalid_argument, exc);
+    Py_DECREF(exc);
+  }
+}
+
+void translate(const std::exception_ptr& p, void*) {
+  try {
+    std::rethrow_exception(p);
+  } catch (const kvsnap::InvalidArgument& e) {
+    raise_invalid_argument(e);
+  } catch (const kvsnap::ArenaFull& e) {
+    PyErr_SetString(g_errors.arena_full, e.what());
+  } catch (const kvsnap::SlotError& e) {
+    PyErr_SetString(g_errors.slot_error, e.what());
+  } catch (const kvsnap::DeviceUnsupported& e) {
+    PyErr_SetString(g_errors.device_unsupported, e.what());
+  }
+}
+
+// Copy of one array of one layer of a slot, as a numpy array.
+nb::ndarray<nb::numpy> slot_array(const Arena& arena, int64_t slot, int layer, int which) {
+  const auto& g = arena.geometry();
+  bool packed = which % 3 == 0;
+  size_t cols = packed ? g.words_per_row() : g.groups_per_row();
+  size_t n = size_t(g.n_kv_heads) * g.block_tokens * cols;
+  size_t bytes = arena.array_bytes(which);
+  uint8_t* copy = new uint8_t[bytes];
+  std::memcpy(copy, arena.slot_ptr(slot) + arena.layer(layer).off[which], bytes);
+  nb::capsule owner(copy, [](void* p) noexcept { delete[] static_cast<uint8_t*>(p); });
+  size_t shape[3] = {size_t(g.n_kv_heads), size_t(g.block_tokens), cols};
+  (void)n;
+  if (packed) {
+    return nb::ndarray<nb::numpy>(copy, 3, shape, owner, nullptr, nb::dtype<uint32_t>());
+  }
+  return nb::ndarray<nb::numpy>(copy, 3, shape, owner, nullptr, nb::dtype<uint16_t>());
+}
+
+} // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "kvsnap C++ core: block arena, kv_write and fused quantized attention";
+
+  nb::module_ errors = nb::module_::import_("kvsnap.errors");
+  g_errors.invalid_argument = nb::object(errors.attr("InvalidArgumentError")).release().ptr();
+  g_errors.arena_full = nb::object(errors.attr("ArenaFullError")).release().ptr();
+  g_errors.slot_error = nb::object(errors.attr("SlotError")).release().ptr();
+  g_errors.device_unsupported = nb::object(errors.attr("DeviceUnsupportedError")).release().ptr();
+  nb::register_exception_translator(translate);
+
+  nb::class_<Arena>(m, "Arena",
+      "A byte-budgeted pool of fixed-size slots; one slot holds one block of "
+      "block_tokens tokens for every layer, keys and values, quantized.")
+      .def(
+          "__init__",
+          [](Arena* self, int n_layers, int n_kv_heads, int head_dim,
+             int block_tokens, int bits, int group_size, int64_t budget_bytes) {
+            new (self) Arena(
+                {n_layers, n_kv_heads, head_dim, block_tokens, bits, group_size},
+                budget_bytes);
+          },
+          "n_layers"_a, "n_kv_heads"_a, "head_dim"_a, nb::kw_only(),
+          "block_tokens"_a = 256, "bits"_a = 4, "group_size"_a = 64,
+          "budget_bytes"_a)
+      .def("alloc", &Arena::alloc, "Take a free slot (refcount 1); ArenaFullError when none is left.")
+      .def("incref", &Arena::incref, "slot"_a, "Share a slot; returns the new refcount.")
+      .def("decref", &Arena::decref, "slot"_a,
+           "Drop a reference; returns the new refcount (0: the slot is free again).")
+      .def("refcount", &Arena::refcount, "slot"_a)
+      .def("stats", [](const Arena& a) {
+        auto s = a.stats();
+        nb::dict d;
+        d["slots_total"] = s.slots_total;
+        d["slots_used"] = s.slots_used;
+        d["slots_free"] = s.slots_total - s.slots_used;
+        d["slots_shared"] = s.slots_shared;
+        d["slot_bytes"] = s.slot_bytes;
+        d["bytes_total"] = s.bytes_total;
+        d["bytes_used"] = s.bytes_used;
+        return d;
+      })
+      .def("read_block", [](const Arena& a, int64_t slot, int layer) {
+            a.check_live(slot, "read_block");
+            if (layer < 0 || layer >= a.geometry().n_layers) {
+              throw kvsnap::InvalidArgument("layer", std::to_string(layer) + " is out of range");
+            }
+            nb::list out;
+            for (int i = 0; i < 6; ++i) {
+              out.append(slot_array(a, slot, layer, i));
+            }
+            return nb::tuple(out);
+          }, "slot"_a, "layer"_a,
+          "Copies of (k_packed, k_scales, k_biases, v_packed, v_scales, v_biases) "
+          "of one layer of a slot; scales/biases as uint16 float16 bit patterns.")
+      .def_prop_ro("n_layers", [](const Arena& a) { return a.geometry().n_layers; })
+      .def_prop_ro("n_kv_heads", [](const Arena& a) { return a.geometry().n_kv_heads; })
+      .def_prop_ro("head_dim", [](const Arena& a) { return a.geometry().head_dim; })
+      .def_prop_ro("block_tokens", [](const Arena& a) { return a.geometry().block_tokens; })
+      .def_prop_ro("bits", [](const Arena& a) { return a.geometry().bits; })
+      .def_prop_ro("group_size", [](const Arena& a) { return a.geometry().group_size; })
+      .def_prop_ro("slot_bytes", &Arena::slot_bytes)
+      .def_prop_ro("n_slots", &Arena::n_slots);
+
+  m.def(
+      "kv_write",
+      [](std::shared_ptr<Arena> arena, int layer, const mx::array& keys,
+         const mx::array& values, const Int32Table& block_table,
+         const std::vector<int32_t>& offsets, const std::vector<mx::array>& after,
+         mx::StreamOrDevice s) {
+        return kvsnap::kv_write(
+            std::move(arena), layer, keys, values, to_table(block_table), offsets, after, s);
+      },
+      "arena"_a, "layer"_a, "keys"_a, "values"_a, "block_table"_a, "offsets"_a,
+      "after"_a, "stream"_a = nb::none());
+
+  m.def(
+      "attention",
+      [](std::shared_ptr<Arena> arena, int layer, const mx::array& queries,
+         const Int32Table& block_table, const std::vector<int32_t>& lengths,
+         float scale, bool causal, int window, const std::vector<mx::array>& after,
+         mx::StreamOrDevice s) {
+        return kvsnap::paged_attention(
+            std::move(arena), layer, queries, to_table(block_table), lengths,
+            scale, causal, window, after, s);
+      },
+      "arena"_a, "layer"_a, "queries"_a, "block_table"_a, "lengths"_a, "scale"_a,
+      "causal"_a, "window"_a, "after"_a, "stream"_a = nb::none());
+
+  m.def(
+      "q4_attention",
+      [](const mx::array& queries, const std::vector<mx::array>& keys,
+         const std::vector<mx::array>& values, float scale, bool causal,
+         const std::optional<mx::array>& mask, int group_size, int bits,
+         mx::StreamOrDevice s) {
+        return kvsnap::q4_attention(
+            queries, keys, values, scale, causal, mask, group_size, bits, s);
+      },
+      "queries"_a, "keys"_a, "values"_a, "scale"_a, "causal"_a, "mask"_a.none(),
+      "group_size"_a, "bits"_a, "stream"_a = nb::none());
+
+  m.def("set_poison", &kvsnap::set_poison, "on"_a,
+        "Fill new slots and kernel outputs with NaN bit patterns (for tests).");
+  m.def("isa", &kvsnap::cpu::isa, "The CPU kernel set in use: 'avx2' or 'generic'.");
+  m.def("num_threads", &kvsnap::cpu::num_threads, "Threads the CPU kernels use.");
+}

@@ -1,0 +1,94 @@
+#include "common.h"
+
+#include <cstring>
+
+#include "arena.h"
+#include "mlx/utils.h"
+
+namespace kvsnap {
+
+cpu::DType float_dtype(const mx::array& a, const char* arg) {
+  if (a.dtype() == mx::float32) {
+    return cpu::DType::f32;
+  }
+  if (a.dtype() == mx::float16) {
+    return cpu::DType::f16;
+  }
+  if (a.dtype() == mx::bfloat16) {
+    return cpu::DType::bf16;
+  }
+  std::ostringstream msg;
+  msg << "must be float32, float16 or bfloat16, got " << a.dtype();
+  throw InvalidArgument(arg, msg.str());
+}
+
+std::string shape_str(const mx::Shape& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(s[i]);
+  }
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+void poison_fill(void* out, size_t bytes) {
+  if (poison()) {
+    std::memset(out, 0xFF, bytes);
+  }
+}
+
+mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
+  mx::Stream stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) {
+    throw DeviceUnsupported(
+        std::string(op) +
+        ": kvsnap has no GPU kernel for this operation yet; run it on the "
+        "CPU stream (mx.cpu)");
+  }
+  return stream;
+}
+
+// Checks a [B, max_blocks] block table against the arena: every block that
+// covers positions [0, end[b]) names a live slot.
+void check_block_table(
+    const Arena& arena,
+    const IntTable& table,
+    int B,
+    const std::vector<int64_t>& end,
+    const char* op) {
+  if (table.shape.size() != 2 || table.shape[0] != B) {
+    std::string got = "(";
+    for (size_t i = 0; i < table.shape.size(); ++i) {
+      got += (i ? ", " : "") + std::to_string(table.shape[i]);
+    }
+    throw InvalidArgument(
+        "block_table",
+        "must have shape (B, max_blocks) with B = " + std::to_string(B) +
+            ", got " + got + ")");
+  }
+  const int max_blocks = table.shape[1];
+  const int bt = arena.geometry().block_tokens;
+  for (int b = 0; b < B; ++b) {
+    if (end[b] > int64_t(max_blocks) * bt) {
+      throw InvalidArgument(
+          "block_table",
+          "sequence " + std::to_string(b) + " needs " +
+              std::to_string((end[b] + bt - 1) / bt) + " blocks for " +
+              std::to_string(end[b]) + " tokens but its row holds " +
+              std::to_string(max_blocks));
+    }
+    for (int64_t blk = 0; blk * bt < end[b]; ++blk) {
+      int32_t slot = table.data[size_t(b) * max_blocks + blk];
+      try {
+        arena.check_live(slot, op);
+      } catch (const SlotError& e) {
+        throw InvalidArgument(
+            "block_table",
+            "block " + std::to_string(blk) + " of sequence " +
+                std::to_string(b) + ": " + e.what());
+      }
+    }
+  }
+}
+
+
+} // namespace kvsnap

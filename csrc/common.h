@@ -1,0 +1,45 @@
+// Helpers shared by the primitives: dtype mapping, argument checks, host
+// copies of small integer tables.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "errors.h"
+#include "mlx/array.h"
+#include "mlx/stream.h"
+#include "mlx/utils.h"
+
+namespace kvsnap {
+
+namespace mx = mlx::core;
+
+// The kernel dtype of a float array; InvalidArgument naming `arg` otherwise.
+cpu::DType float_dtype(const mx::array& a, const char* arg);
+
+std::string shape_str(const mx::Shape& s);
+
+// A table of int32 values with its shape, copied from the caller.
+struct IntTable {
+  std::vector<int32_t> data;
+  std::vector<int> shape;
+};
+
+// The CPU stream for `s`; DeviceUnsupported for a GPU stream.
+mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
+
+class Arena;
+// Checks a [B, max_blocks] block table against the arena: every block that
+// covers positions [0, end[b]) of sequence b names a live slot.
+void check_block_table(
+    const Arena& arena,
+    const IntTable& table,
+    int B,
+    const std::vector<int64_t>& end,
+    const char* op);
+
+// Fills `out` with NaN bit patterns when poisoning is on (tests only).
+void poison_fill(void* out, size_t bytes);
+
+} // namespace kvsnap

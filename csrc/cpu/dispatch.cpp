@@ -1,0 +1,79 @@
+#include "kernels.h"
+
+namespace kvsnap::cpu {
+
+namespace {
+
+bool has_avx2() {
+#if defined(KVSNAP_HAVE_AVX2_KERNELS)
+  static const bool yes = __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+} // namespace
+
+const char* isa() {
+  return has_avx2() ? "avx2" : "generic";
+}
+
+void attention(const AttentionArgs& args) {
+#if defined(KVSNAP_HAVE_AVX2_KERNELS)
+  if (has_avx2()) {
+    return avx2::attention(args);
+  }
+#endif
+  generic::attention(args);
+}
+
+void kv_write(const WriteArgs& args) {
+#if defined(KVSNAP_HAVE_AVX2_KERNELS)
+  if (has_avx2()) {
+    return avx2::kv_write(args);
+  }
+#endif
+  generic::kv_write(args);
+}
+
+RowRun row_run(const QuantSource& src, int b, int h, int t) {
+  RowRun run;
+  const void* p[6];
+  int64_t elem[6];
+  int scale_bytes = src.scale_dtype == DType::f32 ? 4 : 2;
+  for (int i = 0; i < 6; ++i) {
+    elem[i] = (i % 3 == 0) ? 4 : scale_bytes;
+  }
+  if (src.paged) {
+    int bt = src.block_tokens;
+    int slot = src.block_table[int64_t(b) * src.max_blocks + t / bt];
+    const uint8_t* base = src.arena + size_t(slot) * src.slot_bytes;
+    int64_t row = int64_t(h) * bt + t % bt;
+    int64_t words = src.head_dim * src.bits / 32;
+    int64_t groups = src.head_dim / src.group_size;
+    for (int i = 0; i < 6; ++i) {
+      run.st[i] = (i % 3 == 0) ? words : groups;
+      p[i] = base + src.off[i] + row * run.st[i] * elem[i];
+    }
+    run.run = bt - t % bt;
+  } else {
+    for (int i = 0; i < 6; ++i) {
+      const int64_t* s = src.stride[i];
+      run.st[i] = s[2];
+      p[i] = static_cast<const char*>(src.ptr[i]) +
+          (b * s[0] + h * s[1] + t * s[2]) * elem[i];
+    }
+    run.run = src.n_tokens - t;
+  }
+  run.kp = static_cast<const uint32_t*>(p[0]);
+  run.ks = p[1];
+  run.kb = p[2];
+  run.vp = static_cast<const uint32_t*>(p[3]);
+  run.vs = p[4];
+  run.vb = p[5];
+  return run;
+}
+
+} // namespace kvsnap::cpu

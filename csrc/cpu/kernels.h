@@ -1,0 +1,103 @@
+// CPU kernels of kvsnap, free of MLX and Python types. The same source
+// (kernels_impl.h) is compiled once for the baseline target and once for
+// AVX2+FMA+F16C on x86-64; dispatch.cpp picks one at run time.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kvsnap::cpu {
+
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+// Where the quantized rows of one layer live. Either paged (arena slots found
+// through a block table) or contiguous ([B, Hkv, T, ...] arrays with strides).
+// Scales and biases of paged sources are always float16.
+struct QuantSource {
+  int bits = 4;
+  int group_size = 64;
+  int head_dim = 0;
+  int n_kv_heads = 0;
+  DType scale_dtype = DType::f16;
+
+  // Paged: slot s of the arena starts at arena + s * slot_bytes; the six
+  // arrays of this layer start at off[0..5] inside it (K p/s/b, V p/s/b).
+  bool paged = false;
+  const uint8_t* arena = nullptr;
+  size_t slot_bytes = 0;
+  size_t off[6] = {};
+  int block_tokens = 0;
+  const int32_t* block_table = nullptr; // [B, max_blocks]
+  int max_blocks = 0;
+
+  // Contiguous: base pointers and element strides (batch, head, token) of
+  // K packed/scales/biases and V packed/scales/biases.
+  const void* ptr[6] = {};
+  int64_t stride[6][3] = {};
+  int n_tokens = 0;
+};
+
+// Pointers to row t of (b, h) for the six arrays, and how many consecutive
+// tokens follow at the same token stride (`run`).
+struct RowRun {
+  const uint32_t* kp;
+  const void* ks;
+  const void* kb;
+  const uint32_t* vp;
+  const void* vs;
+  const void* vb;
+  int64_t st[6]; // token strides in elements
+  int run;
+};
+
+RowRun row_run(const QuantSource& src, int b, int h, int t);
+
+struct AttentionArgs {
+  int B = 0, Hq = 0, L = 0;
+  float scale = 1.0f;
+  const void* q = nullptr; // [B, Hq, L, D], row-major
+  DType q_dtype = DType::f32;
+  void* out = nullptr; // [B, Hq, L, D], row-major
+  const int32_t* kv_len = nullptr; // [B] keys visible to sequence b
+  bool causal = false; // query l sits at position kv_len[b] - L + l
+  int window = 0; // > 0: query at p sees keys (p - window, p]
+  // Optional mask over [B, Hq, L, T]: bool (keep where true) or float32
+  // (added to the scores); element strides, 0 where broadcast.
+  const void* mask = nullptr;
+  bool mask_is_bool = false;
+  int64_t mask_stride[4] = {};
+  QuantSource kv;
+};
+
+// out = softmax(scale * q k^T + mask) v, dequantizing K/V on the fly.
+// A query row that sees no key gets zeros.
+void attention(const AttentionArgs& args);
+
+struct WriteArgs {
+  int B = 0, L = 0;
+  const void* keys = nullptr; // [B, Hkv, L, D], row-major
+  const void* values = nullptr;
+  DType dtype = DType::f32;
+  const int32_t* offsets = nullptr; // [B] position of the first new token
+  QuantSource dst; // paged
+  uint8_t* arena = nullptr; // writable alias of dst.arena
+};
+
+// Quantizes keys/values (MLX affine algorithm, float16 scales/biases) into
+// the arena positions given by dst.block_table and offsets.
+void kv_write(const WriteArgs& args);
+
+// Per-ISA entry points (namespaces generic / avx2), used by dispatch.cpp.
+namespace generic {
+void attention(const AttentionArgs& args);
+void kv_write(const WriteArgs& args);
+} // namespace generic
+namespace avx2 {
+void attention(const AttentionArgs& args);
+void kv_write(const WriteArgs& args);
+} // namespace avx2
+
+// Name of the kernel set chosen for this CPU ("avx2" or "generic").
+const char* isa();
+
+} // namespace kvsnap::cpu

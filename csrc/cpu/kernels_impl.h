@@ -1,0 +1,587 @@
+// The CPU kernels. Included once per instruction set by kernels_generic.cpp
+// and kernels_avx2.cpp, each defining KVSNAP_ISA to its namespace name.
+//
+// Attention is flash-decoding: the rows of a tile (the query heads of one KV
+// head times some query positions) walk the keys in chunks of kChunk tokens;
+// each chunk dequantizes one K row at a time into registers/L1, scores it for
+// every row, updates the running max and sum of the softmax, then walks the V
+// rows of the same chunk. Long contexts are split across tasks whose partial
+// (max, sum, accumulator) triples are merged at the end. Float K/V and the
+// score matrix are never materialized.
+#pragma once
+
+#ifndef KVSNAP_ISA
+#error "define KVSNAP_ISA before including kernels_impl.h"
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "simd.h"
+#include "thread_pool.h"
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+
+namespace {
+
+using namespace simd;
+
+constexpr int kChunk = 32; // keys per softmax update
+constexpr int kMaxRows = 32; // query rows per tile
+constexpr int kMaxDim = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <DType T>
+inline float load_elem(const void* p, int64_t i) {
+  if constexpr (T == DType::f32) {
+    return static_cast<const float*>(p)[i];
+  } else if constexpr (T == DType::f16) {
+    return half_to_float(static_cast<const uint16_t*>(p)[i]);
+  } else {
+    return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
+template <DType T>
+inline void store_elem(void* p, int64_t i, float x) {
+  if constexpr (T == DType::f32) {
+    static_cast<float*>(p)[i] = x;
+  } else if constexpr (T == DType::f16) {
+    static_cast<uint16_t*>(p)[i] = float_to_half(x);
+  } else {
+    static_cast<uint16_t*>(p)[i] = float_to_bf16(x);
+  }
+}
+
+// Eight consecutive quantized elements starting at element i of a row.
+template <int BITS>
+inline v8f unpack8(const uint32_t* row, int i) {
+  if constexpr (BITS == 4) {
+    const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+    return to_float((splat_u(row[i / 8]) >> shifts) & 0xFu);
+  } else {
+    uint32_t a = row[i / 4], b = row[i / 4 + 1];
+    const v8u shifts = {0, 8, 16, 24, 0, 8, 16, 24};
+    v8u w = {a, a, a, a, b, b, b, b};
+    return to_float((w >> shifts) & 0xFFu);
+  }
+}
+
+// out[0..D) = scale_g * q + bias_g for one quantized row.
+template <int BITS, DType SD>
+inline void dequant_row(
+    const uint32_t* packed,
+    const void* scales,
+    const void* biases,
+    int D,
+    int gs,
+    float* out) {
+  for (int g = 0, i = 0; i < D; ++g) {
+    v8f s = splat(load_elem<SD>(scales, g));
+    v8f b = splat(load_elem<SD>(biases, g));
+    for (int end = i + gs; i < end; i += 8) {
+      store(out + i, unpack8<BITS>(packed, i) * s + b);
+    }
+  }
+}
+
+inline float dot(const float* a, const float* b, int D) {
+  v8f acc0 = splat(0.f), acc1 = splat(0.f);
+  int i = 0;
+  for (; i + 16 <= D; i += 16) {
+    acc0 += load(a + i) * load(b + i);
+    acc1 += load(a + i + 8) * load(b + i + 8);
+  }
+  for (; i < D; i += 8) {
+    acc0 += load(a + i) * load(b + i);
+  }
+  return hsum(acc0 + acc1);
+}
+
+inline void axpy(float alpha, const float* x, float* y, int D) {
+  v8f a = splat(alpha);
+  for (int i = 0; i < D; i += 8) {
+    store(y + i, load(y + i) + a * load(x + i));
+  }
+}
+
+inline void scale_row(float alpha, float* y, int D) {
+  v8f a = splat(alpha);
+  for (int i = 0; i < D; i += 8) {
+    store(y + i, load(y + i) * a);
+  }
+}
+
+// One query row of a tile: its float query (already multiplied by the
+// softmax scale), the keys it may see [kmin, kmax), and its mask row.
+struct Row {
+  const float* q;
+  int kmin;
+  int kmax;
+  const void* mask; // element for key t at mask + t * mask_st
+  int64_t mask_st;
+};
+
+// Running softmax state of a tile's rows over keys [t0, t1).
+template <int BITS, DType SD>
+void attend_range(
+    const AttentionArgs& a,
+    int b,
+    int h,
+    const Row* rows,
+    int R,
+    int t0,
+    int t1,
+    float* m,
+    float* l,
+    float* acc) {
+  const QuantSource& src = a.kv;
+  const int D = src.head_dim;
+  const int gs = src.group_size;
+  alignas(64) float kv_row[kMaxDim];
+  alignas(64) float sc[kMaxRows][kChunk];
+  bool active[kMaxRows];
+
+  for (int r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+    std::fill(acc + size_t(r) * D, acc + size_t(r + 1) * D, 0.f);
+  }
+
+  for (int t = t0; t < t1;) {
+    RowRun run = row_run(src, b, h, t);
+    int run_end = std::min(t1, t + run.run);
+    for (int c0 = t; c0 < run_end; c0 += kChunk) {
+      int n = std::min(kChunk, run_end - c0);
+      int64_t j0 = c0 - t;
+      bool any = false;
+      for (int r = 0; r < R; ++r) {
+        active[r] = rows[r].kmin < c0 + n && rows[r].kmax > c0;
+        any |= active[r];
+      }
+      if (!any) {
+        continue;
+      }
+      // Scores.
+      for (int j = 0; j < n; ++j) {
+        int tok = c0 + j;
+        int64_t jj = j0 + j;
+        dequant_row<BITS, SD>(
+            run.kp + jj * run.st[0],
+            static_cast<const char*>(run.ks) +
+                jj * run.st[1] * (SD == DType::f32 ? 4 : 2),
+            static_cast<const char*>(run.kb) +
+                jj * run.st[2] * (SD == DType::f32 ? 4 : 2),
+            D,
+            gs,
+            kv_row);
+        for (int r = 0; r < R; ++r) {
+          if (!active[r]) {
+            continue;
+          }
+          float s = kNegInf;
+          if (tok >= rows[r].kmin && tok < rows[r].kmax) {
+            s = dot(rows[r].q, kv_row, D);
+            if (rows[r].mask) {
+              int64_t mi = int64_t(tok) * rows[r].mask_st;
+              if (a.mask_is_bool) {
+                if (!static_cast<const uint8_t*>(rows[r].mask)[mi]) {
+                  s = kNegInf;
+                }
+              } else {
+                s += static_cast<const float*>(rows[r].mask)[mi];
+              }
+            }
+          }
+          sc[r][j] = s;
+        }
+      }
+      // Softmax update.
+      for (int r = 0; r < R; ++r) {
+        if (!active[r]) {
+          continue;
+        }
+        for (int j = n; j < kChunk; ++j) {
+          sc[r][j] = kNegInf;
+        }
+        float cmax = kNegInf;
+        for (int j = 0; j < kChunk; j += 8) {
+          cmax = std::max(cmax, hmax(load(&sc[r][j])));
+        }
+        if (cmax == kNegInf) {
+          active[r] = false;
+          continue;
+        }
+        float m_new = std::max(m[r], cmax);
+        if (m_new != m[r]) {
+          float corr = std::exp(m[r] - m_new);
+          l[r] *= corr;
+          scale_row(corr, acc + size_t(r) * D, D);
+          m[r] = m_new;
+        }
+        v8f sum = splat(0.f);
+        v8f mv = splat(m_new);
+        for (int j = 0; j < kChunk; j += 8) {
+          v8f p = exp_neg(load(&sc[r][j]) - mv);
+          store(&sc[r][j], p);
+          sum += p;
+        }
+        l[r] += hsum(sum);
+      }
+      // Values.
+      for (int j = 0; j < n; ++j) {
+        int64_t jj = j0 + j;
+        bool needed = false;
+        for (int r = 0; r < R; ++r) {
+          needed |= active[r] && sc[r][j] != 0.f;
+        }
+        if (!needed) {
+          continue;
+        }
+        dequant_row<BITS, SD>(
+            run.vp + jj * run.st[3],
+            static_cast<const char*>(run.vs) +
+                jj * run.st[4] * (SD == DType::f32 ? 4 : 2),
+            static_cast<const char*>(run.vb) +
+                jj * run.st[5] * (SD == DType::f32 ? 4 : 2),
+            D,
+            gs,
+            kv_row);
+        for (int r = 0; r < R; ++r) {
+          if (active[r] && sc[r][j] != 0.f) {
+            axpy(sc[r][j], kv_row, acc + size_t(r) * D, D);
+          }
+        }
+      }
+    }
+    t = run_end;
+  }
+}
+
+template <DType OT>
+void store_row(void* out, int64_t row, const float* x, float inv, int D) {
+  for (int i = 0; i < D; ++i) {
+    store_elem<OT>(out, row * D + i, x[i] * inv);
+  }
+}
+
+void store_out(const AttentionArgs& a, int64_t row, const float* x, float l) {
+  const int D = a.kv.head_dim;
+  float inv = l > 0.f ? 1.f / l : 0.f;
+  switch (a.q_dtype) {
+    case DType::f32:
+      store_row<DType::f32>(a.out, row, x, inv, D);
+      break;
+    case DType::f16:
+      store_row<DType::f16>(a.out, row, x, inv, D);
+      break;
+    case DType::bf16:
+      store_row<DType::bf16>(a.out, row, x, inv, D);
+      break;
+  }
+}
+
+template <DType QT>
+void load_queries(const AttentionArgs& a, float* qf) {
+  const int64_t n = int64_t(a.B) * a.Hq * a.L * a.kv.head_dim;
+  for (int64_t i = 0; i < n; ++i) {
+    qf[i] = load_elem<QT>(a.q, i) * a.scale;
+  }
+}
+
+struct Tile {
+  int b, h; // batch and KV head
+  int first; // first row: index into the (l, g) rows of (b, h)
+  int R;
+  int t0, t1; // union of the rows' key ranges
+};
+
+template <int BITS, DType SD>
+void attention_impl(const AttentionArgs& a) {
+  const QuantSource& src = a.kv;
+  const int D = src.head_dim;
+  const int Hkv = src.n_kv_heads;
+  const int G = a.Hq / Hkv;
+  const int rows_per_bh = a.L * G;
+
+  std::vector<float> qf(size_t(a.B) * a.Hq * a.L * D);
+  switch (a.q_dtype) {
+    case DType::f32:
+      load_queries<DType::f32>(a, qf.data());
+      break;
+    case DType::f16:
+      load_queries<DType::f16>(a, qf.data());
+      break;
+    case DType::bf16:
+      load_queries<DType::bf16>(a, qf.data());
+      break;
+  }
+
+  // Row k of (b, h) is query position l = k / G of head h * G + k % G.
+  auto make_row = [&](int b, int h, int k) {
+    int l = k / G;
+    int hq = h * G + k % G;
+    int T = a.kv_len[b];
+    Row row;
+    row.q = qf.data() + ((size_t(b) * a.Hq + hq) * a.L + l) * D;
+    row.kmin = 0;
+    row.kmax = T;
+    if (a.causal) {
+      int pos = T - a.L + l;
+      row.kmax = std::max(0, pos + 1);
+      if (a.window > 0) {
+        row.kmin = std::max(0, pos - a.window + 1);
+      }
+    }
+    row.mask = nullptr;
+    row.mask_st = 0;
+    if (a.mask) {
+      int64_t off = b * a.mask_stride[0] + hq * a.mask_stride[1] +
+          l * a.mask_stride[2];
+      row.mask = static_cast<const char*>(a.mask) +
+          off * (a.mask_is_bool ? 1 : 4);
+      row.mask_st = a.mask_stride[3];
+    }
+    return row;
+  };
+  auto out_row = [&](int b, int h, int k) {
+    int l = k / G;
+    int hq = h * G + k % G;
+    return (int64_t(b) * a.Hq + hq) * a.L + l;
+  };
+
+  std::vector<Tile> tiles;
+  for (int b = 0; b < a.B; ++b) {
+    for (int h = 0; h < Hkv; ++h) {
+      for (int first = 0; first < rows_per_bh; first += kMaxRows) {
+        Tile t{b, h, first, std::min(kMaxRows, rows_per_bh - first), 0, 0};
+        int lo = std::numeric_limits<int>::max(), hi = 0;
+        for (int k = first; k < first + t.R; ++k) {
+          Row row = make_row(b, h, k);
+          if (row.kmax > row.kmin) {
+            lo = std::min(lo, row.kmin);
+            hi = std::max(hi, row.kmax);
+          }
+        }
+        t.t0 = hi > 0 ? lo : 0;
+        t.t1 = hi;
+        tiles.push_back(t);
+      }
+    }
+  }
+
+  // Split each tile's keys when there are too few tiles to feed the threads.
+  const int threads = num_threads();
+  const int want = 4 * threads;
+  int splits = 1;
+  if (int(tiles.size()) < want) {
+    int longest = 0;
+    for (auto& t : tiles) {
+      longest = std::max(longest, t.t1 - t.t0);
+    }
+    splits = std::min(
+        (want + int(tiles.size()) - 1) / int(tiles.size()),
+        std::max(1, longest / 512));
+  }
+
+  if (splits == 1) {
+    parallel_for(int(tiles.size()), [&](int i) {
+      const Tile& t = tiles[i];
+      Row rows[kMaxRows];
+      for (int r = 0; r < t.R; ++r) {
+        rows[r] = make_row(t.b, t.h, t.first + r);
+      }
+      float m[kMaxRows], l[kMaxRows];
+      std::vector<float> acc(size_t(t.R) * D);
+      attend_range<BITS, SD>(
+          a, t.b, t.h, rows, t.R, t.t0, t.t1, m, l, acc.data());
+      for (int r = 0; r < t.R; ++r) {
+        store_out(a, out_row(t.b, t.h, t.first + r), &acc[size_t(r) * D], l[r]);
+      }
+    });
+    return;
+  }
+
+  // Partial results of task (tile i, split s) at slot i * splits + s.
+  const size_t n_tasks = tiles.size() * splits;
+  std::vector<float> part_m(n_tasks * kMaxRows), part_l(n_tasks * kMaxRows);
+  std::vector<float> part_acc(n_tasks * kMaxRows * D);
+  parallel_for(int(n_tasks), [&](int task) {
+    const Tile& t = tiles[task / splits];
+    int s = task % splits;
+    int span = t.t1 - t.t0;
+    int step = ((span + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+    int lo = std::min(t.t1, t.t0 + s * step);
+    int hi = std::min(t.t1, lo + step);
+    Row rows[kMaxRows];
+    for (int r = 0; r < t.R; ++r) {
+      rows[r] = make_row(t.b, t.h, t.first + r);
+    }
+    attend_range<BITS, SD>(
+        a,
+        t.b,
+        t.h,
+        rows,
+        t.R,
+        lo,
+        hi,
+        &part_m[size_t(task) * kMaxRows],
+        &part_l[size_t(task) * kMaxRows],
+        &part_acc[size_t(task) * kMaxRows * D]);
+  });
+  parallel_for(int(tiles.size()), [&](int i) {
+    const Tile& t = tiles[i];
+    alignas(64) float merged[kMaxDim];
+    for (int r = 0; r < t.R; ++r) {
+      float m_all = kNegInf;
+      for (int s = 0; s < splits; ++s) {
+        m_all = std::max(m_all, part_m[(size_t(i) * splits + s) * kMaxRows + r]);
+      }
+      std::fill(merged, merged + D, 0.f);
+      float l_all = 0.f;
+      if (m_all != kNegInf) {
+        for (int s = 0; s < splits; ++s) {
+          size_t task = size_t(i) * splits + s;
+          float ms = part_m[task * kMaxRows + r];
+          if (ms == kNegInf) {
+            continue;
+          }
+          float w = std::exp(ms - m_all);
+          l_all += w * part_l[task * kMaxRows + r];
+          axpy(w, &part_acc[(task * kMaxRows + r) * D], merged, D);
+        }
+      }
+      store_out(a, out_row(t.b, t.h, t.first + r), merged, l_all);
+    }
+  });
+}
+
+// MLX's affine quantization of one row (mlx/backend/cpu/quantized.cpp),
+// with scales and biases rounded to float16 for storage.
+template <int BITS, DType T>
+void quantize_row(
+    const void* x,
+    int64_t x_off,
+    int D,
+    int gs,
+    uint32_t* packed,
+    uint16_t* scales,
+    uint16_t* biases) {
+  constexpr float n_bins = (1 << BITS) - 1;
+  constexpr float eps = 1e-7f;
+  constexpr int per_word = 32 / BITS;
+  for (int g = 0; g < D / gs; ++g) {
+    float w[kMaxDim];
+    float w_min = std::numeric_limits<float>::infinity();
+    float w_max = -w_min;
+    for (int j = 0; j < gs; ++j) {
+      w[j] = load_elem<T>(x, x_off + g * gs + j);
+      w_max = std::max(w_max, w[j]);
+      w_min = std::min(w_min, w[j]);
+    }
+    bool mask = std::abs(w_min) > std::abs(w_max);
+    float scale = std::max((w_max - w_min) / n_bins, eps);
+    scale = mask ? scale : -scale;
+    float edge = mask ? w_min : w_max;
+    float q0 = std::rint(edge / scale);
+    float bias = 0;
+    if (q0 != 0) {
+      scale = edge / q0;
+      bias = edge;
+    }
+    for (int k = 0; k < gs / per_word; ++k) {
+      uint32_t word = 0;
+      for (int e = 0; e < per_word; ++e) {
+        float q = std::rint((w[k * per_word + e] - bias) / scale);
+        q = std::min(std::max(q, 0.0f), n_bins);
+        word |= uint32_t(q) << (e * BITS);
+      }
+      packed[g * gs / per_word + k] = word;
+    }
+    scales[g] = float_to_half(scale);
+    biases[g] = float_to_half(bias);
+  }
+}
+
+template <int BITS, DType T>
+void kv_write_impl(const WriteArgs& a) {
+  const QuantSource& dst = a.dst;
+  const int D = dst.head_dim;
+  const int Hkv = dst.n_kv_heads;
+  const int bt = dst.block_tokens;
+  const int wpr = D * BITS / 32;
+  const int gpr = D / dst.group_size;
+  const int64_t n_rows = int64_t(a.B) * Hkv * a.L;
+  const int64_t rows_per_task = std::max<int64_t>(1, 4096 / D);
+  const int n_tasks = int((n_rows + rows_per_task - 1) / rows_per_task);
+  parallel_for(n_tasks, [&](int task) {
+    int64_t end = std::min(n_rows, (task + 1) * rows_per_task);
+    for (int64_t row = task * rows_per_task; row < end; ++row) {
+      int b = int(row / (int64_t(Hkv) * a.L));
+      int h = int(row / a.L % Hkv);
+      int l = int(row % a.L);
+      int pos = a.offsets[b] + l;
+      int slot = dst.block_table[int64_t(b) * dst.max_blocks + pos / bt];
+      uint8_t* base = a.arena + size_t(slot) * dst.slot_bytes;
+      int64_t r = int64_t(h) * bt + pos % bt;
+      for (int kv = 0; kv < 2; ++kv) {
+        const size_t* off = dst.off + 3 * kv;
+        quantize_row<BITS, T>(
+            kv == 0 ? a.keys : a.values,
+            row * D,
+            D,
+            dst.group_size,
+            reinterpret_cast<uint32_t*>(base + off[0]) + r * wpr,
+            reinterpret_cast<uint16_t*>(base + off[1]) + r * gpr,
+            reinterpret_cast<uint16_t*>(base + off[2]) + r * gpr);
+      }
+    }
+  });
+}
+
+template <int BITS>
+void attention_bits(const AttentionArgs& a) {
+  switch (a.kv.scale_dtype) {
+    case DType::f32:
+      return attention_impl<BITS, DType::f32>(a);
+    case DType::f16:
+      return attention_impl<BITS, DType::f16>(a);
+    case DType::bf16:
+      return attention_impl<BITS, DType::bf16>(a);
+  }
+}
+
+template <int BITS>
+void kv_write_bits(const WriteArgs& a) {
+  switch (a.dtype) {
+    case DType::f32:
+      return kv_write_impl<BITS, DType::f32>(a);
+    case DType::f16:
+      return kv_write_impl<BITS, DType::f16>(a);
+    case DType::bf16:
+      return kv_write_impl<BITS, DType::bf16>(a);
+  }
+}
+
+} // namespace
+
+void attention(const AttentionArgs& a) {
+  if (a.kv.bits == 4) {
+    attention_bits<4>(a);
+  } else {
+    attention_bits<8>(a);
+  }
+}
+
+void kv_write(const WriteArgs& a) {
+  if (a.dst.bits == 4) {
+    kv_write_bits<4>(a);
+  } else {
+    kv_write_bits<8>(a);
+  }
+}
+
+} // namespace kvsnap::cpu::KVSNAP_ISA

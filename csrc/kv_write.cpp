@@ -1,0 +1,127 @@
+#include "kv_write.h"
+
+#include <string>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+
+namespace kvsnap {
+
+mx::array kv_write(
+    std::shared_ptr<Arena> arena,
+    int layer,
+    const mx::array& keys,
+    const mx::array& values,
+    const IntTable& block_table,
+    const std::vector<int32_t>& offsets,
+    const std::vector<mx::array>& after,
+    mx::StreamOrDevice s) {
+  mx::Stream stream = cpu_stream(s, "kv_write");
+  const ArenaGeometry& g = arena->geometry();
+  if (layer < 0 || layer >= g.n_layers) {
+    throw InvalidArgument(
+        "layer",
+        std::to_string(layer) + " is out of range for an arena of " +
+            std::to_string(g.n_layers) + " layers");
+  }
+  if (keys.ndim() != 4) {
+    throw InvalidArgument(
+        "keys", "must have shape (B, n_kv_heads, L, head_dim), got " +
+            shape_str(keys.shape()));
+  }
+  if (values.shape() != keys.shape()) {
+    throw InvalidArgument(
+        "values",
+        "shape " + shape_str(values.shape()) + " differs from keys " +
+            shape_str(keys.shape()));
+  }
+  float_dtype(keys, "keys");
+  if (values.dtype() != keys.dtype()) {
+    throw InvalidArgument("values", "dtype differs from keys");
+  }
+  if (keys.shape(1) != g.n_kv_heads || keys.shape(3) != g.head_dim) {
+    throw InvalidArgument(
+        "keys",
+        "shape " + shape_str(keys.shape()) + " does not match the arena (" +
+            std::to_string(g.n_kv_heads) + " KV heads, head_dim " +
+            std::to_string(g.head_dim) + ")");
+  }
+  const int B = keys.shape(0);
+  const int L = keys.shape(2);
+  if (int(offsets.size()) != B) {
+    throw InvalidArgument(
+        "offsets",
+        "has " + std::to_string(offsets.size()) + " entries for a batch of " +
+            std::to_string(B));
+  }
+  std::vector<int64_t> end(B);
+  for (int b = 0; b < B; ++b) {
+    if (offsets[b] < 0) {
+      throw InvalidArgument(
+          "offsets",
+          "entry " + std::to_string(b) + " is negative (" +
+              std::to_string(offsets[b]) + ")");
+    }
+    end[b] = int64_t(offsets[b]) + L;
+  }
+  check_block_table(*arena, block_table, B, end, "kv_write");
+
+  std::vector<mx::array> inputs = {
+      mx::contiguous(keys, false, stream), mx::contiguous(values, false, stream)};
+  inputs.insert(inputs.end(), after.begin(), after.end());
+  return mx::array(
+      {1},
+      mx::uint32,
+      std::make_shared<KVWrite>(stream, arena, layer, block_table, offsets),
+      std::move(inputs));
+}
+
+void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) {
+    enc.set_input_array(in);
+  }
+  enc.set_output_array(out);
+  const mx::array& keys = inputs[0];
+  enc.dispatch([keys = mx::array::unsafe_weak_copy(keys),
+                values = mx::array::unsafe_weak_copy(inputs[1]),
+                out = mx::array::unsafe_weak_copy(out),
+                arena = arena_,
+                layer = layer_,
+                table = block_table_,
+                offsets = offsets_]() mutable {
+    const ArenaGeometry& g = arena->geometry();
+    cpu::WriteArgs a;
+    a.B = keys.shape(0);
+    a.L = keys.shape(2);
+    a.keys = keys.data<void>();
+    a.values = values.data<void>();
+    a.dtype = float_dtype(keys, "keys");
+    a.offsets = offsets.data();
+    cpu::QuantSource& d = a.dst;
+    d.bits = g.bits;
+    d.group_size = g.group_size;
+    d.head_dim = g.head_dim;
+    d.n_kv_heads = g.n_kv_heads;
+    d.paged = true;
+    d.arena = arena->base();
+    d.slot_bytes = arena->slot_bytes();
+    for (int i = 0; i < 6; ++i) {
+      d.off[i] = arena->layer(layer).off[i];
+    }
+    d.block_tokens = g.block_tokens;
+    d.block_table = table.data.data();
+    d.max_blocks = table.shape[1];
+    a.arena = arena->base();
+    cpu::kv_write(a);
+    out.data<uint32_t>()[0] = 0;
+  });
+}
+
+void KVWrite::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw DeviceUnsupported(
+      "kv_write: kvsnap has no GPU kernel yet; run it on the CPU stream");
+}
+
+} // namespace kvsnap

@@ -1,0 +1,56 @@
+// kv_write: quantize new keys/values and write them into arena slots.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "arena.h"
+#include "common.h"
+#include "mlx/primitives.h"
+
+namespace kvsnap {
+
+// Writes keys/values [B, Hkv, L, D] of `layer` at positions
+// offsets[b] .. offsets[b] + L - 1 of sequence b, whose blocks are
+// block_table[b] (a [B, max_blocks] table of arena slots). Returns a token
+// (uint32, shape [1]); an attention that takes it reads after the write.
+// `after` are arrays that must be computed before the write happens (earlier
+// reads of the same slots).
+mx::array kv_write(
+    std::shared_ptr<Arena> arena,
+    int layer,
+    const mx::array& keys,
+    const mx::array& values,
+    const IntTable& block_table,
+    const std::vector<int32_t>& offsets,
+    const std::vector<mx::array>& after,
+    mx::StreamOrDevice s = {});
+
+class KVWrite : public mx::UnaryPrimitive {
+ public:
+  KVWrite(
+      mx::Stream stream,
+      std::shared_ptr<Arena> arena,
+      int layer,
+      IntTable block_table,
+      std::vector<int32_t> offsets)
+      : mx::UnaryPrimitive(stream),
+        arena_(std::move(arena)),
+        layer_(layer),
+        block_table_(std::move(block_table)),
+        offsets_(std::move(offsets)) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "KVWrite";
+  }
+
+ private:
+  std::shared_ptr<Arena> arena_;
+  int layer_;
+  IntTable block_table_;
+  std::vector<int32_t> offsets_;
+};
+
+} // namespace kvsnap

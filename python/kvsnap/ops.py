@@ -1,0 +1,178 @@
+"""Python entry points of kvsnap's primitives.
+
+``kv_write`` quantizes new keys/values into arena slots; ``attention`` reads
+them back through a block table with the fused quantized kernel;
+``q4_attention`` runs the same kernel over contiguous MLX-layout triples (what
+``mx.quantize`` returns and mlx-lm's ``QuantizedKVCache`` holds).
+
+All of them run on the CPU stream: kvsnap has no GPU kernels yet, and asking
+for a GPU stream raises ``DeviceUnsupportedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from kvsnap import _ext
+from kvsnap.errors import InvalidArgumentError
+
+Triple = Sequence[mx.array]
+
+
+def _int_table(value, name: str) -> np.ndarray:
+    """A [B, max_blocks] int32 table from a list, numpy or mx array."""
+    try:
+        table = np.asarray(value)
+    except Exception as e:  # noqa: BLE001  (anything array-like may fail here)
+        raise InvalidArgumentError(f"{name}: not an integer table ({e})", name) from e
+    if table.ndim != 2 or not np.issubdtype(table.dtype, np.integer):
+        raise InvalidArgumentError(
+            f"{name}: must be a 2-D integer table (B, max_blocks), got "
+            f"shape {table.shape} dtype {table.dtype}",
+            name,
+        )
+    if table.size and (table.min() < np.iinfo(np.int32).min or table.max() > np.iinfo(np.int32).max):
+        raise InvalidArgumentError(f"{name}: values do not fit in int32", name)
+    return np.ascontiguousarray(table, dtype=np.int32)
+
+
+def _int_list(value, name: str) -> list[int]:
+    """A list of Python ints from a list, numpy or mx array."""
+    arr = np.asarray(value)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgumentError(
+            f"{name}: must be a 1-D list of integers, got shape {arr.shape} dtype {arr.dtype}",
+            name,
+        )
+    if arr.size and (arr.min() < np.iinfo(np.int32).min or arr.max() > np.iinfo(np.int32).max):
+        raise InvalidArgumentError(f"{name}: values do not fit in int32", name)
+    return [int(x) for x in arr]
+
+
+def _check_array(value, name: str) -> None:
+    if not isinstance(value, mx.array):
+        raise InvalidArgumentError(f"{name}: must be an mlx array, got {type(value).__name__}", name)
+
+
+def _stream(stream):
+    return mx.cpu if stream is None else stream
+
+
+def kv_write(
+    arena: _ext.Arena,
+    layer: int,
+    keys: mx.array,
+    values: mx.array,
+    block_table,
+    offsets,
+    *,
+    after: Sequence[mx.array] = (),
+    stream=None,
+) -> mx.array:
+    """Quantize keys/values ``[B, n_kv_heads, L, head_dim]`` into the arena.
+
+    Token ``l`` of sequence ``b`` goes to position ``offsets[b] + l``, i.e. slot
+    ``block_table[b][pos // block_tokens]`` at row ``pos % block_tokens``.
+    Returns a token array: pass it in ``after`` of the reads that must see the
+    write. ``after`` here lists earlier reads of the same slots that must run
+    before this write.
+    """
+    _check_array(keys, "keys")
+    _check_array(values, "values")
+    return _ext.kv_write(
+        arena,
+        int(layer),
+        keys,
+        values,
+        _int_table(block_table, "block_table"),
+        _int_list(offsets, "offsets"),
+        list(after),
+        _stream(stream),
+    )
+
+
+def attention(
+    arena: _ext.Arena,
+    layer: int,
+    queries: mx.array,
+    block_table,
+    lengths,
+    *,
+    scale: float,
+    causal: bool = True,
+    window: int | None = None,
+    after: Sequence[mx.array] = (),
+    stream=None,
+) -> mx.array:
+    """Fused quantized attention over arena blocks.
+
+    ``queries`` is ``[B, n_heads, L, head_dim]``; sequence ``b`` holds
+    ``lengths[b]`` tokens in the blocks of ``block_table[b]``. With ``causal``
+    the L queries are the last L positions of each sequence, each seeing the
+    keys up to its own position; ``window`` limits a query to the last
+    ``window`` keys (sliding-window layers). Returns ``[B, n_heads, L, head_dim]``
+    in the queries' dtype.
+    """
+    _check_array(queries, "queries")
+    if window is not None and (not isinstance(window, int) or window <= 0):
+        raise InvalidArgumentError(f"window: must be a positive int or None, got {window!r}", "window")
+    return _ext.attention(
+        arena,
+        int(layer),
+        queries,
+        _int_table(block_table, "block_table"),
+        _int_list(lengths, "lengths"),
+        float(scale),
+        bool(causal),
+        int(window or 0),
+        list(after),
+        _stream(stream),
+    )
+
+
+def q4_attention(
+    queries: mx.array,
+    keys: Triple,
+    values: Triple,
+    *,
+    scale: float,
+    mask: None | str | mx.array = None,
+    group_size: int = 64,
+    bits: int = 4,
+    stream=None,
+) -> mx.array:
+    """Fused attention over contiguous quantized K/V triples.
+
+    ``keys`` and ``values`` are ``(packed, scales, biases)`` of shape
+    ``[B, n_kv_heads, T, ...]`` as ``mx.quantize`` lays them out. ``mask`` is
+    None, ``"causal"`` (the L queries are the last L of T positions), or a
+    boolean (True = attend) or additive array broadcastable to
+    ``[B, n_heads, L, T]``.
+    """
+    _check_array(queries, "queries")
+    for name, triple in (("keys", keys), ("values", values)):
+        if not isinstance(triple, (tuple, list)) or not all(isinstance(x, mx.array) for x in triple):
+            raise InvalidArgumentError(f"{name}: must be a (packed, scales, biases) tuple of mlx arrays", name)
+    causal = False
+    mask_array = None
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise InvalidArgumentError(f"mask: the only string mask is 'causal', got {mask!r}", "mask")
+        causal = True
+    elif mask is not None:
+        _check_array(mask, "mask")
+        mask_array = mask
+    return _ext.q4_attention(
+        queries,
+        list(keys),
+        list(values),
+        float(scale),
+        causal,
+        mask_array,
+        int(group_size),
+        int(bits),
+        _stream(stream),
+    )
