@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -58,7 +59,7 @@ inline void store_elem(void* p, int64_t i, float x) {
 
 // Eight consecutive quantized elements starting at element i of a row.
 template <int BITS>
-inline v8f unpack8(const uint32_t* row, int i) {
+inline v8f unpack8(const uint32_t* row, unsigned i) {
   if constexpr (BITS == 4) {
     const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
     return to_float((splat_u(row[i / 8]) >> shifts) & 0xFu);
@@ -68,37 +69,6 @@ inline v8f unpack8(const uint32_t* row, int i) {
     v8u w = {a, a, a, a, b, b, b, b};
     return to_float((w >> shifts) & 0xFFu);
   }
-}
-
-// out[0..D) = scale_g * q + bias_g for one quantized row.
-template <int BITS, DType SD>
-inline void dequant_row(
-    const uint32_t* packed,
-    const void* scales,
-    const void* biases,
-    int D,
-    int gs,
-    float* out) {
-  for (int g = 0, i = 0; i < D; ++g) {
-    v8f s = splat(load_elem<SD>(scales, g));
-    v8f b = splat(load_elem<SD>(biases, g));
-    for (int end = i + gs; i < end; i += 8) {
-      store(out + i, unpack8<BITS>(packed, i) * s + b);
-    }
-  }
-}
-
-inline float dot(const float* a, const float* b, int D) {
-  v8f acc0 = splat(0.f), acc1 = splat(0.f);
-  int i = 0;
-  for (; i + 16 <= D; i += 16) {
-    acc0 += load(a + i) * load(b + i);
-    acc1 += load(a + i + 8) * load(b + i + 8);
-  }
-  for (; i < D; i += 8) {
-    acc0 += load(a + i) * load(b + i);
-  }
-  return hsum(acc0 + acc1);
 }
 
 inline void axpy(float alpha, const float* x, float* y, int D) {
@@ -125,7 +95,210 @@ struct Row {
   int64_t mask_st;
 };
 
-// Running softmax state of a tile's rows over keys [t0, t1).
+// Running softmax state of up to RB rows over keys [t0, t1). The rows' dot
+// products and value accumulators are held in registers: each K row is
+// dequantized one 8-lane slice at a time and used by every row at once, and
+// the value pass walks the head dimension slice by slice with the RB
+// accumulators of that slice live across the whole chunk.
+template <int BITS, DType SD, int RB>
+void attend_block(
+    const AttentionArgs& a,
+    int b,
+    int h,
+    const Row* rows_in,
+    int R,
+    int t0,
+    int t1,
+    float* m,
+    float* l,
+    float* acc) {
+  const QuantSource& src = a.kv;
+  const int D = src.head_dim;
+  const int gs = src.group_size;
+  const int n_groups = D / gs;
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  alignas(64) float sc[RB][kChunk];
+  alignas(64) float v_scale[kChunk][kMaxDim / 16];
+  alignas(64) float v_bias[kChunk][kMaxDim / 16];
+  alignas(64) float spare_acc[kMaxDim];
+  Row rows[RB];
+  float* acc_row[RB];
+  bool active[RB];
+
+  for (int r = 0; r < RB; ++r) {
+    rows[r] = rows_in[r < R ? r : 0];
+    if (r >= R) {
+      rows[r].kmin = rows[r].kmax = 0; // padding: never visible
+    }
+    acc_row[r] = r < R ? acc + size_t(r) * D : spare_acc;
+  }
+  for (int r = 0; r < R; ++r) {
+    m[r] = kNegInf;
+    l[r] = 0.f;
+    std::fill(acc_row[r], acc_row[r] + D, 0.f);
+  }
+  float m_pad = kNegInf, l_pad = 0.f;
+  auto row_m = [&](int r) -> float& { return r < R ? m[r] : m_pad; };
+  auto row_l = [&](int r) -> float& { return r < R ? l[r] : l_pad; };
+
+  for (int t = t0; t < t1;) {
+    RowRun run = row_run(src, b, h, t);
+    int run_end = std::min(t1, t + run.run);
+    for (int c0 = t; c0 < run_end; c0 += kChunk) {
+      int n = std::min(kChunk, run_end - c0);
+      int64_t j0 = c0 - t;
+      bool any = false;
+      for (int r = 0; r < RB; ++r) {
+        active[r] = rows[r].kmin < c0 + n && rows[r].kmax > c0;
+        any |= active[r];
+      }
+      if (!any) {
+        continue;
+      }
+      // Scores of every row for each key of the chunk, NT keys at a time so
+      // that RB * NT independent FMA chains hide the FMA latency.
+      auto score_keys = [&](auto nt_tag, int j) {
+        constexpr int NT = decltype(nt_tag)::value;
+        const uint32_t* kp[NT];
+        const char* ks[NT];
+        const char* kb[NT];
+        for (int u = 0; u < NT; ++u) {
+          int64_t jj = j0 + j + u;
+          kp[u] = run.kp + jj * run.st[0];
+          ks[u] = static_cast<const char*>(run.ks) + jj * run.st[1] * kScaleBytes;
+          kb[u] = static_cast<const char*>(run.kb) + jj * run.st[2] * kScaleBytes;
+        }
+        v8f dots[NT][RB];
+        for (int u = 0; u < NT; ++u) {
+          for (int r = 0; r < RB; ++r) {
+            dots[u][r] = splat(0.f);
+          }
+        }
+        for (int g = 0; g < n_groups; ++g) {
+          v8f s[NT], bias[NT];
+          for (int u = 0; u < NT; ++u) {
+            s[u] = splat(load_elem<SD>(ks[u], g));
+            bias[u] = splat(load_elem<SD>(kb[u], g));
+          }
+          for (unsigned i = g * gs, end = i + gs; i < end; i += 8) {
+            v8f k[NT];
+            for (int u = 0; u < NT; ++u) {
+              k[u] = unpack8<BITS>(kp[u], i) * s[u] + bias[u];
+            }
+            for (int r = 0; r < RB; ++r) {
+              v8f q = load(rows[r].q + i);
+              for (int u = 0; u < NT; ++u) {
+                dots[u][r] += q * k[u];
+              }
+            }
+          }
+        }
+        for (int u = 0; u < NT; ++u) {
+          int tok = c0 + j + u;
+          for (int r = 0; r < RB; ++r) {
+            float score = kNegInf;
+            if (tok >= rows[r].kmin && tok < rows[r].kmax) {
+              score = hsum(dots[u][r]);
+              if (rows[r].mask) {
+                int64_t mi = int64_t(tok) * rows[r].mask_st;
+                if (a.mask_is_bool) {
+                  if (!static_cast<const uint8_t*>(rows[r].mask)[mi]) {
+                    score = kNegInf;
+                  }
+                } else {
+                  score += static_cast<const float*>(rows[r].mask)[mi];
+                }
+              }
+            }
+            sc[r][j + u] = score;
+          }
+        }
+      };
+      constexpr int kKeysAtOnce = RB <= 4 ? 2 : 1;
+      int j = 0;
+      for (; j + kKeysAtOnce <= n; j += kKeysAtOnce) {
+        score_keys(std::integral_constant<int, kKeysAtOnce>{}, j);
+      }
+      for (; j < n; ++j) {
+        score_keys(std::integral_constant<int, 1>{}, j);
+      }
+      // Softmax update: sc becomes the chunk's probabilities (0 if unseen).
+      for (int r = 0; r < RB; ++r) {
+        for (int j = n; j < kChunk; ++j) {
+          sc[r][j] = kNegInf;
+        }
+        float cmax = kNegInf;
+        for (int j = 0; j < kChunk; j += 8) {
+          cmax = std::max(cmax, hmax(load(&sc[r][j])));
+        }
+        if (cmax == kNegInf) {
+          std::fill(sc[r], sc[r] + kChunk, 0.f);
+          continue;
+        }
+        float& mr = row_m(r);
+        float m_new = std::max(mr, cmax);
+        if (m_new != mr) {
+          float corr = std::exp(mr - m_new);
+          row_l(r) *= corr;
+          scale_row(corr, acc_row[r], D);
+          mr = m_new;
+        }
+        v8f sum = splat(0.f);
+        v8f mv = splat(m_new);
+        for (int j = 0; j < kChunk; j += 8) {
+          v8f p = exp_neg(load(&sc[r][j]) - mv);
+          store(&sc[r][j], p);
+          sum += p;
+        }
+        row_l(r) += hsum(sum);
+      }
+      // Values: acc[r] += sum_j p[r][j] * v_j, one head-dim slice at a time.
+      for (int j = 0; j < n; ++j) {
+        int64_t jj = j0 + j;
+        const char* vs = static_cast<const char*>(run.vs) + jj * run.st[4] * kScaleBytes;
+        const char* vb = static_cast<const char*>(run.vb) + jj * run.st[5] * kScaleBytes;
+        for (int g = 0; g < n_groups; ++g) {
+          v_scale[j][g] = load_elem<SD>(vs, g);
+          v_bias[j][g] = load_elem<SD>(vb, g);
+        }
+      }
+      // SV slices at a time: RB * SV independent accumulator chains.
+      constexpr int SV = RB <= 4 ? 2 : 1;
+      for (unsigned i = 0; i < unsigned(D); i += 8 * SV) {
+        const unsigned g = i / gs; // slices i .. i + 8 * SV share a group
+        v8f accs[SV][RB];
+        for (int x = 0; x < SV; ++x) {
+          for (int r = 0; r < RB; ++r) {
+            accs[x][r] = load(acc_row[r] + i + 8 * x);
+          }
+        }
+        for (int jv = 0; jv < n; ++jv) {
+          const uint32_t* vp = run.vp + (j0 + jv) * run.st[3];
+          v8f s = splat(v_scale[jv][g]);
+          v8f bias = splat(v_bias[jv][g]);
+          v8f v[SV];
+          for (int x = 0; x < SV; ++x) {
+            v[x] = unpack8<BITS>(vp, i + 8 * x) * s + bias;
+          }
+          for (int r = 0; r < RB; ++r) {
+            v8f p = splat(sc[r][jv]);
+            for (int x = 0; x < SV; ++x) {
+              accs[x][r] += p * v[x];
+            }
+          }
+        }
+        for (int x = 0; x < SV; ++x) {
+          for (int r = 0; r < RB; ++r) {
+            store(acc_row[r] + i + 8 * x, accs[x][r]);
+          }
+        }
+      }
+    }
+    t = run_end;
+  }
+}
+
+// Runs a tile of R <= kMaxRows rows in register blocks of 4 or 8 rows.
 template <int BITS, DType SD>
 void attend_range(
     const AttentionArgs& a,
@@ -138,126 +311,15 @@ void attend_range(
     float* m,
     float* l,
     float* acc) {
-  const QuantSource& src = a.kv;
-  const int D = src.head_dim;
-  const int gs = src.group_size;
-  alignas(64) float kv_row[kMaxDim];
-  alignas(64) float sc[kMaxRows][kChunk];
-  bool active[kMaxRows];
-
-  for (int r = 0; r < R; ++r) {
-    m[r] = kNegInf;
-    l[r] = 0.f;
-    std::fill(acc + size_t(r) * D, acc + size_t(r + 1) * D, 0.f);
+  const int D = a.kv.head_dim;
+  if (R <= 4) {
+    attend_block<BITS, SD, 4>(a, b, h, rows, R, t0, t1, m, l, acc);
+    return;
   }
-
-  for (int t = t0; t < t1;) {
-    RowRun run = row_run(src, b, h, t);
-    int run_end = std::min(t1, t + run.run);
-    for (int c0 = t; c0 < run_end; c0 += kChunk) {
-      int n = std::min(kChunk, run_end - c0);
-      int64_t j0 = c0 - t;
-      bool any = false;
-      for (int r = 0; r < R; ++r) {
-        active[r] = rows[r].kmin < c0 + n && rows[r].kmax > c0;
-        any |= active[r];
-      }
-      if (!any) {
-        continue;
-      }
-      // Scores.
-      for (int j = 0; j < n; ++j) {
-        int tok = c0 + j;
-        int64_t jj = j0 + j;
-        dequant_row<BITS, SD>(
-            run.kp + jj * run.st[0],
-            static_cast<const char*>(run.ks) +
-                jj * run.st[1] * (SD == DType::f32 ? 4 : 2),
-            static_cast<const char*>(run.kb) +
-                jj * run.st[2] * (SD == DType::f32 ? 4 : 2),
-            D,
-            gs,
-            kv_row);
-        for (int r = 0; r < R; ++r) {
-          if (!active[r]) {
-            continue;
-          }
-          float s = kNegInf;
-          if (tok >= rows[r].kmin && tok < rows[r].kmax) {
-            s = dot(rows[r].q, kv_row, D);
-            if (rows[r].mask) {
-              int64_t mi = int64_t(tok) * rows[r].mask_st;
-              if (a.mask_is_bool) {
-                if (!static_cast<const uint8_t*>(rows[r].mask)[mi]) {
-                  s = kNegInf;
-                }
-              } else {
-                s += static_cast<const float*>(rows[r].mask)[mi];
-              }
-            }
-          }
-          sc[r][j] = s;
-        }
-      }
-      // Softmax update.
-      for (int r = 0; r < R; ++r) {
-        if (!active[r]) {
-          continue;
-        }
-        for (int j = n; j < kChunk; ++j) {
-          sc[r][j] = kNegInf;
-        }
-        float cmax = kNegInf;
-        for (int j = 0; j < kChunk; j += 8) {
-          cmax = std::max(cmax, hmax(load(&sc[r][j])));
-        }
-        if (cmax == kNegInf) {
-          active[r] = false;
-          continue;
-        }
-        float m_new = std::max(m[r], cmax);
-        if (m_new != m[r]) {
-          float corr = std::exp(m[r] - m_new);
-          l[r] *= corr;
-          scale_row(corr, acc + size_t(r) * D, D);
-          m[r] = m_new;
-        }
-        v8f sum = splat(0.f);
-        v8f mv = splat(m_new);
-        for (int j = 0; j < kChunk; j += 8) {
-          v8f p = exp_neg(load(&sc[r][j]) - mv);
-          store(&sc[r][j], p);
-          sum += p;
-        }
-        l[r] += hsum(sum);
-      }
-      // Values.
-      for (int j = 0; j < n; ++j) {
-        int64_t jj = j0 + j;
-        bool needed = false;
-        for (int r = 0; r < R; ++r) {
-          needed |= active[r] && sc[r][j] != 0.f;
-        }
-        if (!needed) {
-          continue;
-        }
-        dequant_row<BITS, SD>(
-            run.vp + jj * run.st[3],
-            static_cast<const char*>(run.vs) +
-                jj * run.st[4] * (SD == DType::f32 ? 4 : 2),
-            static_cast<const char*>(run.vb) +
-                jj * run.st[5] * (SD == DType::f32 ? 4 : 2),
-            D,
-            gs,
-            kv_row);
-        for (int r = 0; r < R; ++r) {
-          if (active[r] && sc[r][j] != 0.f) {
-            axpy(sc[r][j], kv_row, acc + size_t(r) * D, D);
-          }
-        }
-      }
-    }
-    t = run_end;
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    attend_block<BITS, SD, 8>(
+        a, b, h, rows + r0, std::min(8, R - r0), t0, t1, m + r0, l + r0,
+        acc + size_t(r0) * D);
   }
 }
 

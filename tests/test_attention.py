@@ -1,0 +1,381 @@
+"""The fused quantized attention kernel against a float64 numpy reference.
+
+q4_attention runs on random quantized triples built directly (words, scales,
+biases), so these tests do not depend on kv_write. The paged path reads blocks
+written by kv_write; its reference is dequantized from the arena's own bytes
+(read_block). Kernel outputs are poisoned (NaN) before every run, so a row the
+kernel forgets to write fails the comparison.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import (
+    MX_DTYPES,
+    TOL,
+    arena_kv,
+    arena_triples,
+    random_quantized,
+    reference_attention,
+    rel_error,
+    to_f64,
+    to_mx,
+)
+
+import kvsnap
+
+pytestmark = pytest.mark.usefixtures("poison")
+
+
+def random_queries(rng, shape, dtype="float32"):
+    """Random queries in `dtype` and their exact (rounded) values in float64."""
+    q = to_mx(rng.standard_normal(shape), MX_DTYPES[dtype])
+    return q, to_f64(q)
+
+
+def run_q4(rng, *, B, Hkv, G, L, T, D, bits=4, gs=64, qdtype="float32", sdtype="float16", mask=None):
+    """Random inputs -> (kvsnap output, float64 reference) for q4_attention."""
+    keys, kf = random_quantized(rng, (B, Hkv, T, D), bits, gs, MX_DTYPES[sdtype])
+    values, vf = random_quantized(rng, (B, Hkv, T, D), bits, gs, MX_DTYPES[sdtype])
+    q, qf = random_queries(rng, (B, Hkv * G, L, D), qdtype)
+    scale = 1.0 / math.sqrt(D)
+    out = kvsnap.q4_attention(q, keys, values, scale=scale, mask=mask, group_size=gs, bits=bits)
+    mx.eval(out)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    if isinstance(mask, mx.array):
+        ref_mask = np.array(mask) if mask.dtype == mx.bool_ else to_f64(mask)
+        ref = reference_attention(qf, kf, vf, scale, mask=ref_mask)
+    else:
+        ref = reference_attention(qf, kf, vf, scale, causal=mask == "causal")
+    return out, ref
+
+
+# ------------------------------------------------------------ q4_attention
+
+
+@pytest.mark.parametrize(
+    "D,gs,bits",
+    [
+        (64, 64, 4),
+        (64, 32, 8),
+        (80, 16, 4),
+        (80, 16, 8),
+        (96, 32, 4),
+        (96, 32, 8),
+        (128, 32, 4),
+        (128, 128, 4),
+        (128, 64, 8),
+        (256, 64, 4),
+        (256, 128, 8),
+    ],
+)
+def test_q4_head_dims_group_sizes_bits(rng, D, gs, bits):
+    out, ref = run_q4(rng, B=2, Hkv=2, G=4, L=3, T=257, D=D, bits=bits, gs=gs, mask="causal")
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("qdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("sdtype", ["float32", "float16", "bfloat16"])
+def test_q4_query_and_scale_dtypes(rng, qdtype, sdtype):
+    out, ref = run_q4(rng, B=2, Hkv=2, G=2, L=5, T=300, D=128, qdtype=qdtype, sdtype=sdtype, mask="causal")
+    assert rel_error(out, ref) <= TOL[qdtype]
+
+
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("T", [1, 255, 256, 257])
+def test_q4_gqa_decode(rng, G, T):
+    out, ref = run_q4(rng, B=2, Hkv=2, G=G, L=1, T=T, D=64, gs=32)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("G,L,mask", [(1, 1, None), (8, 1, None), (4, 64, "causal"), (1, 7, "causal")])
+def test_q4_long_context(rng, G, L, mask):
+    # 4097 keys: the kernel splits the context across tasks and merges them.
+    out, ref = run_q4(rng, B=1, Hkv=2, G=G, L=L, T=4097, D=128, mask=mask)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("L", [7, 64])
+@pytest.mark.parametrize("T", [64, 257, 1000])
+def test_q4_causal_chunks(rng, L, T):
+    out, ref = run_q4(rng, B=2, Hkv=1, G=4, L=L, T=T, D=64, mask="causal")
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+def test_q4_non_causal_prefill(rng):
+    # Without a mask every query sees every key, whatever L and T.
+    out, ref = run_q4(rng, B=1, Hkv=2, G=2, L=40, T=33, D=64)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+MASK_SHAPES = [
+    lambda B, H, L, T: (B, H, L, T),
+    lambda B, H, L, T: (L, T),
+    lambda B, H, L, T: (B, 1, 1, T),
+    lambda B, H, L, T: (T,),
+    lambda B, H, L, T: (1, H, L, 1),
+]
+
+
+@pytest.mark.parametrize("shape_fn", MASK_SHAPES, ids=["full", "LT", "B11T", "T", "1HL1"])
+def test_q4_bool_mask(rng, shape_fn):
+    B, Hkv, G, L, T = 2, 2, 2, 6, 70
+    shape = shape_fn(B, Hkv * G, L, T)
+    mask = mx.array(rng.random(shape) < 0.6)
+    out, ref = run_q4(rng, B=B, Hkv=Hkv, G=G, L=L, T=T, D=64, mask=mask)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("mdtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shape_fn", MASK_SHAPES[:3], ids=["full", "LT", "B11T"])
+def test_q4_additive_mask(rng, mdtype, shape_fn):
+    B, Hkv, G, L, T = 2, 2, 2, 5, 90
+    shape = shape_fn(B, Hkv * G, L, T)
+    add = rng.normal(0.0, 2.0, size=shape)
+    add[rng.random(shape) < 0.2] = -np.inf
+    mask = to_mx(add, MX_DTYPES[mdtype])
+    out, ref = run_q4(rng, B=B, Hkv=Hkv, G=G, L=L, T=T, D=64, mask=mask)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("T", [50, 4097])
+def test_q4_fully_masked_rows_are_zero(rng, T):
+    B, Hkv, G, L = 1, 2, 2, 4
+    keep = rng.random((B, Hkv * G, L, T)) < 0.5
+    keep[0, 1, 2] = False  # this row sees no key at all
+    keep[0, 3, :] = False  # nor do all rows of this head
+    out, ref = run_q4(rng, B=B, Hkv=Hkv, G=G, L=L, T=T, D=64, mask=mx.array(keep))
+    got = np.array(out)
+    assert np.all(got[0, 1, 2] == 0.0) and np.all(got[0, 3] == 0.0)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+    additive = np.where(keep, 0.0, -np.inf).astype(np.float32)
+    out2, ref2 = run_q4(rng, B=B, Hkv=Hkv, G=G, L=L, T=T, D=64, mask=mx.array(additive))
+    assert np.all(np.array(out2)[0, 3] == 0.0)
+    assert rel_error(out2, ref2) <= TOL["float32"]
+
+
+def test_q4_single_visible_key_returns_its_value(rng):
+    # With one visible key the softmax weight is exactly 1: out == that value.
+    B, Hkv, L, T, D = 1, 1, 3, 40, 64
+    keys, _ = random_quantized(rng, (B, Hkv, T, D), 4, 64)
+    values, vf = random_quantized(rng, (B, Hkv, T, D), 4, 64)
+    keep = np.zeros((L, T), dtype=bool)
+    picks = [0, 17, T - 1]
+    keep[np.arange(L), picks] = True
+    q, _ = random_queries(rng, (B, Hkv, L, D))
+    out = kvsnap.q4_attention(q, keys, values, scale=0.125, mask=mx.array(keep))
+    expected = vf[0, 0, picks]
+    np.testing.assert_allclose(np.array(out)[0, 0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_q4_large_scores_are_stable(rng):
+    # Scores in the thousands: the softmax must subtract the running max.
+    keys, kf = random_quantized(rng, (1, 1, 600, 64), 4, 64)
+    values, vf = random_quantized(rng, (1, 1, 600, 64), 4, 64)
+    q, qf = random_queries(rng, (1, 4, 2, 64))
+    out = kvsnap.q4_attention(q, keys, values, scale=50.0, mask="causal")
+    ref = reference_attention(qf, kf, vf, 50.0, causal=True)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+def test_q4_strided_inputs(rng):
+    # Views, not copies: a slice along T, a [B, T, H, ...] buffer seen as
+    # [B, H, T, ...], and a last axis that is not contiguous.
+    B, Hkv, G, L, T, D, gs = 2, 2, 2, 3, 100, 64, 32
+    (kp, ks, kb), kf = random_quantized(rng, (B, Hkv, T + 9, D), 4, gs)
+    keys = (kp[:, :, 4 : 4 + T], ks[:, :, 4 : 4 + T], kb[:, :, 4 : 4 + T])
+    kf = kf[:, :, 4 : 4 + T]
+    (vp, vs, vb), vf = random_quantized(rng, (B, T, Hkv, D), 4, gs)
+    values = (
+        mx.swapaxes(vp, 1, 2),
+        mx.swapaxes(vs, 1, 2),
+        mx.swapaxes(mx.array(np.ascontiguousarray(np.array(vb).transpose(0, 2, 3, 1))), 2, 3),
+    )
+    vf = np.swapaxes(vf, 1, 2)
+    q, qf = random_queries(rng, (B, Hkv * G, L, D))
+    q = mx.swapaxes(mx.swapaxes(q, 1, 2), 1, 2)
+    scale = 1.0 / math.sqrt(D)
+    out = kvsnap.q4_attention(q, keys, values, scale=scale, mask="causal", group_size=gs)
+    ref = reference_attention(qf, kf, vf, scale, causal=True)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+def test_q4_matches_mlx_quantized_matmul(rng):
+    # Independent of the numpy reference: MLX's own quantized_matmul on the
+    # same triples, softmax in float32.
+    B, H, L, T, D = 1, 2, 4, 130, 128
+    keys, _ = random_quantized(rng, (B, H, T, D), 4, 64, mx.float32)
+    values, _ = random_quantized(rng, (B, H, T, D), 4, 64, mx.float32)
+    q, _ = random_queries(rng, (B, H, L, D))
+    scale = 1.0 / math.sqrt(D)
+    out = kvsnap.q4_attention(q, keys, values, scale=scale)
+    scores = mx.quantized_matmul(q * scale, *keys, transpose=True, group_size=64, bits=4)
+    expected = mx.quantized_matmul(mx.softmax(scores, axis=-1), *values, transpose=False, group_size=64, bits=4)
+    np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------ paged
+
+
+class Paged:
+    """An arena whose sequences were written by kv_write from random floats,
+    through slots handed out in shuffled order; the reference K/V come from
+    the arena's own bytes."""
+
+    def __init__(self, rng, lengths, *, Hkv=2, D=64, bits=4, gs=64, bt=256, n_layers=2, layer=1):
+        self.arena = kvsnap.Arena(
+            n_layers, Hkv, D, block_tokens=bt, bits=bits, group_size=gs, budget_bytes=1 << 40
+        )
+        self.layer, self.lengths = layer, list(lengths)
+        n_blocks = [max(1, -(-n // bt)) for n in lengths]
+        slots = [self.arena.alloc() for _ in range(sum(n_blocks) + 3)]
+        rng.shuffle(slots)
+        width = max(n_blocks)
+        self.table = np.full((len(lengths), width), -1, dtype=np.int32)
+        self.slots = []
+        tokens = []
+        for b, (n, nb) in enumerate(zip(lengths, n_blocks)):
+            own = slots[: nb]
+            slots = slots[nb:]
+            self.table[b, :nb] = own
+            self.slots.append(own)
+            if n:
+                k = to_mx(rng.normal(0.0, 1.5, size=(1, Hkv, n, D)))
+                v = to_mx(rng.normal(0.0, 1.0, size=(1, Hkv, n, D)))
+                tokens.append(kvsnap.kv_write(self.arena, layer, k, v, self.table[b : b + 1], [0]))
+        self.tokens = tokens
+        mx.eval(tokens)
+        T = max(lengths)
+        self.kf = np.zeros((len(lengths), Hkv, T, D))
+        self.vf = np.zeros((len(lengths), Hkv, T, D))
+        for b, n in enumerate(lengths):
+            k, v = arena_kv(self.arena, layer, self.slots[b], n)
+            self.kf[b, :, :n], self.vf[b, :, :n] = k, v
+
+    def run(self, q, qf, *, causal=True, window=None):
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out = kvsnap.attention(
+            self.arena, self.layer, q, self.table, self.lengths,
+            scale=scale, causal=causal, window=window, after=self.tokens,
+        )
+        mx.eval(out)
+        assert out.dtype == q.dtype and out.shape == q.shape
+        ref = reference_attention(
+            qf, self.kf, self.vf, scale, lengths=self.lengths, causal=causal, window=window
+        )
+        return out, ref
+
+
+RAGGED = [1, 255, 256, 257]
+
+
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("D,gs,bits", [(64, 64, 4), (80, 16, 4), (96, 32, 8), (128, 128, 4), (256, 64, 8)])
+def test_paged_decode_ragged(rng, G, D, gs, bits):
+    paged = Paged(rng, RAGGED, Hkv=2, D=D, bits=bits, gs=gs)
+    q, qf = random_queries(rng, (len(RAGGED), 2 * G, 1, D))
+    out, ref = paged.run(q, qf)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("L", [7, 64])
+def test_paged_prefill_chunks_at_own_offsets(rng, L):
+    lengths = [64, 300, 513, 257]
+    paged = Paged(rng, lengths, Hkv=2, D=64, gs=32)
+    q, qf = random_queries(rng, (len(lengths), 4, L, 64))
+    out, ref = paged.run(q, qf)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("qdtype", ["float16", "bfloat16"])
+def test_paged_query_dtypes(rng, qdtype):
+    lengths = [30, 257]
+    paged = Paged(rng, lengths, Hkv=2, D=128, gs=64)
+    q, qf = random_queries(rng, (2, 8, 7, 128), qdtype)
+    out, ref = paged.run(q, qf)
+    assert rel_error(out, ref) <= TOL[qdtype]
+
+
+@pytest.mark.parametrize("window", [1, 37, 256, 600])
+@pytest.mark.parametrize("L", [1, 7])
+def test_paged_sliding_window(rng, window, L):
+    # Lengths on both sides of the window (600 exceeds every length).
+    lengths = [40, 300, 513]
+    paged = Paged(rng, lengths, Hkv=1, D=64, gs=64)
+    q, qf = random_queries(rng, (3, 4, L, 64))
+    out, ref = paged.run(q, qf, window=window)
+    assert rel_error(out, ref) <= TOL["float32"]
+    if window < max(lengths):
+        # The window really cut keys off: the unwindowed answer differs.
+        full = reference_attention(qf, paged.kf, paged.vf, 1 / 8, lengths=lengths, causal=True)
+        assert np.max(np.abs(full - ref)) > 1e-2
+
+
+def test_paged_non_causal_ragged(rng):
+    # Without causal every query sees all lengths[b] keys; 0 keys -> zeros.
+    lengths = [0, 5, 256, 300]
+    paged = Paged(rng, lengths, Hkv=2, D=64)
+    q, qf = random_queries(rng, (4, 4, 9, 64))
+    out, ref = paged.run(q, qf, causal=False)
+    assert np.all(np.array(out)[0] == 0.0)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("G,L", [(8, 1), (1, 64)])
+def test_paged_long_context(rng, G, L):
+    lengths = [4097, 1000]
+    paged = Paged(rng, lengths, Hkv=2, D=128, gs=64)
+    q, qf = random_queries(rng, (2, 2 * G, L, 128))
+    out, ref = paged.run(q, qf)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+def test_paged_small_blocks_and_shared_prefix(rng):
+    # 16-token blocks; sequence 1 shares sequence 0's first two blocks (a
+    # common prefix) and continues in its own blocks.
+    bt, D, Hkv = 16, 64, 2
+    arena = kvsnap.Arena(1, Hkv, D, block_tokens=bt, budget_bytes=1 << 30)
+    slots = [arena.alloc() for _ in range(12)]
+    rng.shuffle(slots)
+    t0 = np.array([slots[:5]], dtype=np.int32)
+    prefix = 32
+    k0 = to_mx(rng.normal(size=(1, Hkv, 70, D)))
+    v0 = to_mx(rng.normal(size=(1, Hkv, 70, D)))
+    tok0 = kvsnap.kv_write(arena, 0, k0, v0, t0, [0])
+    for s in slots[:2]:
+        arena.incref(s)
+    t1 = np.array([slots[:2] + slots[5:9]], dtype=np.int32)
+    k1 = to_mx(rng.normal(size=(1, Hkv, 50, D)))
+    v1 = to_mx(rng.normal(size=(1, Hkv, 50, D)))
+    tok1 = kvsnap.kv_write(arena, 0, k1, v1, t1, [prefix])
+    lengths = [70, prefix + 50]
+    table = np.concatenate([np.pad(t0, ((0, 0), (0, 1)), constant_values=-1), t1])
+    q, qf = random_queries(rng, (2, 4, 3, D))
+    out = kvsnap.attention(arena, 0, q, table, lengths, scale=0.125, after=[tok0, tok1])
+    mx.eval(out)
+    kf = np.zeros((2, Hkv, 82, D))
+    vf = np.zeros((2, Hkv, 82, D))
+    for b, n in enumerate(lengths):
+        kf[b, :, :n], vf[b, :, :n] = arena_kv(arena, 0, [s for s in table[b] if s >= 0], n)
+    # The shared prefix is the same bytes in both sequences.
+    np.testing.assert_array_equal(kf[0, :, :prefix], kf[1, :, :prefix])
+    ref = reference_attention(qf, kf, vf, 0.125, lengths=lengths, causal=True)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("L,T", [(1, 257), (7, 4097), (64, 600)])
+def test_paged_and_contiguous_agree_exactly(rng, L, T):
+    # The same bytes through the block table and as contiguous triples: the
+    # same kernel must give the same bits.
+    paged = Paged(rng, [T, T], Hkv=2, D=128, gs=64)
+    q, qf = random_queries(rng, (2, 8, L, 128))
+    out, ref = paged.run(q, qf)
+    keys, values = arena_triples(paged.arena, paged.layer, paged.slots, T)
+    contiguous = kvsnap.q4_attention(q, keys, values, scale=1 / math.sqrt(128), mask="causal")
+    np.testing.assert_array_equal(np.array(out), np.array(contiguous))
+    assert rel_error(out, ref) <= TOL["float32"]
