@@ -1,13 +1,19 @@
 #include "kernels.h"
 
+#include <cstdlib>
+#include <string_view>
+
 namespace kvsnap::cpu {
 
 namespace {
 
+// KVSNAP_ISA=generic forces the baseline kernels (tests cover both sets).
 bool has_avx2() {
 #if defined(KVSNAP_HAVE_AVX2_KERNELS)
   static const bool yes = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      !(std::getenv("KVSNAP_ISA") &&
+        std::string_view(std::getenv("KVSNAP_ISA")) == "generic");
   return yes;
 #else
   return false;

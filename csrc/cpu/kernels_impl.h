@@ -437,7 +437,7 @@ void attention_impl(const AttentionArgs& a) {
 
   // Split each tile's keys when there are too few tiles to feed the threads.
   const int threads = num_threads();
-  const int want = 4 * threads;
+  const int want = 8 * threads;
   int splits = 1;
   if (int(tiles.size()) < want) {
     int longest = 0;
