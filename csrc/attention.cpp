@@ -60,6 +60,9 @@ int check_triple(
         arg, "packed data must be a uint32 array (B, n_kv_heads, T, head_dim * bits / 32), got shape " +
             shape_str(p.shape()));
   }
+  if (p.shape(1) < 1) {
+    throw InvalidArgument(arg, "has no KV heads (shape " + shape_str(p.shape()) + ")");
+  }
   if (p.shape(0) != B) {
     throw InvalidArgument(
         arg, "batch " + std::to_string(p.shape(0)) + " differs from the queries' " +
@@ -154,6 +157,10 @@ mx::array paged_attention(
   check_scale(scale);
   if (window < 0) {
     throw InvalidArgument("window", "must be >= 0, got " + std::to_string(window));
+  }
+  if (window > 0 && !causal) {
+    throw InvalidArgument(
+        "window", "a sliding window needs causal=True (it is relative to each query's position)");
   }
   const int B = queries.shape(0);
   const int L = queries.shape(2);
@@ -282,6 +289,9 @@ void QuantizedAttention::eval_cpu(
     const std::vector<mx::array>& inputs,
     mx::array& out) {
   out.set_data(mx::allocator::malloc(out.nbytes()));
+  if (out.size() == 0) {
+    return; // no query rows: nothing to compute
+  }
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) {
     enc.set_input_array(in);

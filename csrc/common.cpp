@@ -1,6 +1,7 @@
 #include "common.h"
 
 #include <cstring>
+#include <variant>
 
 #include "arena.h"
 #include "mlx/utils.h"
@@ -37,18 +38,27 @@ void poison_fill(void* out, size_t bytes) {
 }
 
 mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op) {
-  mx::Stream stream = mx::to_stream(s);
-  if (stream.device != mx::Device::cpu) {
-    throw DeviceUnsupported(
-        std::string(op) +
-        ": kvsnap has no GPU kernel for this operation yet; run it on the "
-        "CPU stream (mx.cpu)");
+  // Look at the device before asking MLX for a stream: on CPU-only builds
+  // MLX itself refuses to make a GPU stream, with a less useful message.
+  bool gpu = false;
+  if (auto* d = std::get_if<mx::Device>(&s)) {
+    gpu = d->type == mx::Device::gpu;
+  } else if (auto* st = std::get_if<mx::Stream>(&s)) {
+    gpu = st->device.type == mx::Device::gpu;
   }
-  return stream;
+  if (!gpu) {
+    mx::Stream stream = mx::to_stream(s);
+    gpu = stream.device.type == mx::Device::gpu;
+    if (!gpu) {
+      return stream;
+    }
+  }
+  throw DeviceUnsupported(
+      std::string(op) +
+      ": kvsnap has no GPU kernel for this operation yet; run it on the "
+      "CPU stream (mx.cpu)");
 }
 
-// Checks a [B, max_blocks] block table against the arena: every block that
-// covers positions [0, end[b]) names a live slot.
 void check_block_table(
     const Arena& arena,
     const IntTable& table,

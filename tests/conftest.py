@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import zlib
 
+import kvsnap
 import mlx.core as mx
 import numpy as np
 import pytest
-
-import kvsnap
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -87,7 +86,9 @@ def random_quantized(
     Returns the mx triple and its float64 dequantized values [B, H, T, D].
     """
     B, H, T, D = shape
-    words = rng.integers(0, 2**32, size=(B, H, T, D * bits // 32), dtype=np.uint64).astype(np.uint32)
+    words = rng.integers(0, 2**32, size=(B, H, T, D * bits // 32), dtype=np.uint64).astype(
+        np.uint32
+    )
     step = 15 / ((1 << bits) - 1)
     n_groups = D // group_size
     mag = rng.uniform(0.05, 0.2, size=(B, H, T, n_groups)) * step
@@ -124,7 +125,7 @@ def reference_attention(
     q = np.asarray(q, dtype=np.float64)
     # Poison (NaN) in the inputs means the test read memory nobody wrote.
     assert np.all(np.isfinite(q)) and np.all(np.isfinite(k)) and np.all(np.isfinite(v))
-    B, Hq, L, D = q.shape
+    B, Hq, L, _D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
     kf = np.repeat(np.asarray(k, dtype=np.float64), G, axis=1)
@@ -149,7 +150,7 @@ def reference_attention(
             visible &= np.broadcast_to(mask, scores.shape)
         else:
             scores = scores + np.broadcast_to(mask.astype(np.float64), scores.shape)
-            visible &= np.isfinite(np.broadcast_to(scores, scores.shape))
+            visible &= np.isfinite(scores)
 
     scores = np.where(visible, scores, -np.inf)
     row_max = scores.max(axis=-1, keepdims=True)
@@ -166,18 +167,15 @@ def rel_error(out: mx.array, ref: np.ndarray) -> float:
     assert got.shape == ref.shape, (got.shape, ref.shape)
     if not np.all(np.isfinite(got)):
         return float("inf")
-    e = float(np.max(np.abs(got - ref), initial=0.0) / max(1.0, float(np.max(np.abs(ref), initial=0.0))))
-    import os
-    if os.environ.get("ERRLOG"):
-        with open(os.environ["ERRLOG"], "a") as f:
-            f.write(f"{os.environ.get('PYTEST_CURRENT_TEST')} {got.dtype} {e:.3g} maxref={np.max(np.abs(ref)):.3g}\n")
-    return e
+    return float(
+        np.max(np.abs(got - ref), initial=0.0) / max(1.0, float(np.max(np.abs(ref), initial=0.0)))
+    )
 
 
 # Bounds on rel_error. float32: the kernel accumulates in float32 (measured
 # errors are ~1e-6); an extra or a missing key among thousands, or one wrong
 # group scale, moves the output by far more. f16 / bf16 outputs add their own
-# rounding (half an ulp: 2^-11 and 2^-8 relative).
+# rounding (unit roundoff 2^-11 = 4.9e-4 and 2^-8 = 3.9e-3).
 TOL = {"float32": 1e-5, "float16": 1.2e-3, "bfloat16": 5e-3}
 
 
@@ -187,10 +185,10 @@ TOL = {"float32": 1e-5, "float16": 1.2e-3, "bfloat16": 5e-3}
 def arena_kv(arena: kvsnap.Arena, layer: int, slots, n_tokens: int):
     """(keys, values) float64 [Hkv, n_tokens, D] of one sequence, read from the
     arena's own bytes through its list of slots."""
+    bits, gs = arena.bits, arena.group_size
     ks, vs = [], []
     for slot in slots:
         kp, ksc, kb, vp, vsc, vb = arena.read_block(slot, layer)
-        bits, gs = arena.bits, arena.group_size
         ks.append(dequantize(kp, f16_bits_to_f64(ksc), f16_bits_to_f64(kb), bits, gs))
         vs.append(dequantize(vp, f16_bits_to_f64(vsc), f16_bits_to_f64(vb), bits, gs))
     k = np.concatenate(ks, axis=1)[:, :n_tokens]

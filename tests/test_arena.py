@@ -7,12 +7,11 @@ import gc
 import math
 import random
 
+import kvsnap
 import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import TOL, arena_kv, reference_attention, rel_error, to_f64, to_mx
-
-import kvsnap
 from kvsnap.errors import ArenaFullError, InvalidArgumentError, KvsnapError, SlotError
 
 
@@ -145,18 +144,43 @@ def test_read_block_layer_out_of_range():
 @pytest.mark.parametrize(
     "geometry",
     [
-        dict(n_layers=3, n_kv_heads=2, head_dim=64, block_tokens=256, bits=4, group_size=64),
-        dict(n_layers=1, n_kv_heads=8, head_dim=80, block_tokens=16, bits=8, group_size=16),
-        dict(n_layers=26, n_kv_heads=4, head_dim=256, block_tokens=256, bits=4, group_size=128),
+        {
+            "n_layers": 3,
+            "n_kv_heads": 2,
+            "head_dim": 64,
+            "block_tokens": 256,
+            "bits": 4,
+            "group_size": 64,
+        },
+        {
+            "n_layers": 1,
+            "n_kv_heads": 8,
+            "head_dim": 80,
+            "block_tokens": 16,
+            "bits": 8,
+            "group_size": 16,
+        },
+        {
+            "n_layers": 26,
+            "n_kv_heads": 4,
+            "head_dim": 256,
+            "block_tokens": 256,
+            "bits": 4,
+            "group_size": 128,
+        },
     ],
 )
 def test_budget_and_properties(geometry):
     raw = raw_slot_bytes(**geometry)
     budget = 10 * raw + 12345
     arena = kvsnap.Arena(
-        geometry["n_layers"], geometry["n_kv_heads"], geometry["head_dim"],
-        block_tokens=geometry["block_tokens"], bits=geometry["bits"],
-        group_size=geometry["group_size"], budget_bytes=budget,
+        geometry["n_layers"],
+        geometry["n_kv_heads"],
+        geometry["head_dim"],
+        block_tokens=geometry["block_tokens"],
+        bits=geometry["bits"],
+        group_size=geometry["group_size"],
+        budget_bytes=budget,
     )
     for name, value in geometry.items():
         assert getattr(arena, name) == value
@@ -172,36 +196,48 @@ def test_budget_and_properties(geometry):
     assert [a.dtype for a in arena.read_block(slot, 0)] == [np.uint32, np.uint16, np.uint16] * 2
 
 
-BASE = dict(n_layers=2, n_kv_heads=2, head_dim=64, block_tokens=256, bits=4, group_size=64, budget_bytes=1 << 24)
+BASE = {
+    "n_layers": 2,
+    "n_kv_heads": 2,
+    "head_dim": 64,
+    "block_tokens": 256,
+    "bits": 4,
+    "group_size": 64,
+    "budget_bytes": 1 << 24,
+}
 
 
 @pytest.mark.parametrize(
     "change,argument",
     [
-        (dict(n_layers=0), "n_layers"),
-        (dict(n_layers=-3), "n_layers"),
-        (dict(n_kv_heads=0), "n_kv_heads"),
-        (dict(head_dim=0), "head_dim"),
-        (dict(head_dim=-64), "head_dim"),
-        (dict(head_dim=512), "head_dim"),
-        (dict(head_dim=320), "head_dim"),
-        (dict(block_tokens=0), "block_tokens"),
-        (dict(bits=3), "bits"),
-        (dict(bits=2), "bits"),
-        (dict(bits=16), "bits"),
-        (dict(group_size=8), "group_size"),
-        (dict(group_size=48), "group_size"),
-        (dict(group_size=256), "group_size"),
-        (dict(head_dim=80, group_size=64), "group_size"),
-        (dict(head_dim=96, group_size=64), "group_size"),
-        (dict(budget_bytes=0), "budget_bytes"),
-        (dict(budget_bytes=-1), "budget_bytes"),
-        (dict(budget_bytes=4096), "budget_bytes"),
+        ({"n_layers": 0}, "n_layers"),
+        ({"n_layers": -3}, "n_layers"),
+        ({"n_kv_heads": 0}, "n_kv_heads"),
+        ({"head_dim": 0}, "head_dim"),
+        ({"head_dim": -64}, "head_dim"),
+        ({"head_dim": 512}, "head_dim"),
+        ({"head_dim": 320}, "head_dim"),
+        ({"block_tokens": 0}, "block_tokens"),
+        ({"bits": 3}, "bits"),
+        ({"bits": 2}, "bits"),
+        ({"bits": 16}, "bits"),
+        ({"group_size": 8}, "group_size"),
+        ({"group_size": 48}, "group_size"),
+        ({"group_size": 256}, "group_size"),
+        ({"head_dim": 80, "group_size": 64}, "group_size"),
+        ({"head_dim": 96, "group_size": 64}, "group_size"),
+        ({"budget_bytes": 0}, "budget_bytes"),
+        ({"budget_bytes": -1}, "budget_bytes"),
+        ({"budget_bytes": 4096}, "budget_bytes"),
     ],
 )
 def test_geometry_validation(change, argument):
     kwargs = {**BASE, **change}
-    n_layers, n_kv_heads, head_dim = kwargs.pop("n_layers"), kwargs.pop("n_kv_heads"), kwargs.pop("head_dim")
+    n_layers, n_kv_heads, head_dim = (
+        kwargs.pop("n_layers"),
+        kwargs.pop("n_kv_heads"),
+        kwargs.pop("head_dim"),
+    )
     with pytest.raises(InvalidArgumentError) as e:
         kvsnap.Arena(n_layers, n_kv_heads, head_dim, **kwargs)
     assert e.value.argument == argument

@@ -10,7 +10,11 @@ kernel forgets to write fails the comparison.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
+import kvsnap
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -26,8 +30,6 @@ from conftest import (
     to_mx,
 )
 
-import kvsnap
-
 pytestmark = pytest.mark.usefixtures("poison")
 
 
@@ -37,7 +39,9 @@ def random_queries(rng, shape, dtype="float32"):
     return q, to_f64(q)
 
 
-def run_q4(rng, *, B, Hkv, G, L, T, D, bits=4, gs=64, qdtype="float32", sdtype="float16", mask=None):
+def run_q4(
+    rng, *, B, Hkv, G, L, T, D, bits=4, gs=64, qdtype="float32", sdtype="float16", mask=None
+):
     """Random inputs -> (kvsnap output, float64 reference) for q4_attention."""
     keys, kf = random_quantized(rng, (B, Hkv, T, D), bits, gs, MX_DTYPES[sdtype])
     values, vf = random_quantized(rng, (B, Hkv, T, D), bits, gs, MX_DTYPES[sdtype])
@@ -81,7 +85,9 @@ def test_q4_head_dims_group_sizes_bits(rng, D, gs, bits):
 @pytest.mark.parametrize("qdtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("sdtype", ["float32", "float16", "bfloat16"])
 def test_q4_query_and_scale_dtypes(rng, qdtype, sdtype):
-    out, ref = run_q4(rng, B=2, Hkv=2, G=2, L=5, T=300, D=128, qdtype=qdtype, sdtype=sdtype, mask="causal")
+    out, ref = run_q4(
+        rng, B=2, Hkv=2, G=2, L=5, T=300, D=128, qdtype=qdtype, sdtype=sdtype, mask="causal"
+    )
     assert rel_error(out, ref) <= TOL[qdtype]
 
 
@@ -92,7 +98,9 @@ def test_q4_gqa_decode(rng, G, T):
     assert rel_error(out, ref) <= TOL["float32"]
 
 
-@pytest.mark.parametrize("G,L,mask", [(1, 1, None), (8, 1, None), (4, 64, "causal"), (1, 7, "causal")])
+@pytest.mark.parametrize(
+    "G,L,mask", [(1, 1, None), (8, 1, None), (4, 64, "causal"), (1, 7, "causal")]
+)
 def test_q4_long_context(rng, G, L, mask):
     # 4097 keys: the kernel splits the context across tasks and merges them.
     out, ref = run_q4(rng, B=1, Hkv=2, G=G, L=L, T=4097, D=128, mask=mask)
@@ -104,6 +112,57 @@ def test_q4_long_context(rng, G, L, mask):
 def test_q4_causal_chunks(rng, L, T):
     out, ref = run_q4(rng, B=2, Hkv=1, G=4, L=L, T=T, D=64, mask="causal")
     assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize(
+    "G,L", [(1, 3), (1, 4), (1, 5), (2, 4), (1, 9), (3, 3), (1, 31), (4, 8), (1, 33), (8, 5)]
+)
+def test_q4_row_counts_around_register_blocks(rng, G, L):
+    # G * L query rows share one KV head: row counts just below, at and above
+    # the kernel's blocks of 4, 8 and 32 rows, odd GQA ratios, odd key counts.
+    out, ref = run_q4(rng, B=1, Hkv=2, G=G, L=L, T=97, D=64, gs=32, mask="causal")
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+def test_q4_random_configurations(rng):
+    # A seeded sweep over the combinations the parametrized tests leave out.
+    formats = [(64, 64, 4), (64, 32, 8), (80, 16, 4), (96, 32, 8), (128, 128, 4), (256, 64, 4)]
+    for _ in range(60):
+        D, gs, bits = formats[rng.integers(len(formats))]
+        B, Hkv, G = (
+            int(rng.integers(1, 4)),
+            int(rng.integers(1, 4)),
+            int(rng.choice([1, 2, 3, 4, 8])),
+        )
+        L = int(rng.choice([1, 1, 2, 7, 16, 33]))
+        T = int(rng.choice([1, 31, 32, 33, 255, 257, 700, 1500])) + L
+        qdtype = str(rng.choice(["float32", "float32", "float16", "bfloat16"]))
+        sdtype = str(rng.choice(["float32", "float16", "bfloat16"]))
+        kind = rng.integers(4)
+        if kind == 0:
+            mask = None
+        elif kind == 1:
+            mask = "causal"
+        elif kind == 2:
+            mask = mx.array(rng.random((B, 1, L, T)) < 0.7)
+        else:
+            mask = to_mx(rng.normal(size=(L, T)))
+        out, ref = run_q4(
+            rng,
+            B=B,
+            Hkv=Hkv,
+            G=G,
+            L=L,
+            T=T,
+            D=D,
+            bits=bits,
+            gs=gs,
+            qdtype=qdtype,
+            sdtype=sdtype,
+            mask=mask,
+        )
+        config = f"{B=} {Hkv=} {G=} {L=} {T=} {D=} {gs=} {bits=} {qdtype=} {sdtype=} {kind=}"
+        assert rel_error(out, ref) <= TOL[qdtype], config
 
 
 def test_q4_non_causal_prefill(rng):
@@ -138,6 +197,18 @@ def test_q4_additive_mask(rng, mdtype, shape_fn):
     add = rng.normal(0.0, 2.0, size=shape)
     add[rng.random(shape) < 0.2] = -np.inf
     mask = to_mx(add, MX_DTYPES[mdtype])
+    out, ref = run_q4(rng, B=B, Hkv=Hkv, G=G, L=L, T=T, D=64, mask=mask)
+    assert rel_error(out, ref) <= TOL["float32"]
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_q4_mask_views(rng, kind):
+    # Masks that are views: transposed (last axis strided) and sliced.
+    B, Hkv, G, L, T = 2, 1, 2, 6, 70
+    if kind == "bool":
+        mask = mx.swapaxes(mx.array(rng.random((B, 1, T, L)) < 0.6), 2, 3)
+    else:
+        mask = to_mx(rng.normal(0.0, 3.0, size=(B, 2, L + 3, T + 5)))[:, :, 2 : 2 + L, 5:]
     out, ref = run_q4(rng, B=B, Hkv=Hkv, G=G, L=L, T=T, D=64, mask=mask)
     assert rel_error(out, ref) <= TOL["float32"]
 
@@ -215,7 +286,9 @@ def test_q4_matches_mlx_quantized_matmul(rng):
     scale = 1.0 / math.sqrt(D)
     out = kvsnap.q4_attention(q, keys, values, scale=scale)
     scores = mx.quantized_matmul(q * scale, *keys, transpose=True, group_size=64, bits=4)
-    expected = mx.quantized_matmul(mx.softmax(scores, axis=-1), *values, transpose=False, group_size=64, bits=4)
+    expected = mx.quantized_matmul(
+        mx.softmax(scores, axis=-1), *values, transpose=False, group_size=64, bits=4
+    )
     np.testing.assert_allclose(np.array(out), np.array(expected), rtol=1e-4, atol=1e-4)
 
 
@@ -229,7 +302,7 @@ class Paged:
 
     def __init__(self, rng, lengths, *, Hkv=2, D=64, bits=4, gs=64, bt=256, n_layers=2, layer=1):
         self.arena = kvsnap.Arena(
-            n_layers, Hkv, D, block_tokens=bt, bits=bits, group_size=gs, budget_bytes=1 << 40
+            n_layers, Hkv, D, block_tokens=bt, bits=bits, group_size=gs, budget_bytes=1 << 28
         )
         self.layer, self.lengths = layer, list(lengths)
         n_blocks = [max(1, -(-n // bt)) for n in lengths]
@@ -240,7 +313,7 @@ class Paged:
         self.slots = []
         tokens = []
         for b, (n, nb) in enumerate(zip(lengths, n_blocks)):
-            own = slots[: nb]
+            own = slots[:nb]
             slots = slots[nb:]
             self.table[b, :nb] = own
             self.slots.append(own)
@@ -260,8 +333,15 @@ class Paged:
     def run(self, q, qf, *, causal=True, window=None):
         scale = 1.0 / math.sqrt(q.shape[-1])
         out = kvsnap.attention(
-            self.arena, self.layer, q, self.table, self.lengths,
-            scale=scale, causal=causal, window=window, after=self.tokens,
+            self.arena,
+            self.layer,
+            q,
+            self.table,
+            self.lengths,
+            scale=scale,
+            causal=causal,
+            window=window,
+            after=self.tokens,
         )
         mx.eval(out)
         assert out.dtype == q.dtype and out.shape == q.shape
@@ -275,7 +355,9 @@ RAGGED = [1, 255, 256, 257]
 
 
 @pytest.mark.parametrize("G", [1, 4, 8])
-@pytest.mark.parametrize("D,gs,bits", [(64, 64, 4), (80, 16, 4), (96, 32, 8), (128, 128, 4), (256, 64, 8)])
+@pytest.mark.parametrize(
+    "D,gs,bits", [(64, 64, 4), (80, 16, 4), (96, 32, 8), (128, 128, 4), (256, 64, 8)]
+)
 def test_paged_decode_ragged(rng, G, D, gs, bits):
     paged = Paged(rng, RAGGED, Hkv=2, D=D, bits=bits, gs=gs)
     q, qf = random_queries(rng, (len(RAGGED), 2 * G, 1, D))
@@ -335,6 +417,27 @@ def test_paged_long_context(rng, G, L):
     assert rel_error(out, ref) <= TOL["float32"]
 
 
+def test_paged_random_configurations(rng):
+    # A seeded sweep: ragged lengths around block boundaries, chunks at each
+    # sequence's own offset, windows, GQA ratios, block sizes.
+    formats = [(64, 64, 4), (64, 32, 8), (80, 16, 4), (96, 32, 4), (128, 64, 8)]
+    for _ in range(30):
+        D, gs, bits = formats[rng.integers(len(formats))]
+        bt = int(rng.choice([16, 64, 256]))
+        Hkv, G = int(rng.integers(1, 3)), int(rng.choice([1, 3, 4, 8]))
+        L = int(rng.choice([1, 1, 5, 32]))
+        lengths = [
+            L + int(rng.choice([0, bt - 1 - L % bt, bt, 2 * bt + 1, rng.integers(600)]))
+            for _ in range(rng.integers(1, 5))
+        ]
+        window = None if rng.random() < 0.5 else int(rng.integers(1, 400))
+        paged = Paged(rng, lengths, Hkv=Hkv, D=D, bits=bits, gs=gs, bt=bt)
+        q, qf = random_queries(rng, (len(lengths), Hkv * G, L, D))
+        out, ref = paged.run(q, qf, window=window)
+        config = f"{D=} {gs=} {bits=} {bt=} {Hkv=} {G=} {L=} {lengths=} {window=}"
+        assert rel_error(out, ref) <= TOL["float32"], config
+
+
 def test_paged_small_blocks_and_shared_prefix(rng):
     # 16-token blocks; sequence 1 shares sequence 0's first two blocks (a
     # common prefix) and continues in its own blocks.
@@ -379,3 +482,39 @@ def test_paged_and_contiguous_agree_exactly(rng, L, T):
     contiguous = kvsnap.q4_attention(q, keys, values, scale=1 / math.sqrt(128), mask="causal")
     np.testing.assert_array_equal(np.array(out), np.array(contiguous))
     assert rel_error(out, ref) <= TOL["float32"]
+
+
+def test_generic_kernel_set_passes_the_kernel_tests():
+    # The baseline (non-AVX2) kernels are chosen with KVSNAP_ISA=generic at
+    # import; run this file and the kv_write tests again in a process that
+    # uses them.
+    here = os.path.dirname(__file__)
+    env = dict(os.environ, KVSNAP_ISA="generic")
+    check = subprocess.run(
+        [sys.executable, "-c", "import kvsnap; print(kvsnap._ext.isa())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert check.stdout.strip() == "generic", check.stderr
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "not generic_kernel_set",
+            os.path.join(here, "test_attention.py"),
+            os.path.join(here, "test_kv_write.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]

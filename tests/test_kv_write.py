@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import kvsnap
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -23,8 +24,6 @@ from conftest import (
     to_f64,
     to_mx,
 )
-
-import kvsnap
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -47,10 +46,12 @@ def quantize_f16(x: mx.array, bits: int, gs: int):
             mx.concatenate([g, g], axis=-1).reshape(*lead, 2 * D), group_size=32, bits=bits
         )
         words = 16 * bits // 32
-        packed = packed.reshape(*lead, D // 16, 2 * words)[..., :words].reshape(*lead, D * bits // 32)
+        packed = packed.reshape(*lead, D // 16, 2 * words)[..., :words].reshape(
+            *lead, D * bits // 32
+        )
     else:
         packed, scales, biases = mx.quantize(x, group_size=gs, bits=bits)
-    half = lambda a: np.array(a).astype(np.float16).view(np.uint16)  # noqa: E731
+    half = lambda a: np.array(a).astype(np.float16).view(np.uint16)
     return np.array(packed), half(scales), half(biases)
 
 
@@ -95,7 +96,9 @@ class Expected:
             got = self.arena.read_block(slot, layer)
             for i in range(6):
                 assert got[i].dtype == want[i].dtype
-                np.testing.assert_array_equal(got[i], want[i], err_msg=f"slot {slot} layer {layer} array {i}")
+                np.testing.assert_array_equal(
+                    got[i], want[i], err_msg=f"slot {slot} layer {layer} array {i}"
+                )
 
 
 def random_kv(rng, shape, dtype, scale=2.0):
@@ -105,7 +108,9 @@ def random_kv(rng, shape, dtype, scale=2.0):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("bits,gs", [(4, 16), (4, 32), (4, 64), (4, 128), (8, 16), (8, 32), (8, 64), (8, 128)])
+@pytest.mark.parametrize(
+    "bits,gs", [(4, 16), (4, 32), (4, 64), (4, 128), (8, 16), (8, 32), (8, 64), (8, 128)]
+)
 def test_kv_write_matches_mx_quantize(rng, dtype, bits, gs):
     # Three sequences, each in its own shuffled slots, at offsets that start
     # mid-block and cross block boundaries (16-token blocks, 20 new tokens).
@@ -138,7 +143,9 @@ def test_kv_write_edge_values(rng):
     keys = mx.array(rows.reshape(1, 1, 8, D))
     values = mx.array(-rows[::-1].copy().reshape(1, 1, 8, D))
     for bits, gs in [(4, 16), (8, 16), (4, 32), (8, 64)]:
-        arena = kvsnap.Arena(1, 1, D, block_tokens=8, bits=bits, group_size=gs, budget_bytes=1 << 20)
+        arena = kvsnap.Arena(
+            1, 1, D, block_tokens=8, bits=bits, group_size=gs, budget_bytes=1 << 20
+        )
         slot = arena.alloc()
         expected = Expected(arena, [slot])
         mx.eval(kvsnap.kv_write(arena, 0, keys, values, [[slot]], [0]))
@@ -171,7 +178,10 @@ def test_decode_appends_equal_one_write(rng):
     t2 = [[step.alloc() for _ in range(3)]]
     keys, values = random_kv(rng, (1, 2, n, D), "float16")
     mx.eval(kvsnap.kv_write(one, 0, keys, values, t1, [0]))
-    tokens = [kvsnap.kv_write(step, 0, keys[:, :, i : i + 1], values[:, :, i : i + 1], t2, [i]) for i in range(n)]
+    tokens = [
+        kvsnap.kv_write(step, 0, keys[:, :, i : i + 1], values[:, :, i : i + 1], t2, [i])
+        for i in range(n)
+    ]
     mx.eval(tokens)
     for s1, s2 in zip(t1[0], t2[0]):
         for a, b in zip(one.read_block(s1, 0), step.read_block(s2, 0)):

@@ -415,6 +415,9 @@ void attention_impl(const AttentionArgs& a) {
     return (int64_t(b) * a.Hq + hq) * a.L + l;
   };
 
+  if (a.B == 0 || a.Hq == 0 || a.L == 0) {
+    return;
+  }
   std::vector<Tile> tiles;
   for (int b = 0; b < a.B; ++b) {
     for (int h = 0; h < Hkv; ++h) {

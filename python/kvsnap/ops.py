@@ -42,6 +42,8 @@ def _int_table(value, name: str) -> np.ndarray:
 def _int_list(value, name: str) -> list[int]:
     """A list of Python ints from a list, numpy or mx array."""
     arr = np.asarray(value)
+    if arr.ndim == 1 and arr.size == 0:
+        return []
     if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
         raise InvalidArgumentError(
             f"{name}: must be a 1-D list of integers, got shape {arr.shape} dtype {arr.dtype}",
