@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvsnap import _ext
-from kvsnap.errors import InvalidArgumentError
+from kvsnap.errors import DeviceUnsupportedError, InvalidArgumentError
 
 Triple = Sequence[mx.array]
 
@@ -59,8 +59,17 @@ def _check_array(value, name: str) -> None:
         raise InvalidArgumentError(f"{name}: must be an mlx array, got {type(value).__name__}", name)
 
 
-def _stream(stream):
-    return mx.cpu if stream is None else stream
+def _stream(stream, op: str):
+    """The stream to run on: the CPU unless told otherwise; GPU is refused."""
+    if stream is None:
+        return mx.cpu
+    device = stream.device if isinstance(stream, mx.Stream) else stream
+    device_type = device.type if isinstance(device, mx.Device) else device
+    if device_type == mx.gpu:
+        raise DeviceUnsupportedError(
+            f"{op}: kvsnap has no GPU kernel for this operation yet; run it on the CPU stream (mx.cpu)"
+        )
+    return stream
 
 
 def kv_write(
@@ -92,7 +101,7 @@ def kv_write(
         _int_table(block_table, "block_table"),
         _int_list(offsets, "offsets"),
         list(after),
-        _stream(stream),
+        _stream(stream, "kv_write"),
     )
 
 
@@ -131,7 +140,7 @@ def attention(
         bool(causal),
         int(window or 0),
         list(after),
-        _stream(stream),
+        _stream(stream, "attention"),
     )
 
 
@@ -176,5 +185,5 @@ def q4_attention(
         mask_array,
         int(group_size),
         int(bits),
-        _stream(stream),
+        _stream(stream, "q4_attention"),
     )
