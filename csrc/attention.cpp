@@ -170,7 +170,7 @@ mx::array paged_attention(
         "has " + std::to_string(lengths.size()) + " entries for a batch of " +
             std::to_string(B));
   }
-  std::vector<int64_t> end(B);
+  std::vector<int64_t> begin(B, 0), end(B);
   for (int b = 0; b < B; ++b) {
     if (lengths[b] < 0 || (causal && lengths[b] < L)) {
       throw InvalidArgument(
@@ -181,8 +181,12 @@ mx::array paged_attention(
                       : "; lengths must be >= 0"));
     }
     end[b] = lengths[b];
+    if (window > 0) {
+      // The first query sits at lengths[b] - L and sees `window` keys back.
+      begin[b] = std::max<int64_t>(0, int64_t(lengths[b]) - L - window + 1);
+    }
   }
-  check_block_table(*arena, block_table, B, end, "attention");
+  check_block_table(*arena, block_table, B, begin, end, "attention");
 
   std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
   inputs.insert(inputs.end(), after.begin(), after.end());

@@ -138,6 +138,42 @@ NB_MODULE(_ext, m) {
           }, "slot"_a, "layer"_a,
           "Copies of (k_packed, k_scales, k_biases, v_packed, v_scales, v_biases) "
           "of one layer of a slot; scales/biases as uint16 float16 bit patterns.")
+      .def("write_block", [](Arena& a, int64_t slot, int layer,
+                             std::vector<nb::ndarray<nb::c_contig, nb::device::cpu>> arrays) {
+            a.check_live(slot, "write_block");
+            const auto& g = a.geometry();
+            if (layer < 0 || layer >= g.n_layers) {
+              throw kvsnap::InvalidArgument("layer", std::to_string(layer) + " is out of range");
+            }
+            if (arrays.size() != 6) {
+              throw kvsnap::InvalidArgument(
+                  "arrays", "must be the 6 arrays (k_packed, k_scales, k_biases, v_packed, v_scales, v_biases)");
+            }
+            static const char* names[6] = {"k_packed", "k_scales", "k_biases", "v_packed", "v_scales", "v_biases"};
+            for (int i = 0; i < 6; ++i) {
+              const auto& x = arrays[i];
+              bool packed = i % 3 == 0;
+              size_t cols = packed ? g.words_per_row() : g.groups_per_row();
+              bool dtype_ok = packed ? x.dtype() == nb::dtype<uint32_t>()
+                                     : (x.dtype().bits == 16 && x.dtype().lanes == 1 &&
+                                        (x.dtype().code == uint8_t(nb::dlpack::dtype_code::UInt) ||
+                                         x.dtype().code == uint8_t(nb::dlpack::dtype_code::Float)));
+              bool shape_ok = x.ndim() == 3 && x.shape(0) == size_t(g.n_kv_heads) &&
+                  x.shape(1) == size_t(g.block_tokens) && x.shape(2) == cols;
+              if (!dtype_ok || !shape_ok) {
+                throw kvsnap::InvalidArgument(
+                    "arrays",
+                    std::string(names[i]) + " must be " + (packed ? "uint32" : "float16/uint16") +
+                        " of shape (" + std::to_string(g.n_kv_heads) + ", " +
+                        std::to_string(g.block_tokens) + ", " + std::to_string(cols) + ")");
+              }
+            }
+            for (int i = 0; i < 6; ++i) {
+              std::memcpy(a.slot_ptr(slot) + a.layer(layer).off[i], arrays[i].data(), a.array_bytes(i));
+            }
+          }, "slot"_a, "layer"_a, "arrays"_a,
+          "Overwrite one layer of a slot with the 6 arrays read_block returns. "
+          "The slot must not be read or written by a pending (lazy) kvsnap op.")
       .def_prop_ro("n_layers", [](const Arena& a) { return a.geometry().n_layers; })
       .def_prop_ro("n_kv_heads", [](const Arena& a) { return a.geometry().n_kv_heads; })
       .def_prop_ro("head_dim", [](const Arena& a) { return a.geometry().head_dim; })

@@ -63,6 +63,7 @@ void check_block_table(
     const Arena& arena,
     const IntTable& table,
     int B,
+    const std::vector<int64_t>& begin,
     const std::vector<int64_t>& end,
     const char* op) {
   if (table.shape.size() != 2 || table.shape[0] != B) {
@@ -86,7 +87,7 @@ void check_block_table(
               std::to_string(end[b]) + " tokens but its row holds " +
               std::to_string(max_blocks));
     }
-    for (int64_t blk = 0; blk * bt < end[b]; ++blk) {
+    for (int64_t blk = begin[b] / bt; blk * bt < end[b]; ++blk) {
       int32_t slot = table.data[size_t(b) * max_blocks + blk];
       try {
         arena.check_live(slot, op);

@@ -31,11 +31,13 @@ mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
 
 class Arena;
 // Checks a [B, max_blocks] block table against the arena: every block that
-// covers positions [0, end[b]) of sequence b names a live slot.
+// covers positions [begin[b], end[b]) of sequence b names a live slot (blocks
+// outside that range are never touched and may hold anything, e.g. -1).
 void check_block_table(
     const Arena& arena,
     const IntTable& table,
     int B,
+    const std::vector<int64_t>& begin,
     const std::vector<int64_t>& end,
     const char* op);
 

@@ -54,7 +54,7 @@ mx::array kv_write(
         "has " + std::to_string(offsets.size()) + " entries for a batch of " +
             std::to_string(B));
   }
-  std::vector<int64_t> end(B);
+  std::vector<int64_t> begin(B), end(B);
   for (int b = 0; b < B; ++b) {
     if (offsets[b] < 0) {
       throw InvalidArgument(
@@ -62,9 +62,10 @@ mx::array kv_write(
           "entry " + std::to_string(b) + " is negative (" +
               std::to_string(offsets[b]) + ")");
     }
+    begin[b] = offsets[b];
     end[b] = int64_t(offsets[b]) + L;
   }
-  check_block_table(*arena, block_table, B, end, "kv_write");
+  check_block_table(*arena, block_table, B, begin, end, "kv_write");
 
   std::vector<mx::array> inputs = {
       mx::contiguous(keys, false, stream), mx::contiguous(values, false, stream)};

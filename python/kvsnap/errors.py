@@ -32,3 +32,7 @@ class SlotError(ArenaError):
 
 class DeviceUnsupportedError(KvsnapError):
     """The operation has no kernel for the requested device."""
+
+
+class UnsupportedModelError(KvsnapError):
+    """The model's architecture or attention code cannot be served by kvsnap."""

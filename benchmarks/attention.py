@@ -1,0 +1,653 @@
+"""Benchmark one attention call: kvsnap's fused Q4 kernel against MLX alternatives.
+
+Shapes follow a mid-size GQA model (B=1, 32 query heads, 8 KV heads, head_dim
+128): one decode step (L=1) at each context, plus one causal prefill chunk of
+512 queries at 4K context. Every variant runs in the same process on the same
+random data:
+
+  kvsnap q4 g64 / g32   kvsnap.q4_attention on mx.quantize triples with float16
+                        scales/biases (kvsnap's storage format)
+  kvsnap paged q4 g64   kvsnap.attention over arena blocks written by kv_write
+  sdpa f32 / f16        mx.fast.scaled_dot_product_attention on float K/V
+  mlx-lm q4 sdpa        mlx_lm.models.base.quantized_scaled_dot_product_attention
+                        on the same Q4 g64 data; "f32" = float32 queries and
+                        scales (a float32 model's QuantizedKVCache), "f16" =
+                        float16 queries and scales (a float16 model's cache)
+
+Each call is warmed up, then timed: the median of N runs, each ending in
+mx.eval, N giving about a second per variant (at least 5, 3 for calls over
+5 s, at most 100; --quick: fewer). Before every run the CPU caches are
+flushed by reading a 64 MiB buffer, since in a real model a layer's K/V is
+evicted by the other layers between two steps; --warm-cache turns that off. Bandwidth columns divide the
+K/V bytes a variant must read by its time and compare that with this
+machine's read bandwidth, measured in the same run with a large numpy copy.
+
+    python benchmarks/attention.py [--contexts 1024 4096 ...] [--quick] [--out DIR]
+
+Writes DIR/attention.json and DIR/attention.png (DIR: benchmarks/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import kvsnap
+import mlx.core as mx
+import numpy as np
+from kvsnap import _ext
+from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+BATCH, N_HEADS, N_KV_HEADS, HEAD_DIM = 1, 32, 8, 128
+SCALE = HEAD_DIM**-0.5
+BITS = 4
+BLOCK_TOKENS = 256
+DEFAULT_CONTEXTS = (1024, 4096, 16384, 32768)
+PREFILL_QUERIES, PREFILL_CONTEXT = 512, 4096
+
+# kvsnap q4 g64 must be this many times faster than sdpa f32 and mlx-lm's
+# quantized path at TARGET_SPEEDUP_CONTEXT, and reach this fraction of the
+# measured read bandwidth at TARGET_BANDWIDTH_CONTEXT.
+TARGET_SPEEDUP, TARGET_SPEEDUP_CONTEXT = 5.0, 16384
+TARGET_BANDWIDTH_FRACTION, TARGET_BANDWIDTH_CONTEXT = 0.5, 32768
+
+CHECK_TOLERANCE = 1e-3  # max |kvsnap - sdpa on the dequantized K/V|
+FLUSH_BYTES = 64 << 20  # twice the 32 MiB L3 of the machines this was written on
+COPY_BYTES = 512 << 20  # size of the bandwidth-measuring copy
+
+# mlx-lm with float16 queries takes ~1.2 s per decode step at 4K on CPU (with
+# float32 queries, float16 scales cost nothing extra); it runs only for decode
+# up to this context. Float16 sdpa (~14 s per call) skips the prefill.
+MLX_LM_F16_MAX_CONTEXT = 4096
+
+BASELINE = "kvsnap q4 g64"
+SDPA_F32 = "sdpa f32"
+MLX_LM_F32 = "mlx-lm q4 sdpa f32"
+
+
+@dataclass(frozen=True)
+class Case:
+    queries: int
+    context: int
+
+    @property
+    def mask(self) -> str | None:
+        return "causal" if self.queries > 1 else None
+
+    @property
+    def name(self) -> str:
+        kind = "decode" if self.queries == 1 else f"prefill L={self.queries}"
+        return f"{kind} @ {self.context // 1024}K"
+
+
+@dataclass
+class Variant:
+    name: str
+    run: Callable[[], mx.array]
+    kv_bytes: int
+    reference: mx.array | None = None  # expected output, for the correctness check
+    skip_reason: str | None = None
+
+
+@dataclass
+class Row:
+    case: str
+    queries: int
+    context: int
+    variant: str
+    kv_bytes: int
+    ms: float | None = None
+    runs: int = 0
+    gb_per_s: float | None = None
+    bandwidth_fraction: float | None = None
+    kvsnap_speedup: float | None = None  # this row's time / kvsnap q4 g64's time
+    max_abs_diff: float | None = None
+    check: str = ""  # "ok" / "FAIL" for kvsnap rows, "" otherwise
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class Timing:
+    budget_s: float  # time to spend on the runs of one variant
+    min_runs: int
+    max_runs: int
+    slow_call_s: float  # calls slower than this (the float prefills, ~12 s) ...
+    slow_min_runs: int  # ... get this many runs instead of min_runs
+
+
+FULL_TIMING = Timing(budget_s=1.0, min_runs=5, max_runs=100, slow_call_s=5.0, slow_min_runs=3)
+QUICK_TIMING = Timing(budget_s=0.2, min_runs=1, max_runs=10, slow_call_s=5.0, slow_min_runs=1)
+
+
+# ---------------------------------------------------------------------------
+# Machine
+
+
+def blas_preloaded() -> list[str]:
+    """OpenBLAS libraries mapped into this process other than numpy's own copy.
+
+    MLX's CPU wheel calls whatever libblas.so.3 the loader resolved first, so a
+    system OpenBLAS in the map means LD_PRELOAD put it in front of the slow
+    reference BLAS bundled with the wheel.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if "openblas" in p and "scipy_openblas" not in p)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def measure_bandwidth(nbytes: int, repeats: int) -> dict:
+    """Best-of-`repeats` copy of an `nbytes` array, one thread and all cores.
+
+    Read bandwidth counts the source bytes only (the copy also writes as many);
+    it is the ceiling for a kernel that streams K/V and writes almost nothing.
+    """
+    src = np.ones(nbytes // 8, dtype=np.float64)
+    dst = np.empty_like(src)
+    dst.fill(0.0)  # fault the pages in before timing
+    threads = os.cpu_count() or 1
+    chunks = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(c[0]), int(c[-1]) + 1) for c in chunks if c.size]
+
+    def copy_part(bound: tuple[int, int]) -> None:
+        lo, hi = bound
+        np.copyto(dst[lo:hi], src[lo:hi])  # numpy releases the GIL for the copy
+
+    def best_time(copy: Callable[[], None]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            copy()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    single = best_time(lambda: np.copyto(dst, src))
+    with ThreadPoolExecutor(threads) as pool:
+        parallel = best_time(lambda: list(pool.map(copy_part, bounds)))
+    read_single, read_parallel = nbytes / single / 1e9, nbytes / parallel / 1e9
+    return {
+        "copy_bytes": nbytes,
+        "threads": threads,
+        "read_gb_per_s_1_thread": read_single,
+        "read_gb_per_s_all_threads": read_parallel,
+        "read_write_gb_per_s_1_thread": 2 * read_single,
+        "read_write_gb_per_s_all_threads": 2 * read_parallel,
+        "read_gb_per_s": max(read_single, read_parallel),  # the reference for %BW
+    }
+
+
+def machine_info(bandwidth: dict) -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "kvsnap": kvsnap.__version__,
+        "kvsnap_isa": _ext.isa(),
+        "kvsnap_threads": _ext.num_threads(),
+        "mlx": mx.__version__,
+        "mlx_lm": version("mlx-lm"),
+        "numpy": np.__version__,
+        "openblas_preloaded": blas_preloaded(),
+        "bandwidth": bandwidth,
+    }
+
+
+# ---------------------------------------------------------------------------
+# Data and variants
+
+
+def nbytes(*arrays: mx.array) -> int:
+    return sum(a.nbytes for a in arrays)
+
+
+def quantize(x: mx.array, group_size: int, scale_dtype: mx.Dtype = mx.float16) -> tuple:
+    """mx.quantize with scales/biases stored as `scale_dtype` (kvsnap: float16)."""
+    packed, scales, biases = mx.quantize(x, group_size=group_size, bits=BITS)
+    return packed, scales.astype(scale_dtype), biases.astype(scale_dtype)
+
+
+def dequantize(triple: tuple, group_size: int) -> mx.array:
+    packed, scales, biases = triple
+    return mx.dequantize(
+        packed,
+        scales.astype(mx.float32),
+        biases.astype(mx.float32),
+        group_size=group_size,
+        bits=BITS,
+    )
+
+
+def sdpa(q: mx.array, k: mx.array, v: mx.array, mask: str | None) -> mx.array:
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=SCALE, mask=mask)
+
+
+def mlx_lm_attention(q: mx.array, keys: tuple, values: tuple, mask: str | None) -> mx.array:
+    """mlx-lm's quantized attention on Q4 g64 triples."""
+    # mlx-lm scales its `queries` argument in place (`queries *= scale`), which
+    # would rescale our q on every call; hand it a fresh array object.
+    return quantized_scaled_dot_product_attention(
+        mx.array(q), keys, values, scale=SCALE, mask=mask, group_size=64, bits=BITS
+    )
+
+
+def filled_arena(k: mx.array, v: mx.array, group_size: int) -> tuple[kvsnap.Arena, np.ndarray]:
+    """An arena holding k/v (one layer) and the block table of that sequence."""
+    context = k.shape[2]
+    n_blocks = -(-context // BLOCK_TOKENS)
+    groups = HEAD_DIM // group_size
+    # K and V: packed 4-bit values plus float16 scale and bias per group.
+    block_bytes = 2 * N_KV_HEADS * BLOCK_TOKENS * (HEAD_DIM * BITS // 8 + 2 * 2 * groups)
+    arena = kvsnap.Arena(
+        1,
+        N_KV_HEADS,
+        HEAD_DIM,
+        block_tokens=BLOCK_TOKENS,
+        bits=BITS,
+        group_size=group_size,
+        budget_bytes=2 * n_blocks * block_bytes,  # slack for any slot padding
+    )
+    block_table = np.array([[arena.alloc() for _ in range(n_blocks)]], dtype=np.int32)
+    mx.eval(kvsnap.kv_write(arena, 0, k, v, block_table, [0]))
+    return arena, block_table
+
+
+def make_variants(case: Case, seed: int) -> list[Variant]:
+    """Inputs for `case` and one Variant per implementation, all on the same data."""
+    mx.random.seed(seed)
+    q = mx.random.normal((BATCH, N_HEADS, case.queries, HEAD_DIM))
+    k = mx.random.normal((BATCH, N_KV_HEADS, case.context, HEAD_DIM))
+    v = mx.random.normal((BATCH, N_KV_HEADS, case.context, HEAD_DIM))
+    mask = case.mask
+    decode = case.queries == 1
+
+    kq64, vq64 = quantize(k, 64), quantize(v, 64)
+    kq32, vq32 = quantize(k, 32), quantize(v, 32)
+    # mlx-lm on the same quantized values, held as a float32 model's cache holds them.
+    kq64_f32 = tuple(x.astype(mx.float32) if x.dtype == mx.float16 else x for x in kq64)
+    vq64_f32 = tuple(x.astype(mx.float32) if x.dtype == mx.float16 else x for x in vq64)
+    q16, k16, v16 = q.astype(mx.float16), k.astype(mx.float16), v.astype(mx.float16)
+    # References: sdpa in float32 on exactly the values the kernels dequantize.
+    ref64 = sdpa(q, dequantize(kq64, 64), dequantize(vq64, 64), mask)
+    ref32 = sdpa(q, dequantize(kq32, 32), dequantize(vq32, 32), mask)
+    mx.eval(q, k, v, kq64, vq64, kq32, vq32, kq64_f32, vq64_f32, q16, k16, v16, ref64, ref32)
+    arena, block_table = filled_arena(k, v, 64)
+
+    def kvsnap_q4(keys: tuple, values: tuple, group_size: int) -> Callable[[], mx.array]:
+        return lambda: kvsnap.q4_attention(
+            q, keys, values, scale=SCALE, group_size=group_size, bits=BITS, mask=mask
+        )
+
+    return [
+        Variant(BASELINE, kvsnap_q4(kq64, vq64, 64), nbytes(*kq64, *vq64), ref64),
+        Variant("kvsnap q4 g32", kvsnap_q4(kq32, vq32, 32), nbytes(*kq32, *vq32), ref32),
+        Variant(
+            "kvsnap paged q4 g64",
+            lambda: kvsnap.attention(
+                arena, 0, q, block_table, [case.context], scale=SCALE, causal=True
+            ),
+            nbytes(*kq64, *vq64),
+            ref64,
+        ),
+        Variant(SDPA_F32, lambda: sdpa(q, k, v, mask), nbytes(k, v)),
+        Variant(
+            "sdpa f16",
+            lambda: sdpa(q16, k16, v16, mask),
+            nbytes(k16, v16),
+            skip_reason=None if decode else "float16 prefill takes ~14 s per call on CPU",
+        ),
+        Variant(
+            MLX_LM_F32,
+            lambda: mlx_lm_attention(q, kq64_f32, vq64_f32, mask),
+            nbytes(*kq64_f32, *vq64_f32),
+            ref64,
+        ),
+        Variant(
+            "mlx-lm q4 sdpa f16",
+            lambda: mlx_lm_attention(q16, kq64, vq64, mask),
+            nbytes(*kq64, *vq64),
+            ref64,
+            skip_reason=(
+                None
+                if decode and case.context <= MLX_LM_F16_MAX_CONTEXT
+                else f"~1.2 s per decode step at 4K; run only for decode <= {MLX_LM_F16_MAX_CONTEXT}"
+            ),
+        ),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Timing
+
+
+class CacheFlusher:
+    """Evicts the CPU caches by reading a buffer larger than the last-level cache."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._buffer = np.ones(nbytes // 8, dtype=np.int64)
+
+    def __call__(self) -> None:
+        # A read, not a write: dirty lines would be written back during the timed run.
+        self._buffer.sum()
+
+
+def time_call(
+    run: Callable[[], mx.array], timing: Timing, flush: Callable[[], None]
+) -> tuple[list[float], mx.array]:
+    """Seconds per call (each run ends in mx.eval) and the last output."""
+    start = time.perf_counter()
+    out = run()
+    mx.eval(out)  # warm-up: allocations, first-touch of buffers
+    first = time.perf_counter() - start
+    min_runs = timing.slow_min_runs if first > timing.slow_call_s else timing.min_runs
+    runs = int(min(max(timing.budget_s / max(first, 1e-6), min_runs), timing.max_runs))
+    times = []
+    for _ in range(runs):
+        flush()
+        start = time.perf_counter()
+        out = run()
+        mx.eval(out)
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def bench_case(
+    case: Case, timing: Timing, flush: Callable[[], None], read_bw: float, seed: int
+) -> list[Row]:
+    rows = []
+    for variant in make_variants(case, seed):
+        row = Row(case.name, case.queries, case.context, variant.name, variant.kv_bytes)
+        rows.append(row)
+        if variant.skip_reason:
+            row.skipped = variant.skip_reason
+            continue
+        times, out = time_call(variant.run, timing, flush)
+        seconds = statistics.median(times)
+        row.ms, row.runs = seconds * 1e3, len(times)
+        row.gb_per_s = variant.kv_bytes / seconds / 1e9
+        row.bandwidth_fraction = row.gb_per_s / read_bw
+        if variant.reference is not None:
+            diff = mx.abs(out.astype(mx.float32) - variant.reference).max().item()
+            row.max_abs_diff = diff
+            if variant.name.startswith("kvsnap"):
+                row.check = "ok" if diff < CHECK_TOLERANCE else "FAIL"
+        print(
+            f"  {case.name:<20} {variant.name:<22} {row.ms:10.3f} ms  ({row.runs} runs)", flush=True
+        )
+
+    baseline = next(r for r in rows if r.variant == BASELINE)
+    for row in rows:
+        if row.ms is not None and baseline.ms is not None:
+            row.kvsnap_speedup = row.ms / baseline.ms
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'case':<20} {'variant':<22} {'ms':>10} {'runs':>5} {'KV MiB':>8} "
+        f"{'GB/s':>7} {'%BW':>5} {'g64 x':>7} {'max|diff|':>9} {'check':>5}"
+    )
+    print(header)
+    print("-" * len(header))
+    case = None
+    for row in rows:
+        if case is not None and row.case != case:
+            print()
+        case = row.case
+        mib = row.kv_bytes / 2**20
+        if row.skipped:
+            print(f"{row.case:<20} {row.variant:<22} {'skipped':>10}  {mib:12.1f}  ({row.skipped})")
+            continue
+        pct = None if row.bandwidth_fraction is None else 100 * row.bandwidth_fraction
+        print(
+            f"{row.case:<20} {row.variant:<22} {fmt(row.ms, '10.3f')} {row.runs:5d} {mib:8.1f} "
+            f"{fmt(row.gb_per_s, '7.2f')} {fmt(pct, '5.0f')} {fmt(row.kvsnap_speedup, '6.2f')}x "
+            f"{fmt(row.max_abs_diff, '9.1e')} {row.check:>5}"
+        )
+
+
+def find(rows: list[Row], context: int, variant: str) -> Row | None:
+    for row in rows:
+        if (
+            row.queries == 1
+            and row.context == context
+            and row.variant == variant
+            and row.ms is not None
+        ):
+            return row
+    return None
+
+
+def check_targets(rows: list[Row]) -> list[dict]:
+    targets = []
+    for other in (SDPA_F32, MLX_LM_F32):
+        name = f"decode {TARGET_SPEEDUP_CONTEXT // 1024}K: {BASELINE} >= {TARGET_SPEEDUP:g}x faster than {other}"
+        base, row = (
+            find(rows, TARGET_SPEEDUP_CONTEXT, BASELINE),
+            find(rows, TARGET_SPEEDUP_CONTEXT, other),
+        )
+        measured = None if base is None or row is None else row.ms / base.ms
+        targets.append({"target": name, "measured": measured, "goal": TARGET_SPEEDUP, "unit": "x"})
+    base = find(rows, TARGET_BANDWIDTH_CONTEXT, BASELINE)
+    targets.append(
+        {
+            "target": (
+                f"decode {TARGET_BANDWIDTH_CONTEXT // 1024}K: {BASELINE} reads K/V at "
+                f">= {TARGET_BANDWIDTH_FRACTION:.0%} of measured read bandwidth"
+            ),
+            "measured": None if base is None else base.bandwidth_fraction,
+            "goal": TARGET_BANDWIDTH_FRACTION,
+            "unit": "fraction",
+        }
+    )
+    for target in targets:
+        measured = target["measured"]
+        target["status"] = (
+            "n/a" if measured is None else ("PASS" if measured >= target["goal"] else "MISS")
+        )
+    return targets
+
+
+def print_targets(targets: list[dict]) -> None:
+    print("\ntargets")
+    for target in targets:
+        measured = target["measured"]
+        if measured is None:
+            shown = "context not run"
+        elif target["unit"] == "x":
+            shown = f"{measured:.2f}x"
+        else:
+            shown = f"{measured:.0%}"
+        print(f"  {target['status']:<4} {target['target']}: {shown}")
+
+
+def plot(rows: list[Row], bandwidth: dict, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    decode = [r for r in rows if r.queries == 1 and r.ms is not None]
+    variants = list(dict.fromkeys(r.variant for r in decode))
+    fig, (ax_ms, ax_bw) = plt.subplots(1, 2, figsize=(13, 5))
+    for name in variants:
+        points = [r for r in decode if r.variant == name]
+        contexts = [r.context for r in points]
+        style = {"linewidth": 2.5} if name.startswith("kvsnap") else {"linestyle": "--"}
+        ax_ms.plot(contexts, [r.ms for r in points], marker="o", label=name, **style)
+        ax_bw.plot(contexts, [r.gb_per_s for r in points], marker="o", label=name, **style)
+    read_bw = bandwidth["read_gb_per_s"]
+    ax_bw.axhline(
+        read_bw, color="black", linewidth=1, label=f"measured read bandwidth ({read_bw:.1f} GB/s)"
+    )
+    ax_bw.axhline(
+        read_bw * TARGET_BANDWIDTH_FRACTION,
+        color="gray",
+        linestyle=":",
+        linewidth=1,
+        label="50% target",
+    )
+    contexts = sorted({r.context for r in decode})
+    for ax in (ax_ms, ax_bw):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(contexts, [f"{c // 1024}K" for c in contexts])
+        ax.set_xlabel("context (keys)")
+        ax.grid(True, which="both", alpha=0.3)
+    ax_ms.set_yscale("log")
+    ax_ms.set_ylabel("ms per decode step (one layer)")
+    ax_ms.set_title("attention time, decode L=1")
+    ax_bw.set_ylabel("K/V bytes read / time (GB/s)")
+    ax_bw.set_title("effective K/V read bandwidth")
+    ax_ms.legend(fontsize=8)
+    ax_bw.legend(fontsize=8)
+    fig.suptitle(
+        f"B={BATCH} Hq={N_HEADS} Hkv={N_KV_HEADS} D={HEAD_DIM}, "
+        f"{os.cpu_count()} CPU cores, kvsnap {_ext.isa()} x{_ext.num_threads()} threads"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--contexts",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_CONTEXTS),
+        help="decode contexts in keys",
+    )
+    parser.add_argument("--quick", action="store_true", help="few repetitions, for smoke testing")
+    parser.add_argument(
+        "--warm-cache", action="store_true", help="do not flush the CPU caches between timed runs"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out",
+        help="folder for JSON and PNG",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    timing = QUICK_TIMING if args.quick else FULL_TIMING
+    mx.set_default_device(mx.cpu)
+
+    bandwidth = measure_bandwidth(COPY_BYTES, repeats=2 if args.quick else 5)
+    machine = machine_info(bandwidth)
+    blas = machine["openblas_preloaded"]
+    print(
+        f"cpu: {machine['cpu']} x{machine['cpu_count']}, load average {machine['load_average_at_start'][0]:.2f}"
+    )
+    print(
+        f"kvsnap {machine['kvsnap']} ({machine['kvsnap_isa']}, {machine['kvsnap_threads']} threads), "
+        f"mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}"
+    )
+    print(
+        "OpenBLAS preloaded: "
+        + (
+            f"yes ({', '.join(blas)})"
+            if blas
+            else "no (MLX's float matmuls use the reference BLAS of its wheel)"
+        )
+    )
+    print(
+        f"memory bandwidth ({COPY_BYTES >> 20} MiB numpy copy, best of a few): read "
+        f"{bandwidth['read_gb_per_s_1_thread']:.2f} GB/s on 1 thread, "
+        f"{bandwidth['read_gb_per_s_all_threads']:.2f} GB/s on {bandwidth['threads']}; "
+        f"read+write {bandwidth['read_write_gb_per_s_1_thread']:.2f} / "
+        f"{bandwidth['read_write_gb_per_s_all_threads']:.2f} GB/s"
+    )
+    print(f"caches {'NOT flushed' if args.warm_cache else 'flushed'} between runs\n")
+
+    flusher = (lambda: None) if args.warm_cache else CacheFlusher(FLUSH_BYTES)
+    cases = [Case(1, context) for context in args.contexts] + [
+        Case(PREFILL_QUERIES, PREFILL_CONTEXT)
+    ]
+    rows: list[Row] = []
+    for case in cases:
+        rows += bench_case(case, timing, flusher, bandwidth["read_gb_per_s"], args.seed)
+
+    print()
+    print_table(rows)
+    print(
+        "\nms: median per call; KV MiB: K/V bytes the variant reads (packed + scales + biases, or raw floats);"
+        f"\nGB/s: those bytes / ms; %BW: of the measured read bandwidth {bandwidth['read_gb_per_s']:.2f} GB/s;"
+        f"\ng64 x: this row's time / {BASELINE}'s (how many times faster kvsnap is);"
+        f"\nmax|diff|: vs mx.fast sdpa in float32 on the dequantized K/V (float16-rounded scales), "
+        f"kvsnap rows must stay < {CHECK_TOLERANCE:g};"
+        "\nmlx-lm q4 sdpa f32: float32 queries and scales/biases (a float32 model's QuantizedKVCache);"
+        "\nmlx-lm q4 sdpa f16: float16 queries and scales/biases (a float16 model's cache), output float16."
+    )
+    targets = check_targets(rows)
+    print_targets(targets)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    elapsed = time.perf_counter() - started
+    report = {
+        "shape": {
+            "batch": BATCH,
+            "n_heads": N_HEADS,
+            "n_kv_heads": N_KV_HEADS,
+            "head_dim": HEAD_DIM,
+        },
+        "machine": machine,
+        "timing": {
+            **asdict(timing),
+            "statistic": "median",
+            "caches_flushed": not args.warm_cache,
+            "elapsed_s": elapsed,
+        },
+        "rows": [asdict(r) for r in rows],
+        "targets": targets,
+    }
+    json_path, png_path = args.out / "attention.json", args.out / "attention.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, bandwidth, png_path)
+    print(f"\nwrote {json_path} and {png_path} in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

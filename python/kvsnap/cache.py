@@ -1,0 +1,403 @@
+"""Drop-in quantized KV caches for mlx-lm models, stored in arena blocks.
+
+``make_cache(model)`` returns a prompt cache (one entry per layer) that mlx-lm
+uses like its own: ``mlx_lm.generate``, ``stream_generate(prompt_cache=...)``
+and ``model(tokens, cache=cache)`` all work unchanged. Each layer cache writes
+its new keys/values with ``kvsnap.kv_write`` and answers the model's attention
+call with ``kvsnap.attention`` over its blocks, never holding float K/V.
+
+Layers are grouped by kind. Full-attention layers share one block table per
+sequence (a block holds ``block_tokens`` tokens for every layer of the group);
+sliding-window layers (Gemma 3) form a second group with its own arena, so the
+blocks that fall out of the window can be freed. Layers kvsnap cannot serve
+(recurrent state, latent caches) keep mlx-lm's cache; ``make_cache`` lists them
+in ``PromptCache.foreign_layers``.
+
+Routing: mlx-lm model files call ``scaled_dot_product_attention`` imported from
+``mlx_lm.models.base``. ``make_cache`` rebinds that name in the model's own
+module(s) to a function that sends calls whose cache is a kvsnap cache to the
+fused kernel and every other call to mlx-lm's function, unchanged. Importing
+kvsnap changes nothing; only the modules of models given to ``make_cache`` are
+touched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import mlx.core as mx
+from mlx_lm.models import base as mlx_base
+from mlx_lm.models import cache as mlx_cache
+
+from kvsnap import ops
+from kvsnap._ext import Arena
+from kvsnap.errors import InvalidArgumentError, UnsupportedModelError
+
+DEFAULT_BUDGET_BYTES = 2 << 30  # virtual: the arena's pages are touched only when used
+
+
+class BlockSequence:
+    """The block table of one sequence for one group of layers."""
+
+    def __init__(self, arena: Arena, window: int | None = None):
+        self.arena = arena
+        self.window = window
+        self.blocks: list[int] = []  # arena slot per block; -1 once freed
+        self.layers: list[KVSnapCache] = []
+
+    @property
+    def block_tokens(self) -> int:
+        return self.arena.block_tokens
+
+    def reserve(self, n_tokens: int) -> None:
+        """Allocate blocks so that positions [0, n_tokens) have a slot."""
+        while len(self.blocks) * self.block_tokens < n_tokens:
+            self.blocks.append(self.arena.alloc())
+
+    def _settle_reads(self) -> None:
+        # A slot must not be reused while a lazy attention may still read it.
+        pending = [c._read for c in self.layers if c._read is not None]
+        if pending:
+            mx.eval(pending)
+
+    def release_outside_window(self, next_position: int) -> None:
+        """Free blocks no query at ``next_position`` or later can see."""
+        first_needed = next_position - self.window + 1
+        dead = [
+            i
+            for i, slot in enumerate(self.blocks)
+            if slot >= 0 and (i + 1) * self.block_tokens <= first_needed
+        ]
+        if not dead:
+            return
+        self._settle_reads()
+        for i in dead:
+            self.arena.decref(self.blocks[i])
+            self.blocks[i] = -1
+
+    def first_live_position(self) -> int:
+        for i, slot in enumerate(self.blocks):
+            if slot >= 0:
+                return i * self.block_tokens
+        return len(self.blocks) * self.block_tokens
+
+    def truncate(self, n_tokens: int) -> None:
+        """Free the blocks past the first ``n_tokens`` positions."""
+        keep = -(-n_tokens // self.block_tokens)
+        if keep >= len(self.blocks):
+            return
+        self._settle_reads()
+        for slot in self.blocks[keep:]:
+            if slot >= 0:
+                self.arena.decref(slot)
+        del self.blocks[keep:]
+
+    def release(self) -> None:
+        """Give every block back to the arena."""
+        self._settle_reads()
+        for slot in self.blocks:
+            if slot >= 0:
+                self.arena.decref(slot)
+        self.blocks = []
+
+    def table(self) -> list[list[int]]:
+        return [self.blocks]
+
+
+class KVSnapCache:
+    """One layer's cache: quantized K/V in arena blocks, attended in place."""
+
+    def __init__(self, seq: BlockSequence, layer: int, window: int | None = None):
+        self.seq = seq
+        self.layer = layer
+        self.window = window
+        self.offset = 0
+        self._write: mx.array | None = None  # token of the last kv_write
+        self._read: mx.array | None = None  # output of the last attention
+        seq.layers.append(self)
+
+    # What mlx-lm's quantized path reads: kvsnap caches are quantized caches.
+    @property
+    def bits(self) -> int:
+        return self.seq.arena.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.seq.arena.group_size
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if keys.ndim != 4 or keys.shape[0] != 1:
+            raise InvalidArgumentError(
+                f"keys: kvsnap's drop-in cache holds one sequence (batch 1), got shape {keys.shape}; "
+                "batched decoding goes through kvsnap's batch API",
+                "keys",
+            )
+        n_new = keys.shape[2]
+        if self.window is not None and self.seq.layers[0] is self:
+            self.seq.release_outside_window(self.offset)
+        self.seq.reserve(self.offset + n_new)
+        after = [] if self._read is None else [self._read]
+        self._write = ops.kv_write(
+            self.seq.arena, self.layer, keys, values, self.seq.table(), [self.offset], after=after
+        )
+        self.offset += n_new
+        return keys, values
+
+    def attend(self, queries: mx.array, *, scale: float, mask) -> mx.array:
+        """The model's attention for the queries of the last update."""
+        if mask is not None and not isinstance(mask, str):
+            raise InvalidArgumentError(
+                "mask: kvsnap caches apply causal and sliding-window masking themselves; "
+                "an explicit mask array is not supported",
+                "mask",
+            )
+        if isinstance(mask, str) and mask != "causal":
+            raise InvalidArgumentError(f"mask: unknown mask {mask!r}", "mask")
+        after = [] if self._write is None else [self._write]
+        out = ops.attention(
+            self.seq.arena,
+            self.layer,
+            queries,
+            self.seq.table(),
+            [self.offset],
+            scale=scale,
+            causal=True,
+            window=self.window,
+            after=after,
+        )
+        self._read = out
+        return out
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        # The kernel masks by position (and window) itself.
+        return None if n == 1 else "causal"
+
+    # mlx-lm evaluates `state` to force prefill work: it depends on the writes.
+    @property
+    def state(self):
+        return () if self._write is None else (self._write,)
+
+    @state.setter
+    def state(self, value):
+        raise InvalidArgumentError(
+            "state: a kvsnap cache cannot be rebuilt from mlx-lm state; use kvsnap.cache.from_mlx",
+            "state",
+        )
+
+    @property
+    def meta_state(self):
+        return (str(self.offset), str(self.layer), str(self.window or 0))
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(self.offset, max(0, int(n)))
+        if self.window is not None:
+            # Blocks before the window may be gone: trim no further than they allow.
+            n = min(n, max(0, self.offset - self.seq.first_live_position() - self.window + 1))
+        self.offset -= n
+        self.seq.truncate(max(c.offset for c in self.seq.layers))
+        return n
+
+    def size(self) -> int:
+        return self.offset
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this layer's K/V for the tokens held (quantized, with scales)."""
+        a = self.seq.arena
+        per_token = 2 * a.n_kv_heads * (a.head_dim * a.bits // 8 + 2 * 2 * (a.head_dim // a.group_size))
+        return per_token * self.offset
+
+
+class PromptCache(list):
+    """The per-layer caches of one sequence, as mlx-lm expects (a list).
+
+    Adds what kvsnap knows: the block tables, arena bytes used, the layers it
+    left to mlx-lm, and the token ids held (kept by ``record_tokens``; mlx-lm
+    itself does not pass token ids to caches).
+    """
+
+    def __init__(self, layers, sequences: Sequence[BlockSequence], foreign_layers: Sequence[int]):
+        super().__init__(layers)
+        self.sequences = list(sequences)
+        self.foreign_layers = list(foreign_layers)
+        self.tokens: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        return max((c.offset for c in self if isinstance(c, KVSnapCache)), default=0)
+
+    def record_tokens(self, token_ids: Sequence[int]) -> None:
+        """Note token ids that were fed through the model with this cache."""
+        self.tokens.extend(int(t) for t in token_ids)
+
+    def trim(self, n: int) -> int:
+        """Drop the last ``n`` tokens of every layer; returns how many were dropped."""
+        trimmed = mlx_cache.trim_prompt_cache(self, n)
+        if trimmed:
+            del self.tokens[max(0, len(self.tokens) - trimmed) :]
+        return trimmed
+
+    @property
+    def block_tables(self) -> list[list[int]]:
+        return [list(s.blocks) for s in self.sequences]
+
+    @property
+    def nbytes(self) -> int:
+        """Arena bytes held by this cache's blocks."""
+        return sum(s.arena.slot_bytes * sum(1 for b in s.blocks if b >= 0) for s in self.sequences)
+
+    def release(self) -> None:
+        """Return every block to its arena (the cache is empty afterwards)."""
+        for s in self.sequences:
+            s.release()
+        for c in self:
+            if isinstance(c, KVSnapCache):
+                c.offset = 0
+                c._write = c._read = None
+        self.tokens = []
+
+
+def _attention_modules(model) -> list:
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            f"{_model_type(model)}: kvsnap cannot find the model's layers (no .layers)"
+        )
+    return [getattr(layer, "self_attn", None) for layer in layers]
+
+
+def _model_type(model) -> str:
+    args = getattr(model, "args", None)
+    return getattr(args, "model_type", None) or type(model).__module__
+
+
+def layer_kinds(model) -> list[tuple[str, int | None]]:
+    """Per layer: ("full", None), ("window", W) or ("foreign", None)."""
+    caches = model.make_cache() if hasattr(model, "make_cache") else [mlx_cache.KVCache() for _ in model.layers]
+    attn = _attention_modules(model)
+    kinds = []
+    for i, c in enumerate(caches):
+        served = attn[i] is not None and hasattr(attn[i], "n_kv_heads") and hasattr(attn[i], "head_dim")
+        if type(c) is mlx_cache.KVCache and served:
+            kinds.append(("full", None))
+        elif type(c) is mlx_cache.RotatingKVCache and c.keep == 0 and served:
+            kinds.append(("window", int(c.max_size)))
+        else:
+            kinds.append(("foreign", None))
+    return kinds
+
+
+def _routed_sdpa(original):
+    def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
+        if isinstance(cache, KVSnapCache):
+            if sinks is not None:
+                raise UnsupportedModelError("kvsnap's attention does not support attention sinks")
+            return cache.attend(queries, scale=scale, mask=mask)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks)
+
+    scaled_dot_product_attention.kvsnap_original = original
+    return scaled_dot_product_attention
+
+
+def route_attention(model) -> None:
+    """Send the model's attention calls with kvsnap caches to kvsnap's kernel."""
+    modules = {type(m).__module__ for _, m in model.named_modules()} | {type(model).__module__}
+    routed = 0
+    for name in modules:
+        module = sys.modules.get(name)
+        fn = getattr(module, "scaled_dot_product_attention", None)
+        if fn is None:
+            continue
+        if not hasattr(fn, "kvsnap_original"):
+            if fn is not mlx_base.scaled_dot_product_attention:
+                continue  # a model-specific attention kvsnap does not know
+            module.scaled_dot_product_attention = _routed_sdpa(fn)
+        routed += 1
+    if not routed:
+        raise UnsupportedModelError(
+            f"{_model_type(model)}: the model's attention does not call mlx-lm's "
+            "scaled_dot_product_attention, so kvsnap cannot serve its cache"
+        )
+
+
+def make_cache(
+    model,
+    *,
+    bits: int = 4,
+    group_size: int = 64,
+    block_tokens: int = 256,
+    arena: Arena | None = None,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> PromptCache:
+    """A kvsnap prompt cache for ``model`` (an mlx-lm model), one entry per layer.
+
+    Full-attention layers store their blocks in ``arena`` (created with
+    ``budget_bytes`` if not given; a given arena must match the model's
+    geometry and the quantization). Sliding-window layers get their own arena.
+    """
+    kinds = layer_kinds(model)
+    attn = _attention_modules(model)
+    route_attention(model)
+
+    def geometry(indices):
+        shapes = {(attn[i].n_kv_heads, attn[i].head_dim) for i in indices}
+        if len(shapes) != 1:
+            raise UnsupportedModelError(
+                f"{_model_type(model)}: layers differ in KV heads / head_dim {sorted(shapes)}; "
+                "kvsnap's arena needs one geometry per layer group"
+            )
+        return shapes.pop()
+
+    full = [i for i, (k, _) in enumerate(kinds) if k == "full"]
+    windowed = [i for i, (k, _) in enumerate(kinds) if k == "window"]
+    foreign = [i for i, (k, _) in enumerate(kinds) if k == "foreign"]
+    layers: list = [None] * len(kinds)
+    sequences = []
+
+    if full:
+        n_kv_heads, head_dim = geometry(full)
+        if arena is None:
+            arena = Arena(
+                len(full), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
+                group_size=group_size, budget_bytes=budget_bytes,
+            )
+        else:
+            _check_arena(arena, len(full), n_kv_heads, head_dim, bits, group_size)
+        seq = BlockSequence(arena)
+        sequences.append(seq)
+        for j, i in enumerate(full):
+            layers[i] = KVSnapCache(seq, j)
+    if windowed:
+        windows = {kinds[i][1] for i in windowed}
+        if len(windows) != 1:
+            raise UnsupportedModelError(f"{_model_type(model)}: several sliding windows {sorted(windows)}")
+        window = windows.pop()
+        n_kv_heads, head_dim = geometry(windowed)
+        w_arena = Arena(
+            len(windowed), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
+            group_size=group_size, budget_bytes=budget_bytes,
+        )
+        seq = BlockSequence(w_arena, window=window)
+        sequences.append(seq)
+        for j, i in enumerate(windowed):
+            layers[i] = KVSnapCache(seq, j, window=window)
+    if foreign:
+        mlx_caches = model.make_cache() if hasattr(model, "make_cache") else None
+        for i in foreign:
+            layers[i] = mlx_caches[i] if mlx_caches is not None else mlx_cache.KVCache()
+    return PromptCache(layers, sequences, foreign)
+
+
+def _check_arena(arena: Arena, n_layers: int, n_kv_heads: int, head_dim: int, bits: int, group_size: int):
+    want = dict(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, bits=bits, group_size=group_size)
+    got = {k: getattr(arena, k) for k in want}
+    if got != want:
+        bad = ", ".join(f"{k}={got[k]} (model needs {want[k]})" for k in want if got[k] != want[k])
+        raise InvalidArgumentError(f"arena: does not fit this model: {bad}", "arena")
