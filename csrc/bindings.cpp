@@ -3,7 +3,6 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
-#include <nanobind/stl/shared_ptr.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
@@ -82,6 +81,14 @@ nb::ndarray<nb::numpy> slot_array(const Arena& arena, int64_t slot, int layer, i
   return nb::ndarray<nb::numpy>(copy, 3, shape, owner, nullptr, nb::dtype<uint16_t>());
 }
 
+// What Python holds for an Arena. The arena itself lives in a plain C++
+// shared_ptr that kernels in flight copy: releasing their copy on an MLX
+// stream thread must not need the GIL (a nanobind-managed shared_ptr would
+// take it and deadlock against a Python thread waiting for that stream).
+struct ArenaHandle {
+  std::shared_ptr<Arena> impl;
+};
+
 } // namespace
 
 NB_MODULE(_ext, m) {
@@ -94,27 +101,27 @@ NB_MODULE(_ext, m) {
   g_errors.device_unsupported = nb::object(errors.attr("DeviceUnsupportedError")).release().ptr();
   nb::register_exception_translator(translate);
 
-  nb::class_<Arena>(m, "Arena",
+  nb::class_<ArenaHandle>(m, "Arena",
       "A byte-budgeted pool of fixed-size slots; one slot holds one block of "
       "block_tokens tokens for every layer, keys and values, quantized.")
       .def(
           "__init__",
-          [](Arena* self, int n_layers, int n_kv_heads, int head_dim,
+          [](ArenaHandle* self, int n_layers, int n_kv_heads, int head_dim,
              int block_tokens, int bits, int group_size, int64_t budget_bytes) {
-            new (self) Arena(
-                {n_layers, n_kv_heads, head_dim, block_tokens, bits, group_size},
-                budget_bytes);
+            new (self) ArenaHandle{std::make_shared<Arena>(
+                kvsnap::ArenaGeometry{n_layers, n_kv_heads, head_dim, block_tokens, bits, group_size},
+                budget_bytes)};
           },
           "n_layers"_a, "n_kv_heads"_a, "head_dim"_a, nb::kw_only(),
           "block_tokens"_a = 256, "bits"_a = 4, "group_size"_a = 64,
           "budget_bytes"_a)
-      .def("alloc", &Arena::alloc, "Take a free slot (refcount 1); ArenaFullError when none is left.")
-      .def("incref", &Arena::incref, "slot"_a, "Share a slot; returns the new refcount.")
-      .def("decref", &Arena::decref, "slot"_a,
+      .def("alloc", [](ArenaHandle& h) { return h.impl->alloc(); }, "Take a free slot (refcount 1); ArenaFullError when none is left.")
+      .def("incref", [](ArenaHandle& h, int64_t slot) { return h.impl->incref(slot); }, "slot"_a, "Share a slot; returns the new refcount.")
+      .def("decref", [](ArenaHandle& h, int64_t slot) { return h.impl->decref(slot); }, "slot"_a,
            "Drop a reference; returns the new refcount (0: the slot is free again).")
-      .def("refcount", &Arena::refcount, "slot"_a)
-      .def("stats", [](const Arena& a) {
-        auto s = a.stats();
+      .def("refcount", [](ArenaHandle& h, int64_t slot) { return h.impl->refcount(slot); }, "slot"_a)
+      .def("stats", [](const ArenaHandle& h) {
+        auto s = h.impl->stats();
         nb::dict d;
         d["slots_total"] = s.slots_total;
         d["slots_used"] = s.slots_used;
@@ -125,7 +132,8 @@ NB_MODULE(_ext, m) {
         d["bytes_used"] = s.bytes_used;
         return d;
       })
-      .def("read_block", [](const Arena& a, int64_t slot, int layer) {
+      .def("read_block", [](const ArenaHandle& h, int64_t slot, int layer) {
+            const Arena& a = *h.impl;
             a.check_live(slot, "read_block");
             if (layer < 0 || layer >= a.geometry().n_layers) {
               throw kvsnap::InvalidArgument("layer", std::to_string(layer) + " is out of range");
@@ -138,8 +146,9 @@ NB_MODULE(_ext, m) {
           }, "slot"_a, "layer"_a,
           "Copies of (k_packed, k_scales, k_biases, v_packed, v_scales, v_biases) "
           "of one layer of a slot; scales/biases as uint16 float16 bit patterns.")
-      .def("write_block", [](Arena& a, int64_t slot, int layer,
+      .def("write_block", [](ArenaHandle& h, int64_t slot, int layer,
                              std::vector<nb::ndarray<nb::c_contig, nb::device::cpu>> arrays) {
+            Arena& a = *h.impl;
             a.check_live(slot, "write_block");
             const auto& g = a.geometry();
             if (layer < 0 || layer >= g.n_layers) {
@@ -174,35 +183,35 @@ NB_MODULE(_ext, m) {
           }, "slot"_a, "layer"_a, "arrays"_a,
           "Overwrite one layer of a slot with the 6 arrays read_block returns. "
           "The slot must not be read or written by a pending (lazy) kvsnap op.")
-      .def_prop_ro("n_layers", [](const Arena& a) { return a.geometry().n_layers; })
-      .def_prop_ro("n_kv_heads", [](const Arena& a) { return a.geometry().n_kv_heads; })
-      .def_prop_ro("head_dim", [](const Arena& a) { return a.geometry().head_dim; })
-      .def_prop_ro("block_tokens", [](const Arena& a) { return a.geometry().block_tokens; })
-      .def_prop_ro("bits", [](const Arena& a) { return a.geometry().bits; })
-      .def_prop_ro("group_size", [](const Arena& a) { return a.geometry().group_size; })
-      .def_prop_ro("slot_bytes", &Arena::slot_bytes)
-      .def_prop_ro("n_slots", &Arena::n_slots);
+      .def_prop_ro("n_layers", [](const ArenaHandle& h) { return h.impl->geometry().n_layers; })
+      .def_prop_ro("n_kv_heads", [](const ArenaHandle& h) { return h.impl->geometry().n_kv_heads; })
+      .def_prop_ro("head_dim", [](const ArenaHandle& h) { return h.impl->geometry().head_dim; })
+      .def_prop_ro("block_tokens", [](const ArenaHandle& h) { return h.impl->geometry().block_tokens; })
+      .def_prop_ro("bits", [](const ArenaHandle& h) { return h.impl->geometry().bits; })
+      .def_prop_ro("group_size", [](const ArenaHandle& h) { return h.impl->geometry().group_size; })
+      .def_prop_ro("slot_bytes", [](const ArenaHandle& h) { return h.impl->slot_bytes(); })
+      .def_prop_ro("n_slots", [](const ArenaHandle& h) { return h.impl->n_slots(); });
 
   m.def(
       "kv_write",
-      [](std::shared_ptr<Arena> arena, int layer, const mx::array& keys,
+      [](const ArenaHandle& arena, int layer, const mx::array& keys,
          const mx::array& values, const Int32Table& block_table,
          const std::vector<int32_t>& offsets, const std::vector<mx::array>& after,
          mx::StreamOrDevice s) {
         return kvsnap::kv_write(
-            std::move(arena), layer, keys, values, to_table(block_table), offsets, after, s);
+            arena.impl, layer, keys, values, to_table(block_table), offsets, after, s);
       },
       "arena"_a, "layer"_a, "keys"_a, "values"_a, "block_table"_a, "offsets"_a,
       "after"_a, "stream"_a = nb::none());
 
   m.def(
       "attention",
-      [](std::shared_ptr<Arena> arena, int layer, const mx::array& queries,
+      [](const ArenaHandle& arena, int layer, const mx::array& queries,
          const Int32Table& block_table, const std::vector<int32_t>& lengths,
          float scale, bool causal, int window, const std::vector<mx::array>& after,
          mx::StreamOrDevice s) {
         return kvsnap::paged_attention(
-            std::move(arena), layer, queries, to_table(block_table), lengths,
+            arena.impl, layer, queries, to_table(block_table), lengths,
             scale, causal, window, after, s);
       },
       "arena"_a, "layer"_a, "queries"_a, "block_table"_a, "lengths"_a, "scale"_a,

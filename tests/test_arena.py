@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 import math
 import random
+import subprocess
+import sys
+import textwrap
 
 import kvsnap
 import mlx.core as mx
@@ -273,3 +276,31 @@ def test_pending_ops_keep_the_arena_alive(rng):
     ref = reference_attention(to_f64(q), kf[None], vf[None], 0.125, causal=True)
     assert rel_error(out, ref) <= TOL["float32"]
     assert math.isfinite(float(np.abs(np.array(out)).max()))
+
+
+def test_dropping_the_last_arena_reference_during_a_pending_op_does_not_deadlock():
+    # The kernels hold the arena while they run; the last reference can then be
+    # released on an MLX stream thread while the Python thread waits for that
+    # stream with the GIL held (mx.synchronize, mx.clear_cache). Releasing it
+    # must not need the GIL. Run in a child so a deadlock fails, not hangs.
+    code = textwrap.dedent(
+        """
+        import mlx.core as mx, kvsnap
+        for _ in range(20):
+            arena = kvsnap.Arena(1, 2, 64, block_tokens=16, budget_bytes=1 << 20)
+            slot = arena.alloc()
+            k = mx.random.normal((1, 2, 16, 64))
+            token = kvsnap.kv_write(arena, 0, k, k, [[slot]], [0])
+            out = kvsnap.attention(arena, 0, mx.random.normal((1, 4, 1, 64)), [[slot]], [16],
+                                   scale=0.125, after=[token])
+            mx.async_eval(out)
+            del arena, token
+            mx.clear_cache()
+            mx.synchronize()
+            assert out.shape == (1, 4, 1, 64)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
