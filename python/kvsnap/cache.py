@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 
 import mlx.core as mx
+import numpy as np
 from mlx_lm.models import base as mlx_base
 from mlx_lm.models import cache as mlx_cache
 
@@ -62,8 +63,13 @@ class BlockSequence:
             mx.eval(pending)
 
     def release_outside_window(self, next_position: int) -> None:
-        """Free blocks no query at ``next_position`` or later can see."""
-        first_needed = next_position - self.window + 1
+        """Free blocks no query at ``next_position`` or later can see.
+
+        Keeps ``window`` tokens before ``next_position`` (one more than the
+        next query sees), so the window can be handed to mlx-lm's
+        RotatingKVCache whole.
+        """
+        first_needed = next_position - self.window
         dead = [
             i
             for i, slot in enumerate(self.blocks)
@@ -253,6 +259,12 @@ class PromptCache(list):
         """Arena bytes held by this cache's blocks."""
         return sum(s.arena.slot_bytes * sum(1 for b in s.blocks if b >= 0) for s in self.sequences)
 
+    def _settle(self) -> None:
+        """Finish every pending write and read of this cache."""
+        pending = [x for c in self if isinstance(c, KVSnapCache) for x in (c._write, c._read) if x is not None]
+        if pending:
+            mx.eval(pending)
+
     def release(self) -> None:
         """Return every block to its arena (the cache is empty afterwards)."""
         for s in self.sequences:
@@ -401,3 +413,144 @@ def _check_arena(arena: Arena, n_layers: int, n_kv_heads: int, head_dim: int, bi
     if got != want:
         bad = ", ".join(f"{k}={got[k]} (model needs {want[k]})" for k in want if got[k] != want[k])
         raise InvalidArgumentError(f"arena: does not fit this model: {bad}", "arena")
+
+
+def _layer_arrays(seq: BlockSequence, layer: int, start: int, stop: int):
+    """The six arrays of one layer for positions [start, stop), [1, H, T, ...]."""
+    bt = seq.block_tokens
+    parts: list[list] = [[] for _ in range(6)]
+    for blk in range(start // bt, -(-stop // bt)):
+        slot = seq.blocks[blk]
+        arrays = seq.arena.read_block(slot, layer)
+        lo = max(start, blk * bt) - blk * bt
+        hi = min(stop, (blk + 1) * bt) - blk * bt
+        for i in range(6):
+            parts[i].append(arrays[i][:, lo:hi])
+    out = []
+    for i in range(6):
+        x = np.concatenate(parts[i], axis=1)[None]
+        out.append(mx.array(x) if i % 3 == 0 else mx.array(x.view(np.float16)))
+    return out
+
+
+def to_mlx(prompt_cache: PromptCache, *, quantized: bool = True) -> list:
+    """mlx-lm caches holding the same tokens as ``prompt_cache``.
+
+    Full-attention layers become ``QuantizedKVCache`` (the stored bytes as they
+    are: packed data and float16 scales, bit-exact) or, with
+    ``quantized=False``, float32 ``KVCache``. Sliding-window layers become
+    float32 ``RotatingKVCache`` holding the window. Layers kvsnap left to mlx-lm
+    are returned as they are.
+    """
+    prompt_cache._settle()
+    out = []
+    for c in prompt_cache:
+        if not isinstance(c, KVSnapCache):
+            out.append(c)
+            continue
+        seq, a = c.seq, c.seq.arena
+        if c.offset == 0:
+            out.append(mlx_cache.QuantizedKVCache(a.group_size, a.bits) if quantized else mlx_cache.KVCache())
+            continue
+        start = 0 if c.window is None else max(0, c.offset - c.window)
+        kp, ks, kb, vp, vs, vb = _layer_arrays(seq, c.layer, start, c.offset)
+        if c.window is None and quantized:
+            q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
+            q.keys, q.values, q.offset = (kp, ks, kb), (vp, vs, vb), c.offset
+            out.append(q)
+            continue
+        keys = mx.dequantize(kp, ks.astype(mx.float32), kb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
+        values = mx.dequantize(vp, vs.astype(mx.float32), vb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
+        if c.window is None:
+            f = mlx_cache.KVCache()
+            f.state = (keys, values, c.offset)
+            out.append(f)
+        else:
+            r = mlx_cache.RotatingKVCache(max_size=c.window)
+            r.state = (keys, values, c.offset, 0, c.window, keys.shape[2])
+            out.append(r)
+    return out
+
+
+def from_mlx(
+    model,
+    caches: Sequence,
+    *,
+    block_tokens: int = 256,
+    bits: int | None = None,
+    group_size: int | None = None,
+    arena: Arena | None = None,
+) -> PromptCache:
+    """A kvsnap prompt cache holding what mlx-lm caches ``caches`` hold.
+
+    ``QuantizedKVCache`` layers are copied as stored (packed data bit-exact;
+    scales and biases rounded to float16, exact when they already were);
+    bits and group size are taken from them. Float ``KVCache`` layers are
+    quantized on the way in. ``RotatingKVCache`` layers fill the sliding-window
+    layers with the window they hold.
+    """
+    if len(caches) != len(model.layers):
+        raise InvalidArgumentError(
+            f"caches: {len(caches)} layer caches for a model of {len(model.layers)} layers", "caches"
+        )
+    quantized = [c for c in caches if isinstance(c, mlx_cache.QuantizedKVCache)]
+    if quantized:
+        formats = {(c.bits, c.group_size) for c in quantized}
+        if len(formats) != 1:
+            raise InvalidArgumentError(f"caches: mixed quantization formats {sorted(formats)}", "caches")
+        q_bits, q_group = formats.pop()
+        if (bits or q_bits) != q_bits or (group_size or q_group) != q_group:
+            raise InvalidArgumentError(
+                f"bits/group_size: the caches hold {q_bits}-bit groups of {q_group}; "
+                "converting between quantization formats is not supported",
+                "bits",
+            )
+        bits, group_size = q_bits, q_group
+    out = make_cache(
+        model, bits=bits or 4, group_size=group_size or 64, block_tokens=block_tokens, arena=arena
+    )
+    for i, (src, dst) in enumerate(zip(caches, out)):
+        if not isinstance(dst, KVSnapCache):
+            out[i] = src
+            continue
+        if src.empty() if hasattr(src, "empty") else src.offset == 0:
+            continue
+        if isinstance(src, mlx_cache.QuantizedKVCache):
+            _copy_quantized(dst, src)
+        elif isinstance(src, mlx_cache.RotatingKVCache) and dst.window is not None:
+            n = min(src.offset, src.max_size)
+            keys = src._temporal_order(src.keys)[..., -n:, :]  # oldest to newest
+            values = src._temporal_order(src.values)[..., -n:, :]
+            dst.offset = src.offset - n
+            dst.seq.blocks.extend([-1] * (dst.offset // dst.seq.block_tokens - len(dst.seq.blocks)))
+            dst.update_and_fetch(keys, values)
+        elif type(src) is mlx_cache.KVCache and dst.window is None:
+            n = src.offset
+            dst.update_and_fetch(src.keys[..., :n, :], src.values[..., :n, :])
+        else:
+            raise InvalidArgumentError(
+                f"caches: layer {i} holds a {type(src).__name__}, which does not fit a "
+                f"{'sliding-window' if dst.window else 'full-attention'} kvsnap layer",
+                "caches",
+            )
+    out._settle()
+    return out
+
+
+def _copy_quantized(dst: KVSnapCache, src) -> None:
+    """Write a QuantizedKVCache's stored rows into dst's blocks, as they are."""
+    seq, a = dst.seq, dst.seq.arena
+    n = src.offset
+    seq.reserve(n)
+    arrays = [np.array(x[0, :, :n]) for x in (*src.keys, *src.values)]
+    for i in (1, 2, 4, 5):
+        arrays[i] = arrays[i].astype(np.float16)
+    bt = seq.block_tokens
+    for blk in range(-(-n // bt)):
+        lo, hi = blk * bt, min(n, (blk + 1) * bt)
+        block = list(seq.arena.read_block(seq.blocks[blk], dst.layer))
+        for i in range(6):
+            part = arrays[i][:, lo:hi]
+            block[i][:, : hi - lo] = part.view(np.uint16) if i % 3 else part
+        seq.arena.write_block(seq.blocks[blk], dst.layer, block)
+    dst.offset = n

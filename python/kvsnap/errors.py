@@ -36,3 +36,10 @@ class DeviceUnsupportedError(KvsnapError):
 
 class UnsupportedModelError(KvsnapError):
     """The model's architecture or attention code cannot be served by kvsnap."""
+
+
+class ModelLoadError(KvsnapError):
+    """A model could not be found, downloaded, converted or loaded.
+
+    The message names the model name, path or file at fault.
+    """
