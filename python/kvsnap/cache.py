@@ -290,13 +290,25 @@ def _model_type(model) -> str:
     return getattr(args, "model_type", None) or type(model).__module__
 
 
+def _kv_geometry(attn) -> tuple[int, int] | None:
+    """(n_kv_heads, head_dim) of an mlx-lm attention module, or None."""
+    n_kv = getattr(attn, "n_kv_heads", None)
+    if not isinstance(n_kv, int) or n_kv <= 0:
+        return None
+    head_dim = getattr(attn, "head_dim", None)
+    k_proj = getattr(attn, "k_proj", None)
+    if not isinstance(head_dim, int) and k_proj is not None:
+        head_dim = k_proj.weight.shape[0] // n_kv
+    return (n_kv, head_dim) if isinstance(head_dim, int) else None
+
+
 def layer_kinds(model) -> list[tuple[str, int | None]]:
     """Per layer: ("full", None), ("window", W) or ("foreign", None)."""
     caches = model.make_cache() if hasattr(model, "make_cache") else [mlx_cache.KVCache() for _ in model.layers]
     attn = _attention_modules(model)
     kinds = []
     for i, c in enumerate(caches):
-        served = attn[i] is not None and hasattr(attn[i], "n_kv_heads") and hasattr(attn[i], "head_dim")
+        served = attn[i] is not None and _kv_geometry(attn[i]) is not None
         if type(c) is mlx_cache.KVCache and served:
             kinds.append(("full", None))
         elif type(c) is mlx_cache.RotatingKVCache and c.keep == 0 and served:
@@ -359,7 +371,7 @@ def make_cache(
     route_attention(model)
 
     def geometry(indices):
-        shapes = {(attn[i].n_kv_heads, attn[i].head_dim) for i in indices}
+        shapes = {_kv_geometry(attn[i]) for i in indices}
         if len(shapes) != 1:
             raise UnsupportedModelError(
                 f"{_model_type(model)}: layers differ in KV heads / head_dim {sorted(shapes)}; "

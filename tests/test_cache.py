@@ -1,0 +1,282 @@
+"""The drop-in cache on small random-weight mlx-lm models of each supported family.
+
+Real trained models are covered in test_cache_real.py; these tests check the
+mechanics (routing, masking, windows, trimming, conversions, errors) on every
+architecture quickly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import base as mlx_base
+from mlx_lm.models import gemma3_text, llama, qwen2, qwen3
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
+
+import kvsnap
+from kvsnap import cache as kc
+from kvsnap.errors import InvalidArgumentError, UnsupportedModelError
+
+VOCAB = 500
+
+
+def small_model(kind: str):
+    mx.random.seed(1)
+    common = dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, vocab_size=VOCAB)
+    if kind in ("llama", "mistral"):
+        args = llama.ModelArgs(
+            model_type=kind, num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5,
+            head_dim=64, tie_word_embeddings=True, **common,
+        )
+        model = llama.Model(args)
+    elif kind == "qwen2":
+        args = qwen2.ModelArgs(
+            model_type="qwen2", num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6,
+            tie_word_embeddings=True, **common,
+        )
+        model = qwen2.Model(args)
+    elif kind == "qwen3":
+        args = qwen3.ModelArgs(
+            model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+            head_dim=64, tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=10000.0,
+            **common,
+        )
+        model = qwen3.Model(args)
+    elif kind == "gemma3":
+        args = gemma3_text.ModelArgs(
+            model_type="gemma3_text", num_attention_heads=4, head_dim=64, rms_norm_eps=1e-6,
+            num_key_value_heads=1, sliding_window=48, sliding_window_pattern=2,
+            **{**common, "num_hidden_layers": 4},
+        )
+        model = gemma3_text.Model(args)
+    else:
+        raise ValueError(kind)
+    mx.eval(model.parameters())
+    return model
+
+
+def prompt(n: int, seed: int = 0) -> mx.array:
+    return mx.array(np.random.RandomState(seed).randint(0, VOCAB, n))
+
+
+def logits(model, tokens: mx.array, cache) -> mx.array:
+    out = model(tokens[None], cache=cache)
+    mx.eval(out)
+    return out
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_8bit_cache_tracks_the_float_cache(arch):
+    # Prefill in two chunks then decode: 8-bit K/V stays within a few
+    # hundredths of the float cache's logits, at every step.
+    model = small_model(arch)
+    ours, ref = kc.make_cache(model, bits=8, block_tokens=32), make_prompt_cache(model)
+    assert all(isinstance(c, kc.KVSnapCache) for c in ours) and not ours.foreign_layers
+    tokens = prompt(120)
+    for chunk in (tokens[:70], tokens[70:]):
+        a, b = logits(model, chunk, ours), logits(model, chunk, ref)
+        assert mx.abs(a - b).max().item() < 0.05 * max(1.0, mx.abs(b).max().item())
+    for _ in range(20):
+        t = mx.argmax(b[0, -1:], axis=-1)
+        a, b = logits(model, t, ours), logits(model, t, ref)
+        assert mx.abs(a - b).max().item() < 0.05 * max(1.0, mx.abs(b).max().item())
+    assert all(c.offset == 140 for c in ours)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_logits_match_mlx_lm_reading_the_same_bytes(arch):
+    # Convert the kvsnap cache to mlx-lm's QuantizedKVCache (same bytes) and
+    # continue both: the next logits agree to float32 accumulation error.
+    model = small_model(arch)
+    ours = kc.make_cache(model, block_tokens=32)
+    logits(model, prompt(100), ours)
+    theirs = kc.to_mlx(ours)
+    assert all(isinstance(c, QuantizedKVCache) for c in theirs)
+    x = prompt(3, seed=5)
+    a, b = logits(model, x, ours), logits(model, x, theirs)
+    assert mx.abs(a - b).max().item() < 1e-4 * max(1.0, mx.abs(b).max().item())
+
+
+def test_generate_step_runs_unchanged_and_matches_a_fresh_cache():
+    model = small_model("llama")
+    cache = kc.make_cache(model, block_tokens=32)
+    toks = [t for t, _ in generate_step(prompt(90), model, prompt_cache=cache, max_tokens=12)]
+    assert len(toks) == 12
+    # generate_step computes one step ahead: 90 prompt tokens + 12 fed back.
+    assert cache.offset == 102
+    # The same tokens, fed one forward pass at a time into a fresh cache, give
+    # the same greedy continuation.
+    fresh = kc.make_cache(model, block_tokens=32)
+    out = logits(model, prompt(90), fresh)
+    greedy = []
+    for _ in range(12):
+        t = int(mx.argmax(out[0, -1]).item())
+        greedy.append(t)
+        out = logits(model, mx.array([t]), fresh)
+    assert greedy == toks
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_trim_and_re_extend_gives_the_same_logits(arch):
+    model = small_model(arch)
+    tokens = prompt(100)
+    a = kc.make_cache(model, block_tokens=16)
+    logits(model, tokens[:90], a)
+    assert a.trim(25) == 25
+    assert all(c.offset == 65 for c in a)
+    out_a = logits(model, tokens[65:], a)
+    b = kc.make_cache(model, block_tokens=16)
+    out_b = logits(model, tokens, b)
+    np.testing.assert_array_equal(np.array(out_a[0]), np.array(out_b[0, 65:]))
+
+
+def test_trim_frees_blocks_past_the_end():
+    model = small_model("llama")
+    cache = kc.make_cache(model, block_tokens=16)
+    logits(model, prompt(100), cache)
+    arena = cache.sequences[0].arena
+    assert arena.stats()["slots_used"] == 7
+    cache.trim(60)
+    assert arena.stats()["slots_used"] == 3
+    cache.release()
+    assert arena.stats()["slots_used"] == 0
+
+
+def test_sliding_window_layers_free_blocks_behind_the_window():
+    model = small_model("gemma3")
+    cache = kc.make_cache(model, block_tokens=16)
+    full, windowed = cache.sequences
+    assert windowed.window == 48
+    logits(model, prompt(100), cache)
+    out = None
+    for i in range(60):
+        out = logits(model, mx.array([i % VOCAB]), cache)
+    live = [b for b in windowed.blocks if b >= 0]
+    # The window (48) plus the token being written spans at most 5 blocks of 16.
+    assert len(live) <= 5 and windowed.arena.stats()["slots_used"] == len(live)
+    assert len(full.blocks) == -(-160 // 16)
+    assert np.isfinite(np.array(out)).all()
+
+
+def test_conversions_round_trip_bit_exactly():
+    model = small_model("llama")
+    ours = kc.make_cache(model, block_tokens=32)
+    logits(model, prompt(77), ours)
+    back = kc.from_mlx(model, kc.to_mlx(ours), block_tokens=32)
+    x = prompt(4, seed=9)
+    np.testing.assert_array_equal(np.array(logits(model, x, ours)), np.array(logits(model, x, back)))
+
+
+def test_from_mlx_quantized_cache_is_bit_exact_for_float16_scales():
+    model = small_model("llama")
+    # mlx-lm's QuantizedKVCache fed float16 K/V keeps float16 scales.
+    src = [QuantizedKVCache(group_size=64, bits=4) for _ in model.layers]
+    for c in src:
+        k = mx.random.normal((1, 2, 40, 64)).astype(mx.float16)
+        c.update_and_fetch(k, k * 0.5)
+    ours = kc.from_mlx(model, src, block_tokens=16)
+    back = kc.to_mlx(ours)
+    for a, b in zip(src, back):
+        for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values)):
+            np.testing.assert_array_equal(np.array(x[..., :40, :]), np.array(y))
+
+
+def test_from_float_caches_quantizes_them():
+    model = small_model("gemma3")
+    ref = make_prompt_cache(model)
+    logits(model, prompt(70), ref)
+    assert any(isinstance(c, RotatingKVCache) for c in ref)
+    ours = kc.from_mlx(model, ref, block_tokens=16, bits=8)
+    assert [c.offset for c in ours] == [70] * 4
+    x = prompt(2, seed=3)
+    a, b = logits(model, x, ours), logits(model, x, ref)
+    assert mx.abs(a - b).max().item() < 0.05 * max(1.0, mx.abs(b).max().item())
+
+
+def test_from_mlx_refuses_a_different_quantization():
+    model = small_model("llama")
+    src = [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
+    with pytest.raises(InvalidArgumentError) as e:
+        kc.from_mlx(model, src, bits=4)
+    assert e.value.argument == "bits"
+    with pytest.raises(InvalidArgumentError, match="layers"):
+        kc.from_mlx(model, src[:2])
+
+
+def test_calls_without_a_kvsnap_cache_are_untouched():
+    model = small_model("llama")
+    before = logits(model, prompt(40), [KVCache() for _ in model.layers])
+    kc.make_cache(model)
+    assert llama.scaled_dot_product_attention is not mlx_base.scaled_dot_product_attention
+    after = logits(model, prompt(40), [KVCache() for _ in model.layers])
+    np.testing.assert_array_equal(np.array(before), np.array(after))
+    nocache = logits(model, prompt(40), None)
+    np.testing.assert_allclose(np.array(nocache), np.array(after), atol=1e-5)
+
+
+def test_importing_kvsnap_changes_nothing_in_mlx_lm():
+    code = textwrap.dedent(
+        """
+        import kvsnap, kvsnap.cache
+        from mlx_lm.models import base, llama, qwen3, gemma3_text
+        for m in (llama, qwen3, gemma3_text):
+            assert m.scaled_dot_product_attention is base.scaled_dot_product_attention, m
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_a_model_kvsnap_cannot_serve_is_named():
+    from mlx_lm.models import mamba
+
+    args = mamba.ModelArgs(
+        model_type="mamba", vocab_size=100, hidden_size=32, intermediate_size=64, state_size=4,
+        num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True, time_step_rank=4,
+    )
+    model = mamba.Model(args)
+    with pytest.raises(UnsupportedModelError, match="mamba"):
+        kc.make_cache(model)
+
+
+def test_layer_kinds_name_full_window_and_foreign_layers():
+    assert kc.layer_kinds(small_model("llama")) == [("full", None)] * 4
+    assert kc.layer_kinds(small_model("gemma3")) == [("window", 48), ("full", None)] * 2
+
+
+def test_batches_and_mismatched_arenas_are_refused():
+    model = small_model("llama")
+    cache = kc.make_cache(model)
+    with pytest.raises(InvalidArgumentError, match="batch"):
+        model(mx.zeros((2, 5), dtype=mx.int32), cache=cache)
+    wrong = kvsnap.Arena(4, 2, 32, group_size=32, budget_bytes=1 << 24)
+    with pytest.raises(InvalidArgumentError, match="head_dim=32") as e:
+        kc.make_cache(model, arena=wrong, group_size=32)
+    assert e.value.argument == "arena"
+
+
+def test_cache_reports_what_it_holds():
+    model = small_model("llama")
+    cache = kc.make_cache(model, block_tokens=32)
+    logits(model, prompt(70), cache)
+    assert cache.offset == 70
+    assert [len(t) for t in cache.block_tables] == [3]
+    assert cache.nbytes == 3 * cache.sequences[0].arena.slot_bytes
+    # Quantized bytes per token per layer: 4 bits + float16 scale and bias per group of 64.
+    per_token_f16 = 2 * 2 * 64 * 2
+    assert cache[0].nbytes == 70 * 2 * 2 * (32 + 4)
+    assert cache[0].nbytes / (70 * per_token_f16) <= 0.3
+    cache.record_tokens(range(70))
+    cache.trim(10)
+    assert cache.tokens == list(range(60))
