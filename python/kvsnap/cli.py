@@ -83,7 +83,9 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvsnap", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="kvsnap", description="Persistent 4-bit KV memory for LLM agents on MLX."
+    )
     commands = p.add_subparsers(dest="command", required=True)
 
     models_cmd = commands.add_parser("models", help="manage the built-in models")

@@ -98,7 +98,7 @@ def convert(gguf_path: str | Path, out_dir: str | Path) -> dict:
     weights = convert_weights(reader, config, gguf_path)
     if "model.embed_tokens.weight" not in weights:
         raise ModelLoadError(f"{gguf_path}: no token_embd.weight tensor")
-    config["vocab_size"] = int(weights["model.embed_tokens.weight"].shape[0])
+    config["vocab_size"] = int(weights["model.embed_tokens.weight"].shape[0])  # may pad the vocab
     tokenizer, tokenizer_config = build_tokenizer(meta, gguf_path)
 
     mx.save_safetensors(
@@ -123,7 +123,9 @@ def open_gguf(path: Path):
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({e})") from e
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file: truncated or corrupt? (the gguf reader said: {e})"
+        ) from e
     size = path.stat().st_size
     for t in reader.tensors:
         end = t.data_offset + t.n_bytes
@@ -175,7 +177,6 @@ def model_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
         "num_key_value_heads": int(get("attention.head_count_kv", n_heads)),
         "head_dim": head_dim,
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
-        "vocab_size": len(tokens),
         "max_position_embeddings": int(get("context_length")),
         "rope_theta": float(get("rope.freq_base", 10_000.0)),
         "tie_word_embeddings": "output.weight" not in tensor_names,
@@ -342,8 +343,9 @@ def _byte_level_bpe(meta: dict, tokens: list[str], path: Path):
 
 
 def _sentencepiece_bpe(meta: dict, tokens: list[str], types: list[int], path: Path):
-    """SentencePiece BPE (Llama 2, Gemma): spaces become U+2581, pieces merge
-    by score, characters outside the vocabulary fall back to <0xNN> bytes.
+    """SentencePiece BPE as Gemma has it: spaces become U+2581 (no space is
+    prepended), pieces merge by score, characters outside the vocabulary fall
+    back to <0xNN> byte tokens.
 
     The file has scores but no merges. SentencePiece always applies the
     adjacent merge whose result has the highest score, so ranking every

@@ -30,12 +30,16 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 from mlx import nn
 
 from kvsnap import gguf_convert
 from kvsnap.errors import InvalidArgumentError, ModelLoadError
+
+if TYPE_CHECKING:
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -88,7 +92,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 def load(
     name_or_path: str | os.PathLike | None = None, *, dtype: str | mx.Dtype | None = None
-) -> tuple[nn.Module, object]:
+) -> tuple[nn.Module, TokenizerWrapper]:
     """(model, tokenizer) for a built-in name, an mlx-lm directory, a .gguf
     file or a hub id; the tokenizer is mlx-lm's TokenizerWrapper.
 
@@ -120,7 +124,7 @@ def model_path(name_or_path: str | os.PathLike) -> Path | None:
             raise ModelLoadError(f"{path} is not an mlx-lm model directory: it has no config.json")
         return path
     if path.is_file():
-        if not _is_gguf(path):
+        if path.suffix.lower() != ".gguf" and not _is_gguf(path):
             raise ModelLoadError(f"{path} is neither a .gguf file nor an mlx-lm model directory")
         return convert_gguf_file(path)
     text = str(name_or_path)
@@ -212,7 +216,8 @@ def _load_from_hub(repo_id: str):
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
             f"cannot load {repo_id!r} from the Hugging Face hub: no hub is reachable (or it "
-            f"has no such model) and it is not in the local hub cache ({reason}). "
+            f"has no such model), it is not in the local hub cache and no such local path "
+            f"exists ({reason}). "
             f"Built-in models that need no hub: {', '.join(BUILTIN_MODELS)}; "
             "a local mlx-lm directory or .gguf file also works."
         ) from e
