@@ -7,12 +7,27 @@ GQA. Nothing here calls kvsnap, so a kernel bug cannot hide in the reference.
 
 from __future__ import annotations
 
+import sys
 import zlib
 
 import kvsnap
 import mlx.core as mx
 import numpy as np
 import pytest
+from kvsnap import cli
+
+
+
+def pytest_configure(config):
+    # The real-model tests run float32 models on the CPU; with MLX's bundled
+    # reference BLAS a 1K-token forward pass of SmolLM2 takes minutes, with
+    # Debian's OpenBLAS seconds. Run the session with it preloaded, as the
+    # kvsnap command does (KVSNAP_NO_PRELOAD=1 turns this off). Output
+    # capturing is stopped first so the new process writes to the terminal.
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if capture is not None and cli.openblas_path() and not cli.openblas_loaded(cli.openblas_path()):
+        capture.stop_global_capturing()
+    cli.reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

@@ -97,7 +97,7 @@ def test_logits_match_mlx_lm_reading_the_same_bytes(arch):
     # Convert the kvsnap cache to mlx-lm's QuantizedKVCache (same bytes) and
     # continue both: the next logits agree to float32 accumulation error.
     model = small_model(arch)
-    ours = kc.make_cache(model, block_tokens=32)
+    ours = kc.make_cache(model, block_tokens=32, rotate=False)
     logits(model, prompt(100), ours)
     theirs = kc.to_mlx(ours)
     assert all(isinstance(c, QuantizedKVCache) for c in theirs)
@@ -169,7 +169,7 @@ def test_sliding_window_layers_free_blocks_behind_the_window():
 
 def test_conversions_round_trip_bit_exactly():
     model = small_model("llama")
-    ours = kc.make_cache(model, block_tokens=32)
+    ours = kc.make_cache(model, block_tokens=32, rotate=False)
     logits(model, prompt(77), ours)
     back = kc.from_mlx(model, kc.to_mlx(ours), block_tokens=32)
     x = prompt(4, seed=9)
@@ -188,6 +188,39 @@ def test_from_mlx_quantized_cache_is_bit_exact_for_float16_scales():
     for a, b in zip(src, back):
         for x, y in zip((*a.keys, *a.values), (*b.keys, *b.values)):
             np.testing.assert_array_equal(np.array(x[..., :40, :]), np.array(y))
+
+
+def test_rotated_cache_attends_like_the_unrotated_one():
+    # The Hadamard basis changes what is quantized, not the attention: at 8
+    # bits both track the float cache, and a rotated cache converts back to a
+    # float mlx-lm cache holding (nearly) the original keys and values.
+    model = small_model("qwen3")
+    rotated, plain = kc.make_cache(model, bits=8), kc.make_cache(model, bits=8, rotate=False)
+    assert rotated.sequences[0].rotate and not plain.sequences[0].rotate
+    ref = make_prompt_cache(model)
+    x = prompt(64)
+    a, b, f = logits(model, x, rotated), logits(model, x, plain), logits(model, x, ref)
+    scale = mx.abs(f).max().item()
+    assert mx.abs(a - f).max().item() < 0.05 * scale
+    assert mx.abs(b - f).max().item() < 0.05 * scale
+    back = kc.to_mlx(rotated, quantized=False)
+    k_ref = ref[0].keys[..., :64, :]
+    k_back = back[0].keys[..., :64, :]
+    assert mx.abs(k_back - k_ref).max().item() < 0.02 * mx.abs(k_ref).max().item()
+
+
+def test_rotate_needs_a_power_of_two_head_dim():
+    mx.random.seed(1)
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=192, num_hidden_layers=2, intermediate_size=256,
+        vocab_size=VOCAB, num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-5,
+        head_dim=96, tie_word_embeddings=True,
+    )
+    model = llama.Model(args)
+    assert not kc.make_cache(model, group_size=32).sequences[0].rotate  # auto: off
+    with pytest.raises(InvalidArgumentError, match="96") as e:
+        kc.make_cache(model, group_size=32, rotate=True)
+    assert e.value.argument == "rotate"
 
 
 def test_from_float_caches_quantizes_them():

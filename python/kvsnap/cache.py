@@ -38,12 +38,29 @@ from kvsnap.errors import InvalidArgumentError, UnsupportedModelError
 DEFAULT_BUDGET_BYTES = 2 << 30  # virtual: the arena's pages are touched only when used
 
 
+def hadamard(x: mx.array) -> mx.array:
+    """Orthonormal Hadamard transform of the last axis (its own inverse).
+
+    Attention is unchanged when queries, keys and values are all rotated by
+    the same orthogonal matrix (and the output rotated back), but quantizing
+    rotated K/V spreads the few large channels of a head over all of them, so
+    4-bit groups lose far less (QuaRot-style). See benchmarks/accuracy.py.
+    """
+    return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)
+
+
+def can_rotate(head_dim: int) -> bool:
+    """Whether mx.hadamard_transform handles this head_dim (powers of two here)."""
+    return head_dim > 0 and head_dim & (head_dim - 1) == 0
+
+
 class BlockSequence:
     """The block table of one sequence for one group of layers."""
 
-    def __init__(self, arena: Arena, window: int | None = None):
+    def __init__(self, arena: Arena, window: int | None = None, rotate: bool = False):
         self.arena = arena
         self.window = window
+        self.rotate = rotate  # K/V/Q are stored and attended in a Hadamard basis
         self.blocks: list[int] = []  # arena slot per block; -1 once freed
         self.layers: list[KVSnapCache] = []
 
@@ -140,6 +157,8 @@ class KVSnapCache:
                 "keys",
             )
         n_new = keys.shape[2]
+        if self.seq.rotate:
+            keys, values = hadamard(keys), hadamard(values)
         if self.window is not None and self.seq.layers[0] is self:
             self.seq.release_outside_window(self.offset)
         self.seq.reserve(self.offset + n_new)
@@ -161,10 +180,11 @@ class KVSnapCache:
         if isinstance(mask, str) and mask != "causal":
             raise InvalidArgumentError(f"mask: unknown mask {mask!r}", "mask")
         after = [] if self._write is None else [self._write]
+        rotate = self.seq.rotate
         out = ops.attention(
             self.seq.arena,
             self.layer,
-            queries,
+            hadamard(queries) if rotate else queries,
             self.seq.table(),
             [self.offset],
             scale=scale,
@@ -173,7 +193,7 @@ class KVSnapCache:
             after=after,
         )
         self._read = out
-        return out
+        return hadamard(out) if rotate else out
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         # The kernel masks by position (and window) itself.
@@ -359,12 +379,17 @@ def make_cache(
     block_tokens: int = 256,
     arena: Arena | None = None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    rotate: bool | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache for ``model`` (an mlx-lm model), one entry per layer.
 
     Full-attention layers store their blocks in ``arena`` (created with
     ``budget_bytes`` if not given; a given arena must match the model's
     geometry and the quantization). Sliding-window layers get their own arena.
+
+    ``rotate``: store K/V in a Hadamard-rotated basis (same attention, much
+    smaller quantization error). None: on when head_dim is a power of two.
+    Rotated caches convert to mlx-lm's quantized caches only by re-quantizing.
     """
     kinds = layer_kinds(model)
     attn = _attention_modules(model)
@@ -378,6 +403,15 @@ def make_cache(
                 "kvsnap's arena needs one geometry per layer group"
             )
         return shapes.pop()
+
+    def rotation(head_dim):
+        if rotate is None:
+            return can_rotate(head_dim)
+        if rotate and not can_rotate(head_dim):
+            raise InvalidArgumentError(
+                f"rotate: head_dim {head_dim} is not a power of two; use rotate=False", "rotate"
+            )
+        return bool(rotate)
 
     full = [i for i, (k, _) in enumerate(kinds) if k == "full"]
     windowed = [i for i, (k, _) in enumerate(kinds) if k == "window"]
@@ -394,7 +428,7 @@ def make_cache(
             )
         else:
             _check_arena(arena, len(full), n_kv_heads, head_dim, bits, group_size)
-        seq = BlockSequence(arena)
+        seq = BlockSequence(arena, rotate=rotation(head_dim))
         sequences.append(seq)
         for j, i in enumerate(full):
             layers[i] = KVSnapCache(seq, j)
@@ -408,7 +442,7 @@ def make_cache(
             len(windowed), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
             group_size=group_size, budget_bytes=budget_bytes,
         )
-        seq = BlockSequence(w_arena, window=window)
+        seq = BlockSequence(w_arena, window=window, rotate=rotation(head_dim))
         sequences.append(seq)
         for j, i in enumerate(windowed):
             layers[i] = KVSnapCache(seq, j, window=window)
@@ -449,8 +483,9 @@ def to_mlx(prompt_cache: PromptCache, *, quantized: bool = True) -> list:
     """mlx-lm caches holding the same tokens as ``prompt_cache``.
 
     Full-attention layers become ``QuantizedKVCache`` (the stored bytes as they
-    are: packed data and float16 scales, bit-exact) or, with
-    ``quantized=False``, float32 ``KVCache``. Sliding-window layers become
+    are: packed data and float16 scales, bit-exact; a rotated cache is
+    rotated back and re-quantized) or, with ``quantized=False``, float32
+    ``KVCache``. Sliding-window layers become
     float32 ``RotatingKVCache`` holding the window. Layers kvsnap left to mlx-lm
     are returned as they are.
     """
@@ -466,14 +501,22 @@ def to_mlx(prompt_cache: PromptCache, *, quantized: bool = True) -> list:
             continue
         start = 0 if c.window is None else max(0, c.offset - c.window)
         kp, ks, kb, vp, vs, vb = _layer_arrays(seq, c.layer, start, c.offset)
-        if c.window is None and quantized:
+        if c.window is None and quantized and not seq.rotate:
             q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
             q.keys, q.values, q.offset = (kp, ks, kb), (vp, vs, vb), c.offset
             out.append(q)
             continue
         keys = mx.dequantize(kp, ks.astype(mx.float32), kb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
         values = mx.dequantize(vp, vs.astype(mx.float32), vb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
-        if c.window is None:
+        if seq.rotate:
+            keys, values = hadamard(keys), hadamard(values)
+        if c.window is None and quantized:
+            q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
+            q.keys = mx.quantize(keys, group_size=a.group_size, bits=a.bits)
+            q.values = mx.quantize(values, group_size=a.group_size, bits=a.bits)
+            q.offset = c.offset
+            out.append(q)
+        elif c.window is None:
             f = mlx_cache.KVCache()
             f.state = (keys, values, c.offset)
             out.append(f)
@@ -492,6 +535,7 @@ def from_mlx(
     bits: int | None = None,
     group_size: int | None = None,
     arena: Arena | None = None,
+    rotate: bool | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache holding what mlx-lm caches ``caches`` hold.
 
@@ -499,7 +543,8 @@ def from_mlx(
     scales and biases rounded to float16, exact when they already were);
     bits and group size are taken from them. Float ``KVCache`` layers are
     quantized on the way in. ``RotatingKVCache`` layers fill the sliding-window
-    layers with the window they hold.
+    layers with the window they hold. ``rotate`` as in ``make_cache``, except
+    that it defaults to off when copying quantized caches (to stay bit-exact).
     """
     if len(caches) != len(model.layers):
         raise InvalidArgumentError(
@@ -518,8 +563,10 @@ def from_mlx(
                 "bits",
             )
         bits, group_size = q_bits, q_group
+        rotate = False if rotate is None else rotate
     out = make_cache(
-        model, bits=bits or 4, group_size=group_size or 64, block_tokens=block_tokens, arena=arena
+        model, bits=bits or 4, group_size=group_size or 64, block_tokens=block_tokens, arena=arena,
+        rotate=rotate,
     )
     for i, (src, dst) in enumerate(zip(caches, out)):
         if not isinstance(dst, KVSnapCache):
@@ -527,8 +574,13 @@ def from_mlx(
             continue
         if src.empty() if hasattr(src, "empty") else src.offset == 0:
             continue
-        if isinstance(src, mlx_cache.QuantizedKVCache):
+        if isinstance(src, mlx_cache.QuantizedKVCache) and not dst.seq.rotate:
             _copy_quantized(dst, src)
+        elif isinstance(src, mlx_cache.QuantizedKVCache):
+            n = src.offset
+            k, v = (mx.dequantize(*(x[..., :n, :] for x in t), group_size=src.group_size, bits=src.bits)
+                    for t in (src.keys, src.values))
+            dst.update_and_fetch(k, v)
         elif isinstance(src, mlx_cache.RotatingKVCache) and dst.window is not None:
             n = min(src.offset, src.max_size)
             keys = src._temporal_order(src.keys)[..., -n:, :]  # oldest to newest

@@ -39,11 +39,12 @@ def openblas_loaded(lib: str) -> bool:
         return False
 
 
-def reexec_with_openblas() -> None:
+def reexec_with_openblas(args: list[str] | None = None) -> None:
     """Replace this process by itself with OpenBLAS preloaded, when it helps.
 
     LD_PRELOAD only acts at process start, and libmlx is already loaded by
-    the time this runs (importing kvsnap loads it), hence the re-exec."""
+    the time this runs (importing kvsnap loads it), hence the re-exec.
+    ``args``: the interpreter arguments to run again (default: this command)."""
     if os.environ.get("KVSNAP_NO_PRELOAD"):
         return
     lib = openblas_path()
@@ -54,7 +55,9 @@ def reexec_with_openblas() -> None:
         return  # already tried: the loader refused it, carry on without
     os.environ["LD_PRELOAD"] = f"{lib} {preload}".strip()
     print(f"kvsnap: using OpenBLAS (LD_PRELOAD={lib})", file=sys.stderr, flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "kvsnap.cli", *sys.argv[1:]])
+    if args is None:
+        args = ["-m", "kvsnap.cli", *sys.argv[1:]]
+    os.execv(sys.executable, [sys.executable, *args])
 
 
 def pull(args: argparse.Namespace) -> None:
