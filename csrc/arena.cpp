@@ -42,8 +42,11 @@ void ArenaGeometry::validate() const {
   positive("n_kv_heads", n_kv_heads);
   positive("head_dim", head_dim);
   positive("block_tokens", block_tokens);
-  if (bits != 4 && bits != 8) {
-    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(bits));
+  if (v_bits != 4 && v_bits != 8) {
+    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(v_bits));
+  }
+  if (k_bits != 4 && k_bits != 8) {
+    throw InvalidArgument("key_bits", "must be 4 or 8, got " + std::to_string(k_bits));
   }
   if (group_size != 16 && group_size != 32 && group_size != 64 &&
       group_size != 128) {
@@ -67,9 +70,10 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
     : geo_(geometry) {
   geo_.validate();
   size_t rows = size_t(geo_.n_kv_heads) * geo_.block_tokens;
-  size_t packed = rows * geo_.words_per_row() * sizeof(uint32_t);
   size_t meta = rows * geo_.groups_per_row() * sizeof(uint16_t);
-  size_t sizes[6] = {packed, meta, meta, packed, meta, meta};
+  size_t sizes[6] = {
+      rows * geo_.words_per_row(0) * sizeof(uint32_t), meta, meta,
+      rows * geo_.words_per_row(1) * sizeof(uint32_t), meta, meta};
   size_t off = 0;
   layers_.resize(geo_.n_layers);
   for (auto& layer : layers_) {
@@ -117,7 +121,7 @@ Arena::~Arena() {
 size_t Arena::array_bytes(int which) const {
   size_t rows = size_t(geo_.n_kv_heads) * geo_.block_tokens;
   if (which == 0 || which == 3) {
-    return rows * geo_.words_per_row() * sizeof(uint32_t);
+    return rows * geo_.words_per_row(which == 3) * sizeof(uint32_t);
   }
   return rows * geo_.groups_per_row() * sizeof(uint16_t);
 }

@@ -4,6 +4,7 @@
 //
 //   for each layer: K packed, K scales, K biases, V packed, V scales, V biases
 //   packed  uint32  [n_kv_heads, block_tokens, head_dim * bits / 32]
+//           (keys at k_bits, values at v_bits: 4 or 8 each)
 //   scales  float16 [n_kv_heads, block_tokens, head_dim / group_size]
 //   biases  float16 [n_kv_heads, block_tokens, head_dim / group_size]
 //
@@ -24,10 +25,12 @@ struct ArenaGeometry {
   int n_kv_heads;
   int head_dim;
   int block_tokens;
-  int bits;
+  int k_bits; // keys
+  int v_bits; // values
   int group_size;
 
-  int words_per_row() const { return head_dim * bits / 32; }
+  // uint32 words of one packed row of keys (kv = 0) or values (kv = 1).
+  int words_per_row(int kv) const { return head_dim * (kv ? v_bits : k_bits) / 32; }
   int groups_per_row() const { return head_dim / group_size; }
   // Validates every field; throws InvalidArgument naming the bad one.
   void validate() const;

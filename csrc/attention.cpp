@@ -195,7 +195,7 @@ mx::array paged_attention(
       queries.shape(),
       queries.dtype(),
       std::make_shared<QuantizedAttention>(
-          stream, std::move(spec), scale, causal, window, g.group_size, g.bits, false),
+          stream, std::move(spec), scale, causal, window, g.group_size, g.k_bits, g.v_bits, false),
       std::move(inputs));
 }
 
@@ -285,6 +285,7 @@ mx::array q4_attention(
           0,
           group_size,
           bits,
+          bits,
           mask.has_value()),
       std::move(inputs));
 }
@@ -312,7 +313,8 @@ void QuantizedAttention::eval_cpu(
                 causal = causal_,
                 window = window_,
                 group_size = group_size_,
-                bits = bits_,
+                k_bits = k_bits_,
+                v_bits = v_bits_,
                 has_mask = has_mask_]() mutable {
     const mx::array& q = ins[0];
     cpu::AttentionArgs a;
@@ -326,7 +328,8 @@ void QuantizedAttention::eval_cpu(
     a.causal = causal;
     a.window = window;
     cpu::QuantSource& src = a.kv;
-    src.bits = bits;
+    src.k_bits = k_bits;
+    src.v_bits = v_bits;
     src.group_size = group_size;
     src.head_dim = q.shape(3);
     std::vector<int32_t> kv_len;

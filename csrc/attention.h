@@ -61,7 +61,8 @@ class QuantizedAttention : public mx::UnaryPrimitive {
       bool causal,
       int window,
       int group_size,
-      int bits,
+      int k_bits,
+      int v_bits,
       bool has_mask)
       : mx::UnaryPrimitive(stream),
         paged_(std::move(paged)),
@@ -69,7 +70,8 @@ class QuantizedAttention : public mx::UnaryPrimitive {
         causal_(causal),
         window_(window),
         group_size_(group_size),
-        bits_(bits),
+        k_bits_(k_bits),
+        v_bits_(v_bits),
         has_mask_(has_mask) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -84,7 +86,8 @@ class QuantizedAttention : public mx::UnaryPrimitive {
   bool causal_;
   int window_;
   int group_size_;
-  int bits_;
+  int k_bits_;
+  int v_bits_;
   bool has_mask_;
 };
 

@@ -67,7 +67,7 @@ void translate(const std::exception_ptr& p, void*) {
 nb::ndarray<nb::numpy> slot_array(const Arena& arena, int64_t slot, int layer, int which) {
   const auto& g = arena.geometry();
   bool packed = which % 3 == 0;
-  size_t cols = packed ? g.words_per_row() : g.groups_per_row();
+  size_t cols = packed ? g.words_per_row(which == 3) : g.groups_per_row();
   size_t n = size_t(g.n_kv_heads) * g.block_tokens * cols;
   size_t bytes = arena.array_bytes(which);
   uint8_t* copy = new uint8_t[bytes];
@@ -107,14 +107,17 @@ NB_MODULE(_ext, m) {
       .def(
           "__init__",
           [](ArenaHandle* self, int n_layers, int n_kv_heads, int head_dim,
-             int block_tokens, int bits, int group_size, int64_t budget_bytes) {
+             int block_tokens, int bits, int group_size, int64_t budget_bytes,
+             std::optional<int> key_bits) {
             new (self) ArenaHandle{std::make_shared<Arena>(
-                kvsnap::ArenaGeometry{n_layers, n_kv_heads, head_dim, block_tokens, bits, group_size},
+                kvsnap::ArenaGeometry{n_layers, n_kv_heads, head_dim, block_tokens,
+                                      key_bits.value_or(bits), bits, group_size},
                 budget_bytes)};
           },
           "n_layers"_a, "n_kv_heads"_a, "head_dim"_a, nb::kw_only(),
           "block_tokens"_a = 256, "bits"_a = 4, "group_size"_a = 64,
-          "budget_bytes"_a)
+          "budget_bytes"_a, "key_bits"_a = nb::none(),
+          "bits: of the values (and the keys unless key_bits is given); 4 or 8.")
       .def("alloc", [](ArenaHandle& h) { return h.impl->alloc(); }, "Take a free slot (refcount 1); ArenaFullError when none is left.")
       .def("incref", [](ArenaHandle& h, int64_t slot) { return h.impl->incref(slot); }, "slot"_a, "Share a slot; returns the new refcount.")
       .def("decref", [](ArenaHandle& h, int64_t slot) { return h.impl->decref(slot); }, "slot"_a,
@@ -162,7 +165,7 @@ NB_MODULE(_ext, m) {
             for (int i = 0; i < 6; ++i) {
               const auto& x = arrays[i];
               bool packed = i % 3 == 0;
-              size_t cols = packed ? g.words_per_row() : g.groups_per_row();
+              size_t cols = packed ? g.words_per_row(i == 3) : g.groups_per_row();
               bool dtype_ok = packed ? x.dtype() == nb::dtype<uint32_t>()
                                      : (x.dtype().bits == 16 && x.dtype().lanes == 1 &&
                                         (x.dtype().code == uint8_t(nb::dlpack::dtype_code::UInt) ||
@@ -187,7 +190,9 @@ NB_MODULE(_ext, m) {
       .def_prop_ro("n_kv_heads", [](const ArenaHandle& h) { return h.impl->geometry().n_kv_heads; })
       .def_prop_ro("head_dim", [](const ArenaHandle& h) { return h.impl->geometry().head_dim; })
       .def_prop_ro("block_tokens", [](const ArenaHandle& h) { return h.impl->geometry().block_tokens; })
-      .def_prop_ro("bits", [](const ArenaHandle& h) { return h.impl->geometry().bits; })
+      .def_prop_ro("bits", [](const ArenaHandle& h) { return h.impl->geometry().v_bits; },
+                   "Bits of the values (and of the keys unless key_bits differs).")
+      .def_prop_ro("key_bits", [](const ArenaHandle& h) { return h.impl->geometry().k_bits; })
       .def_prop_ro("group_size", [](const ArenaHandle& h) { return h.impl->geometry().group_size; })
       .def_prop_ro("slot_bytes", [](const ArenaHandle& h) { return h.impl->slot_bytes(); })
       .def_prop_ro("n_slots", [](const ArenaHandle& h) { return h.impl->n_slots(); });

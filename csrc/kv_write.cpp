@@ -101,7 +101,8 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     a.dtype = float_dtype(keys, "keys");
     a.offsets = offsets.data();
     cpu::QuantSource& d = a.dst;
-    d.bits = g.bits;
+    d.k_bits = g.k_bits;
+    d.v_bits = g.v_bits;
     d.group_size = g.group_size;
     d.head_dim = g.head_dim;
     d.n_kv_heads = g.n_kv_heads;

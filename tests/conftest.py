@@ -200,11 +200,11 @@ TOL = {"float32": 1e-5, "float16": 1.2e-3, "bfloat16": 5e-3}
 def arena_kv(arena: kvsnap.Arena, layer: int, slots, n_tokens: int):
     """(keys, values) float64 [Hkv, n_tokens, D] of one sequence, read from the
     arena's own bytes through its list of slots."""
-    bits, gs = arena.bits, arena.group_size
+    bits, key_bits, gs = arena.bits, arena.key_bits, arena.group_size
     ks, vs = [], []
     for slot in slots:
         kp, ksc, kb, vp, vsc, vb = arena.read_block(slot, layer)
-        ks.append(dequantize(kp, f16_bits_to_f64(ksc), f16_bits_to_f64(kb), bits, gs))
+        ks.append(dequantize(kp, f16_bits_to_f64(ksc), f16_bits_to_f64(kb), key_bits, gs))
         vs.append(dequantize(vp, f16_bits_to_f64(vsc), f16_bits_to_f64(vb), bits, gs))
     k = np.concatenate(ks, axis=1)[:, :n_tokens]
     v = np.concatenate(vs, axis=1)[:, :n_tokens]

@@ -313,3 +313,21 @@ def test_cache_reports_what_it_holds():
     cache.record_tokens(range(70))
     cache.trim(10)
     assert cache.tokens == list(range(60))
+
+
+def test_8bit_keys_4bit_values_cache():
+    model = small_model("llama")
+    cache = kc.make_cache(model, key_bits=8, block_tokens=32)
+    ref = make_prompt_cache(model)
+    x = prompt(50)
+    a, f = logits(model, x, cache), logits(model, x, ref)
+    assert mx.abs(a - f).max().item() < 0.1 * mx.abs(f).max().item()
+    arena = cache.sequences[0].arena
+    assert (arena.key_bits, arena.bits) == (8, 4)
+    # Per token and layer: 8-bit keys + 4-bit values + float16 scale/bias pairs.
+    assert cache[0].nbytes == 50 * 2 * (64 + 32 + 2 * 4)
+    with pytest.raises(InvalidArgumentError) as e:
+        kc.to_mlx(cache)
+    assert e.value.argument == "quantized"
+    back = kc.to_mlx(cache, quantized=False)
+    assert back[0].offset == 50

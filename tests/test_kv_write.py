@@ -17,6 +17,7 @@ import pytest
 from conftest import (
     MX_DTYPES,
     TOL,
+    arena_kv,
     dequantize,
     f16_bits_to_f64,
     reference_attention,
@@ -248,3 +249,32 @@ def test_read_before_later_write_sees_old_data(rng):
     assert rel_error(r1, ref(k1, v1)) <= TOL["float32"]
     assert rel_error(r2, ref(k2, v2)) <= TOL["float32"]
     assert np.max(np.abs(np.array(r1) - np.array(r2))) > 1e-2
+
+
+@pytest.mark.parametrize("key_bits,bits", [(8, 4), (4, 8)])
+def test_keys_and_values_at_different_bits(key_bits, bits, poison):
+    # 8-bit keys with 4-bit values (or the reverse): each half is exactly what
+    # mx.quantize gives at its own bits, and attention reads both right.
+    D, H, T, bt = 64, 2, 40, 16
+    arena = kvsnap.Arena(1, H, D, block_tokens=bt, bits=bits, key_bits=key_bits, group_size=32,
+                         budget_bytes=1 << 20)
+    assert (arena.key_bits, arena.bits) == (key_bits, bits)
+    slots = [arena.alloc() for _ in range(3)]
+    k, v = mx.random.normal((1, H, T, D)), mx.random.normal((1, H, T, D))
+    token = kvsnap.kv_write(arena, 0, k, v, [slots], [0])
+    q = mx.random.normal((1, 4, 3, D))
+    out = kvsnap.attention(arena, 0, q, [slots], [T], scale=0.125, after=[token])
+    mx.eval(out)
+    for x, b, first in ((k, key_bits, 0), (v, bits, 3)):
+        wq, sq, bq = mx.quantize(x, group_size=32, bits=b)
+        for blk, slot in enumerate(slots):
+            got = arena.read_block(slot, 0)
+            n = min(bt, T - blk * bt)
+            np.testing.assert_array_equal(got[first][:, :n], np.array(wq[0, :, blk * bt : blk * bt + n]))
+            np.testing.assert_array_equal(
+                got[first + 1][:, :n],
+                np.array(sq[0, :, blk * bt : blk * bt + n].astype(mx.float16)).view(np.uint16),
+            )
+    kf, vf = arena_kv(arena, 0, slots, T)
+    ref = reference_attention(to_f64(q), kf[None], vf[None], 0.125, causal=True)
+    assert rel_error(out, ref) < TOL["float32"]

@@ -57,10 +57,10 @@ RowRun row_run(const QuantSource& src, int b, int h, int t) {
     int slot = src.block_table[int64_t(b) * src.max_blocks + t / bt];
     const uint8_t* base = src.arena + size_t(slot) * src.slot_bytes;
     int64_t row = int64_t(h) * bt + t % bt;
-    int64_t words = src.head_dim * src.bits / 32;
     int64_t groups = src.head_dim / src.group_size;
     for (int i = 0; i < 6; ++i) {
-      run.st[i] = (i % 3 == 0) ? words : groups;
+      int bits = i < 3 ? src.k_bits : src.v_bits;
+      run.st[i] = (i % 3 == 0) ? src.head_dim * bits / 32 : groups;
       p[i] = base + src.off[i] + row * run.st[i] * elem[i];
     }
     run.run = bt - t % bt;

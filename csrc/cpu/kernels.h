@@ -14,7 +14,8 @@ enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 // through a block table) or contiguous ([B, Hkv, T, ...] arrays with strides).
 // Scales and biases of paged sources are always float16.
 struct QuantSource {
-  int bits = 4;
+  int k_bits = 4; // bits of the keys' packed data
+  int v_bits = 4; // bits of the values' packed data
   int group_size = 64;
   int head_dim = 0;
   int n_kv_heads = 0;

@@ -100,7 +100,7 @@ struct Row {
 // dequantized one 8-lane slice at a time and used by every row at once, and
 // the value pass walks the head dimension slice by slice with the RB
 // accumulators of that slice live across the whole chunk.
-template <int BITS, DType SD, int RB>
+template <int KB, int VB, DType SD, int RB>
 void attend_block(
     const AttentionArgs& a,
     int b,
@@ -183,7 +183,7 @@ void attend_block(
           for (unsigned i = g * gs, end = i + gs; i < end; i += 8) {
             v8f k[NT];
             for (int u = 0; u < NT; ++u) {
-              k[u] = unpack8<BITS>(kp[u], i) * s[u] + bias[u];
+              k[u] = unpack8<KB>(kp[u], i) * s[u] + bias[u];
             }
             for (int r = 0; r < RB; ++r) {
               v8f q = load(rows[r].q + i);
@@ -278,7 +278,7 @@ void attend_block(
           v8f bias = splat(v_bias[jv][g]);
           v8f v[SV];
           for (int x = 0; x < SV; ++x) {
-            v[x] = unpack8<BITS>(vp, i + 8 * x) * s + bias;
+            v[x] = unpack8<VB>(vp, i + 8 * x) * s + bias;
           }
           for (int r = 0; r < RB; ++r) {
             v8f p = splat(sc[r][jv]);
@@ -299,7 +299,7 @@ void attend_block(
 }
 
 // Runs a tile of R <= kMaxRows rows in register blocks of 4 or 8 rows.
-template <int BITS, DType SD>
+template <int KB, int VB, DType SD>
 void attend_range(
     const AttentionArgs& a,
     int b,
@@ -313,11 +313,11 @@ void attend_range(
     float* acc) {
   const int D = a.kv.head_dim;
   if (R <= 4) {
-    attend_block<BITS, SD, 4>(a, b, h, rows, R, t0, t1, m, l, acc);
+    attend_block<KB, VB, SD, 4>(a, b, h, rows, R, t0, t1, m, l, acc);
     return;
   }
   for (int r0 = 0; r0 < R; r0 += 8) {
-    attend_block<BITS, SD, 8>(
+    attend_block<KB, VB, SD, 8>(
         a, b, h, rows + r0, std::min(8, R - r0), t0, t1, m + r0, l + r0,
         acc + size_t(r0) * D);
   }
@@ -361,7 +361,7 @@ struct Tile {
   int t0, t1; // union of the rows' key ranges
 };
 
-template <int BITS, DType SD>
+template <int KB, int VB, DType SD>
 void attention_impl(const AttentionArgs& a) {
   const QuantSource& src = a.kv;
   const int D = src.head_dim;
@@ -461,7 +461,7 @@ void attention_impl(const AttentionArgs& a) {
       }
       float m[kMaxRows], l[kMaxRows];
       std::vector<float> acc(size_t(t.R) * D);
-      attend_range<BITS, SD>(
+      attend_range<KB, VB, SD>(
           a, t.b, t.h, rows, t.R, t.t0, t.t1, m, l, acc.data());
       for (int r = 0; r < t.R; ++r) {
         store_out(a, out_row(t.b, t.h, t.first + r), &acc[size_t(r) * D], l[r]);
@@ -485,7 +485,7 @@ void attention_impl(const AttentionArgs& a) {
     for (int r = 0; r < t.R; ++r) {
       rows[r] = make_row(t.b, t.h, t.first + r);
     }
-    attend_range<BITS, SD>(
+    attend_range<KB, VB, SD>(
         a,
         t.b,
         t.h,
@@ -571,13 +571,13 @@ void quantize_row(
   }
 }
 
-template <int BITS, DType T>
+template <int KB, int VB, DType T>
 void kv_write_impl(const WriteArgs& a) {
   const QuantSource& dst = a.dst;
   const int D = dst.head_dim;
   const int Hkv = dst.n_kv_heads;
   const int bt = dst.block_tokens;
-  const int wpr = D * BITS / 32;
+  const int wpr[2] = {D * KB / 32, D * VB / 32};
   const int gpr = D / dst.group_size;
   const int64_t n_rows = int64_t(a.B) * Hkv * a.L;
   const int64_t rows_per_task = std::max<int64_t>(1, 4096 / D);
@@ -594,12 +594,13 @@ void kv_write_impl(const WriteArgs& a) {
       int64_t r = int64_t(h) * bt + pos % bt;
       for (int kv = 0; kv < 2; ++kv) {
         const size_t* off = dst.off + 3 * kv;
-        quantize_row<BITS, T>(
+        auto quantize = kv == 0 ? quantize_row<KB, T> : quantize_row<VB, T>;
+        quantize(
             kv == 0 ? a.keys : a.values,
             row * D,
             D,
             dst.group_size,
-            reinterpret_cast<uint32_t*>(base + off[0]) + r * wpr,
+            reinterpret_cast<uint32_t*>(base + off[0]) + r * wpr[kv],
             reinterpret_cast<uint16_t*>(base + off[1]) + r * gpr,
             reinterpret_cast<uint16_t*>(base + off[2]) + r * gpr);
       }
@@ -607,45 +608,56 @@ void kv_write_impl(const WriteArgs& a) {
   });
 }
 
-template <int BITS>
+template <int KB, int VB>
 void attention_bits(const AttentionArgs& a) {
   switch (a.kv.scale_dtype) {
     case DType::f32:
-      return attention_impl<BITS, DType::f32>(a);
+      return attention_impl<KB, VB, DType::f32>(a);
     case DType::f16:
-      return attention_impl<BITS, DType::f16>(a);
+      return attention_impl<KB, VB, DType::f16>(a);
     case DType::bf16:
-      return attention_impl<BITS, DType::bf16>(a);
+      return attention_impl<KB, VB, DType::bf16>(a);
   }
 }
 
-template <int BITS>
+template <int KB, int VB>
 void kv_write_bits(const WriteArgs& a) {
   switch (a.dtype) {
     case DType::f32:
-      return kv_write_impl<BITS, DType::f32>(a);
+      return kv_write_impl<KB, VB, DType::f32>(a);
     case DType::f16:
-      return kv_write_impl<BITS, DType::f16>(a);
+      return kv_write_impl<KB, VB, DType::f16>(a);
     case DType::bf16:
-      return kv_write_impl<BITS, DType::bf16>(a);
+      return kv_write_impl<KB, VB, DType::bf16>(a);
   }
 }
 
 } // namespace
 
+// Keys and values may have different bits (e.g. 8-bit keys, 4-bit values).
 void attention(const AttentionArgs& a) {
-  if (a.kv.bits == 4) {
-    attention_bits<4>(a);
+  const int kb = a.kv.k_bits, vb = a.kv.v_bits;
+  if (kb == 4 && vb == 4) {
+    attention_bits<4, 4>(a);
+  } else if (kb == 8 && vb == 4) {
+    attention_bits<8, 4>(a);
+  } else if (kb == 4 && vb == 8) {
+    attention_bits<4, 8>(a);
   } else {
-    attention_bits<8>(a);
+    attention_bits<8, 8>(a);
   }
 }
 
 void kv_write(const WriteArgs& a) {
-  if (a.dst.bits == 4) {
-    kv_write_bits<4>(a);
+  const int kb = a.dst.k_bits, vb = a.dst.v_bits;
+  if (kb == 4 && vb == 4) {
+    kv_write_bits<4, 4>(a);
+  } else if (kb == 8 && vb == 4) {
+    kv_write_bits<8, 4>(a);
+  } else if (kb == 4 && vb == 8) {
+    kv_write_bits<4, 8>(a);
   } else {
-    kv_write_bits<8>(a);
+    kv_write_bits<8, 8>(a);
   }
 }
 

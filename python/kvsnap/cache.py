@@ -237,7 +237,8 @@ class KVSnapCache:
     def nbytes(self) -> int:
         """Bytes of this layer's K/V for the tokens held (quantized, with scales)."""
         a = self.seq.arena
-        per_token = 2 * a.n_kv_heads * (a.head_dim * a.bits // 8 + 2 * 2 * (a.head_dim // a.group_size))
+        scales = 2 * 2 * (a.head_dim // a.group_size)  # float16 scale and bias per group
+        per_token = a.n_kv_heads * (a.head_dim * (a.key_bits + a.bits) // 8 + 2 * scales)
         return per_token * self.offset
 
 
@@ -380,6 +381,7 @@ def make_cache(
     arena: Arena | None = None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     rotate: bool | None = None,
+    key_bits: int | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache for ``model`` (an mlx-lm model), one entry per layer.
 
@@ -390,7 +392,13 @@ def make_cache(
     ``rotate``: store K/V in a Hadamard-rotated basis (same attention, much
     smaller quantization error). None: on when head_dim is a power of two.
     Rotated caches convert to mlx-lm's quantized caches only by re-quantizing.
+
+    ``key_bits``: bits of the keys when they differ from ``bits`` (the
+    values'). Keys carry the outlier channels: 8-bit keys with 4-bit values
+    cost 6.5 bits per element at g64 and keep SmolLM2's perplexity within 1%
+    of float where 4-bit keys do not (benchmarks/RESULTS.md).
     """
+    key_bits = bits if key_bits is None else key_bits
     kinds = layer_kinds(model)
     attn = _attention_modules(model)
     route_attention(model)
@@ -424,10 +432,10 @@ def make_cache(
         if arena is None:
             arena = Arena(
                 len(full), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
-                group_size=group_size, budget_bytes=budget_bytes,
+                group_size=group_size, budget_bytes=budget_bytes, key_bits=key_bits,
             )
         else:
-            _check_arena(arena, len(full), n_kv_heads, head_dim, bits, group_size)
+            _check_arena(arena, len(full), n_kv_heads, head_dim, bits, key_bits, group_size)
         seq = BlockSequence(arena, rotate=rotation(head_dim))
         sequences.append(seq)
         for j, i in enumerate(full):
@@ -440,7 +448,7 @@ def make_cache(
         n_kv_heads, head_dim = geometry(windowed)
         w_arena = Arena(
             len(windowed), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
-            group_size=group_size, budget_bytes=budget_bytes,
+            group_size=group_size, budget_bytes=budget_bytes, key_bits=key_bits,
         )
         seq = BlockSequence(w_arena, window=window, rotate=rotation(head_dim))
         sequences.append(seq)
@@ -453,8 +461,13 @@ def make_cache(
     return PromptCache(layers, sequences, foreign)
 
 
-def _check_arena(arena: Arena, n_layers: int, n_kv_heads: int, head_dim: int, bits: int, group_size: int):
-    want = dict(n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, bits=bits, group_size=group_size)
+def _check_arena(
+    arena: Arena, n_layers: int, n_kv_heads: int, head_dim: int, bits: int, key_bits: int, group_size: int
+):
+    want = dict(
+        n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, bits=bits, key_bits=key_bits,
+        group_size=group_size,
+    )
     got = {k: getattr(arena, k) for k in want}
     if got != want:
         bad = ", ".join(f"{k}={got[k]} (model needs {want[k]})" for k in want if got[k] != want[k])
@@ -490,6 +503,12 @@ def to_mlx(prompt_cache: PromptCache, *, quantized: bool = True) -> list:
     are returned as they are.
     """
     prompt_cache._settle()
+    if quantized and any(s.arena.key_bits != s.arena.bits for s in prompt_cache.sequences):
+        raise InvalidArgumentError(
+            "quantized: mlx-lm's QuantizedKVCache has one bit width for keys and values; "
+            "this cache's differ: use quantized=False",
+            "quantized",
+        )
     out = []
     for c in prompt_cache:
         if not isinstance(c, KVSnapCache):
@@ -506,7 +525,7 @@ def to_mlx(prompt_cache: PromptCache, *, quantized: bool = True) -> list:
             q.keys, q.values, q.offset = (kp, ks, kb), (vp, vs, vb), c.offset
             out.append(q)
             continue
-        keys = mx.dequantize(kp, ks.astype(mx.float32), kb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
+        keys = mx.dequantize(kp, ks.astype(mx.float32), kb.astype(mx.float32), group_size=a.group_size, bits=a.key_bits)
         values = mx.dequantize(vp, vs.astype(mx.float32), vb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
         if seq.rotate:
             keys, values = hadamard(keys), hadamard(values)
