@@ -42,11 +42,15 @@ void ArenaGeometry::validate() const {
   positive("n_kv_heads", n_kv_heads);
   positive("head_dim", head_dim);
   positive("block_tokens", block_tokens);
-  if (v_bits != 4 && v_bits != 8) {
-    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(v_bits));
-  }
+  check_quant_format(v_bits, group_size, head_dim, "head_dim");
   if (k_bits != 4 && k_bits != 8) {
     throw InvalidArgument("key_bits", "must be 4 or 8, got " + std::to_string(k_bits));
+  }
+}
+
+void check_quant_format(int bits, int group_size, int head_dim, const char* head_dim_arg) {
+  if (bits != 4 && bits != 8) {
+    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(bits));
   }
   if (group_size != 16 && group_size != 32 && group_size != 64 &&
       group_size != 128) {
@@ -56,7 +60,7 @@ void ArenaGeometry::validate() const {
   }
   if (head_dim > 256) {
     throw InvalidArgument(
-        "head_dim", "must be at most 256, got " + std::to_string(head_dim));
+        head_dim_arg, "head_dim must be at most 256, got " + std::to_string(head_dim));
   }
   if (head_dim % group_size != 0) {
     throw InvalidArgument(

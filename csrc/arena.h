@@ -96,6 +96,11 @@ class Arena {
   int64_t shared_ = 0;
 };
 
+// Checks a quantization format: bits 4 or 8, group_size 16/32/64/128
+// dividing head_dim, head_dim <= 256 (InvalidArgument names `head_dim_arg`
+// for a head_dim that is too large).
+void check_quant_format(int bits, int group_size, int head_dim, const char* head_dim_arg);
+
 // When on, freshly allocated slots and kernel outputs are filled with NaN
 // bit patterns, so a test can tell an element that was never written.
 void set_poison(bool on);

@@ -89,28 +89,6 @@ int check_triple(
   return p.shape(2);
 }
 
-void check_quant_format(int group_size, int bits, int head_dim) {
-  if (bits != 4 && bits != 8) {
-    throw InvalidArgument("bits", "must be 4 or 8, got " + std::to_string(bits));
-  }
-  if (group_size != 16 && group_size != 32 && group_size != 64 &&
-      group_size != 128) {
-    throw InvalidArgument(
-        "group_size",
-        "must be 16, 32, 64 or 128, got " + std::to_string(group_size));
-  }
-  if (head_dim % group_size != 0) {
-    throw InvalidArgument(
-        "group_size",
-        std::to_string(group_size) + " does not divide head_dim " +
-            std::to_string(head_dim));
-  }
-  if (head_dim > 256) {
-    throw InvalidArgument(
-        "queries", "head_dim must be at most 256, got " + std::to_string(head_dim));
-  }
-}
-
 // A row-major copy of a 4-D array whose last axis is strided (rare: the
 // kernel loads rows as dense runs).
 std::vector<char> dense_copy(const mx::array& x) {
@@ -217,7 +195,7 @@ mx::array q4_attention(
             shape_str(queries.shape()));
   }
   const int D = queries.shape(3);
-  check_quant_format(group_size, bits, D);
+  check_quant_format(bits, group_size, D, "queries");
   check_scale(scale);
   const int B = queries.shape(0);
   int T = check_triple(keys, "keys", B, D, group_size, bits);
