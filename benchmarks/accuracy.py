@@ -1,0 +1,524 @@
+"""Perplexity with kvsnap's quantized K/V against float K/V, on real models and real text.
+
+Text: the license texts of /usr/share/common-licenses, concatenated in a fixed
+order (LICENSE_FILES), tokenized with each model's tokenizer. The first
+--tokens tokens are cut into non-overlapping windows of 512; each window is
+one forward pass with a fresh cache, and perplexity is exp(mean NLL of
+predicting tokens 2..512 of every window) (511 predictions per window). A
+tokenizer that starts its encodings with BOS (Gemma) gets BOS as token 1 of
+every window, followed by 511 text tokens.
+
+Variants, all on the same windows:
+
+  float             no cache: mlx-lm's attention on float32 K/V
+  kvsnap q4 g64     kvsnap.cache.make_cache(bits=4, group_size=64), its
+  kvsnap q4 g32     defaults otherwise: K/V are quantized when written (float16
+  kvsnap q8 g64     scale and bias per group), in a Hadamard-rotated basis
+                    where make_cache rotates by default (head_dim a power of
+                    two), and every position attends over the quantized K/V
+  kvsnap k8v4 g64   8-bit keys, 4-bit values (keys carry the outlier channels)
+  q4 g64 unrotated  the same with rotate=False: what the rotation buys
+
+The logits are float32 (float32 models) and the NLL is logsumexp(logits) -
+logit(target). The relative perplexity change of a variant is exp(its mean
+NLL - float's) - 1; its +- is twice the standard error of the per-window
+differences (the windows are paired: every variant sees the same text).
+
+    python benchmarks/accuracy.py [--models smollm2-135m gemma3-270m] [--tokens N] [--quick]
+
+Writes DIR/accuracy.json and DIR/accuracy.png (DIR: benchmarks/out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import kvsnap
+import mlx.core as mx
+from kvsnap import _ext
+from kvsnap import cache as kc
+from kvsnap.models import load
+
+DEFAULT_MODELS = ("smollm2-135m", "gemma3-270m")
+WINDOW = 512
+DEFAULT_TOKENS, QUICK_TOKENS = 16384, 2048
+SCALE_BITS = 16  # float16 scale and bias per group
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    bits: int | None  # None: float K/V, no cache
+    group_size: int | None = None
+    rotate: bool | None = None  # make_cache's: None = its default (Hadamard basis if it can)
+    key_bits: int | None = None  # None: the keys at `bits` too
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per K/V element (keys and values averaged), scales and biases included."""
+        if self.bits is None:
+            return 32.0
+        key_bits = self.key_bits or self.bits
+        return (key_bits + self.bits) / 2 + 2 * SCALE_BITS / self.group_size
+
+
+FLOAT = Format("float", None)
+Q4_G64 = Format("kvsnap q4 g64", 4, 64)
+FORMATS = (
+    FLOAT,
+    Q4_G64,
+    Format("kvsnap q4 g32", 4, 32),
+    Format("kvsnap k8v4 g64", 4, 64, key_bits=8),
+    Format("kvsnap q8 g64", 8, 64),
+    Format("q4 g64 unrotated", 4, 64, rotate=False),
+)
+
+# Q4 (the default format, q4 g64) may raise perplexity by at most this much.
+TARGET_PPL_CHANGE = 0.01
+
+LICENSE_DIR = Path("/usr/share/common-licenses")
+LICENSE_FILES = (
+    "GPL-3",
+    "GPL-2",
+    "LGPL-2.1",
+    "Apache-2.0",
+    "Artistic",
+    "MPL-2.0",
+    "GFDL-1.3",
+    "LGPL-3",
+    "GPL-1",
+    "LGPL-2",
+    "MPL-1.1",
+    "GFDL-1.2",
+    "CC0-1.0",
+    "BSD",
+)
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    bits_per_element: float
+    rotated: bool | None  # K/V quantized in a Hadamard-rotated basis (None: float)
+    windows: int
+    predictions: int
+    mean_nll: float
+    perplexity: float
+    ppl_change: float | None = None  # relative to float
+    ppl_change_2se: float | None = None  # +- two standard errors of the paired windows
+    seconds: float = 0.0  # forward + NLL time over all windows
+    window_nll: list[float] | None = None
+
+
+# ---------------------------------------------------------------------------
+# Machine and text
+
+
+def blas_preloaded() -> list[str]:
+    """OpenBLAS libraries mapped into this process other than numpy's own copy.
+
+    MLX's CPU wheel calls whatever libblas.so.3 the loader resolved first, so a
+    system OpenBLAS in the map means LD_PRELOAD put it in front of the slow
+    reference BLAS bundled with the wheel.
+    """
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if "openblas" in p and "scipy_openblas" not in p)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "kvsnap": kvsnap.__version__,
+        "kvsnap_isa": _ext.isa(),
+        "kvsnap_threads": _ext.num_threads(),
+        "mlx": mx.__version__,
+        "mlx_lm": version("mlx-lm"),
+        "openblas_preloaded": blas_preloaded(),
+    }
+
+
+def license_text() -> tuple[str, dict]:
+    """The license texts joined by blank lines, and a record of the files used."""
+    parts, files = [], []
+    for name in LICENSE_FILES:
+        data = (LICENSE_DIR / name).read_bytes()
+        parts.append(data.decode("utf-8"))
+        files.append({"file": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    text = "\n\n".join(parts)
+    record = {
+        "directory": str(LICENSE_DIR),
+        "files": files,
+        "joined_with": "\\n\\n",
+        "chars": len(text),
+        "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+    }
+    return text, record
+
+
+def files_spanned(tokenizer, ids: list[int], record: dict) -> list[str]:
+    """The license files the tokens `ids` (a prefix of the text) reach into."""
+    chars = len(tokenizer.decode(ids))
+    spanned, start = [], 0
+    for f in record["files"]:
+        if start >= chars:
+            break
+        spanned.append(f["file"])
+        start += f["bytes"] + 2  # ASCII files: bytes == chars
+    return spanned
+
+
+def windows(tokenizer, text: str, text_record: dict, n_tokens: int) -> tuple[list[list[int]], dict]:
+    """Windows of WINDOW tokens covering the text's first n_tokens tokens."""
+    ids = tokenizer.encode(text)
+    bos = tokenizer.bos_token_id
+    prefix = [bos] if bos is not None and ids[0] == bos else []  # the tokenizer adds BOS
+    ids = ids[len(prefix) :]
+    per_window = WINDOW - len(prefix)
+    n_windows = -(-n_tokens // WINDOW)
+    if n_windows * per_window > len(ids):
+        raise SystemExit(
+            f"the text has {len(ids)} tokens for this tokenizer; --tokens up to "
+            f"{len(ids) // per_window * WINDOW}"
+        )
+    out = [prefix + ids[i * per_window : (i + 1) * per_window] for i in range(n_windows)]
+    used = ids[: n_windows * per_window]
+    return out, {
+        "text_tokens": len(ids),
+        "windows": n_windows,
+        "text_tokens_used": len(used),
+        "bos_per_window": bool(prefix),
+        "files_spanned": files_spanned(tokenizer, used, text_record),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Measurement
+
+
+def make_cache(model, fmt: Format) -> kc.PromptCache | None:
+    if fmt.bits is None:
+        return None
+    return kc.make_cache(
+        model, bits=fmt.bits, group_size=fmt.group_size, rotate=fmt.rotate, key_bits=fmt.key_bits
+    )
+
+
+def rotated(model, fmt: Format) -> bool | None:
+    """Whether kvsnap stores this format's K/V in a rotated basis for this model."""
+    cache = make_cache(model, fmt)
+    return None if cache is None else any(s.rotate for s in cache.sequences)
+
+
+def window_nll(model, tokens: list[int], fmt: Format) -> float:
+    """Mean NLL of predicting tokens 2..WINDOW of one window, with a fresh cache."""
+    cache = make_cache(model, fmt)
+    x = mx.array(tokens)
+    logits = model(x[None], cache=cache)[0, :-1].astype(mx.float32)
+    targets = x[1:]
+    nll = (
+        mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    )
+    mean = mx.mean(nll).item()
+    if cache is not None:
+        cache.release()
+    return mean
+
+
+def bench_model(name: str, text: str, text_record: dict, n_tokens: int) -> tuple[list[Row], dict]:
+    t0 = time.perf_counter()
+    model, tokenizer = load(name)
+    load_s = time.perf_counter() - t0
+    wins, record = windows(tokenizer, text, text_record, n_tokens)
+    record["load_s"] = load_s
+    print(
+        f"\n{name}: {len(model.layers)} layers, {record['windows']} windows of {WINDOW} "
+        f"({'BOS + ' if record['bos_per_window'] else ''}text tokens), text: "
+        f"{', '.join(record['files_spanned'])}",
+        flush=True,
+    )
+    nll: dict[str, list[float]] = {f.name: [] for f in FORMATS}
+    seconds = {f.name: 0.0 for f in FORMATS}
+    for i, tokens in enumerate(wins):
+        line = []
+        for fmt in FORMATS:  # variants take turns on each window
+            t0 = time.perf_counter()
+            nll[fmt.name].append(window_nll(model, tokens, fmt))
+            seconds[fmt.name] += time.perf_counter() - t0
+            line.append(f"{nll[fmt.name][-1]:.4f}")
+        print(f"  window {i + 1:3d}/{len(wins)}  NLL {' '.join(line)}", flush=True)
+
+    base = nll[FLOAT.name]
+    rows = []
+    for fmt in FORMATS:
+        values = nll[fmt.name]
+        mean = statistics.fmean(values)
+        row = Row(
+            model=name,
+            variant=fmt.name,
+            bits_per_element=fmt.bits_per_element,
+            rotated=rotated(model, fmt),
+            windows=len(values),
+            predictions=len(values) * (WINDOW - 1),
+            mean_nll=mean,
+            perplexity=math.exp(mean),
+            seconds=seconds[fmt.name],
+            window_nll=values,
+        )
+        if fmt is not FLOAT:
+            diffs = [a - b for a, b in zip(values, base)]
+            mean_diff = statistics.fmean(diffs)
+            se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+            row.ppl_change = math.expm1(mean_diff)
+            row.ppl_change_2se = math.exp(mean_diff) * 2 * se  # delta method
+        rows.append(row)
+    del model
+    return rows, record
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+
+def print_table(rows: list[Row]) -> None:
+    header = (
+        f"{'model':<14} {'variant':<16} {'rotated':>7} {'bits/elem':>9} {'windows':>7} {'ppl':>9} "
+        f"{'change':>8} {'+-2SE':>7} {'s':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    model = None
+    for row in rows:
+        if model is not None and row.model != model:
+            print()
+        model = row.model
+        change = "-" if row.ppl_change is None else f"{100 * row.ppl_change:+.2f}%"
+        spread = "-" if row.ppl_change_2se is None else f"{100 * row.ppl_change_2se:.2f}%"
+        rotated = "-" if row.rotated is None else ("yes" if row.rotated else "no")
+        print(
+            f"{row.model:<14} {row.variant:<16} {rotated:>7} {row.bits_per_element:9.2f} "
+            f"{row.windows:7d} "
+            f"{row.perplexity:9.3f} {change:>8} {spread:>7} {row.seconds:6.0f}"
+        )
+    print(
+        "\nbits/elem: stored bits per K/V element (value + its share of the float16 scale and "
+        "bias of its group; float: float32 K/V); rotated: kvsnap stores K/V (and attends) in a "
+        "Hadamard-rotated basis"
+        "\nchange: perplexity relative to float on the same windows; +-2SE: two standard errors "
+        "of the per-window differences; s: forward + NLL time over all windows"
+    )
+
+
+def check_targets(rows: list[Row]) -> tuple[list[dict], dict]:
+    models = list(dict.fromkeys(r.model for r in rows))
+    targets = []
+    for model in models:
+        q4 = next(r for r in rows if r.model == model and r.variant == Q4_G64.name)
+        targets.append(
+            {
+                "target": f"{model}: {Q4_G64.name} perplexity change <= +{TARGET_PPL_CHANGE:.1%}",
+                "measured": q4.ppl_change,
+                "goal": TARGET_PPL_CHANGE,
+                "status": "PASS" if q4.ppl_change <= TARGET_PPL_CHANGE else "MISS",
+            }
+        )
+    # The formats that meet the goal on every model, fewest bits first.
+    meeting = []
+    for fmt in FORMATS[1:]:
+        changes = [r.ppl_change for r in rows if r.variant == fmt.name]
+        if all(c <= TARGET_PPL_CHANGE for c in changes):
+            meeting.append(
+                {
+                    "variant": fmt.name,
+                    "bits_per_element": fmt.bits_per_element,
+                    "worst_change": max(changes),
+                }
+            )
+    meeting.sort(key=lambda m: m["bits_per_element"])
+    return targets, {"formats_meeting_goal": meeting, "cheapest": meeting[0] if meeting else None}
+
+
+def print_targets(targets: list[dict], choice: dict) -> None:
+    print("\ntargets")
+    for target in targets:
+        print(f"  {target['status']:<4} {target['target']}: {100 * target['measured']:+.2f}%")
+    if all(t["status"] == "PASS" for t in targets):
+        return
+    cheapest = choice["cheapest"]
+    if cheapest is None:
+        print(f"  no tested format stays within +{TARGET_PPL_CHANGE:.1%} on every model")
+        return
+    others = ", ".join(
+        f"{m['variant']} ({m['bits_per_element']:g} bits)"
+        for m in choice["formats_meeting_goal"][1:]
+    )
+    print(
+        f"  cheapest tested format within +{TARGET_PPL_CHANGE:.1%} on every model: "
+        f"{cheapest['variant']}, {cheapest['bits_per_element']:g} bits per element "
+        f"(worst change {100 * cheapest['worst_change']:+.2f}%)"
+        + (f"; also {others}" if others else "")
+    )
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    models = list(dict.fromkeys(r.model for r in rows))
+    variants = [f for f in FORMATS if f is not FLOAT]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for j, model in enumerate(models):
+        points = [
+            next(r for r in rows if r.model == model and r.variant == f.name) for f in variants
+        ]
+        float_ppl = next(r.perplexity for r in rows if r.model == model and r.variant == FLOAT.name)
+        xs = [i + (j - (len(models) - 1) / 2) * width for i in range(len(variants))]
+        bars = ax.bar(
+            xs,
+            [100 * r.ppl_change for r in points],
+            width,
+            yerr=[100 * r.ppl_change_2se for r in points],
+            capsize=3,
+            label=f"{model} (float ppl {float_ppl:.2f})",
+        )
+        ax.bar_label(bars, [f"{100 * r.ppl_change:+.1f}%" for r in points], fontsize=8, padding=2)
+    ax.axhline(100 * TARGET_PPL_CHANGE, color="gray", linestyle=":", label="goal for Q4")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(
+        range(len(variants)), [f"{f.name}\n{f.bits_per_element:g} bits/elem" for f in variants]
+    )
+    ax.set_ylabel("perplexity change vs float K/V (%)")
+    ax.set_title(f"quantized K/V, windows of {WINDOW} tokens (error bars: 2 SE)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=list(DEFAULT_MODELS), help="kvsnap.models.load names"
+    )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        help=f"tokens per model, in windows of {WINDOW} (default {DEFAULT_TOKENS}, "
+        f"quick {QUICK_TOKENS})",
+    )
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens per model")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "out",
+        help="folder for JSON and PNG",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    mx.set_default_device(mx.cpu)
+    n_tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
+
+    machine = machine_info()
+    blas = machine["openblas_preloaded"]
+    print(
+        f"cpu: {machine['cpu']} x{machine['cpu_count']}, "
+        f"load average {machine['load_average_at_start'][0]:.2f}"
+    )
+    print(
+        f"kvsnap {machine['kvsnap']} ({machine['kvsnap_isa']}, {machine['kvsnap_threads']} "
+        f"threads), mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}"
+    )
+    if blas:
+        print(f"OpenBLAS preloaded: yes ({', '.join(blas)})")
+    else:
+        print(
+            "OpenBLAS preloaded: no -- WARNING: MLX's float matmuls use the slow reference BLAS "
+            "of its wheel (~15-20x slower); run with "
+            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+        )
+    text, text_record = license_text()
+    print(
+        f"text: {', '.join(LICENSE_FILES)} from {LICENSE_DIR}, joined by blank lines "
+        f"({text_record['chars']} chars); first {n_tokens} tokens per model"
+    )
+
+    rows: list[Row] = []
+    per_model = {}
+    for name in args.models:
+        model_rows, record = bench_model(name, text, text_record, n_tokens)
+        rows += model_rows
+        per_model[name] = record
+
+    print()
+    print_table(rows)
+    targets, choice = check_targets(rows)
+    print_targets(targets, choice)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    elapsed = time.perf_counter() - started
+    machine["load_average_at_end"] = os.getloadavg()
+    report = {
+        "text": {**text_record, "per_model": per_model},
+        "machine": machine,
+        "settings": {
+            "window": WINDOW,
+            "tokens_per_model": n_tokens,
+            "predictions_per_window": WINDOW - 1,
+            "formats": [{**asdict(f), "bits_per_element": f.bits_per_element} for f in FORMATS],
+            "elapsed_s": elapsed,
+        },
+        "rows": [asdict(r) for r in rows],
+        "targets": targets,
+        "format_choice": choice,
+    }
+    json_path, png_path = args.out / "accuracy.json", args.out / "accuracy.png"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot(rows, png_path)
+    print(f"\nwrote {json_path} and {png_path} in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
