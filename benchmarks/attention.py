@@ -32,15 +32,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 
+import bench_common
 import kvsnap
 import mlx.core as mx
 import numpy as np
@@ -132,32 +131,6 @@ QUICK_TIMING = Timing(budget_s=0.2, min_runs=1, max_runs=10, slow_call_s=5.0, sl
 # Machine
 
 
-def blas_preloaded() -> list[str]:
-    """OpenBLAS libraries mapped into this process other than numpy's own copy.
-
-    MLX's CPU wheel calls whatever libblas.so.3 the loader resolved first, so a
-    system OpenBLAS in the map means LD_PRELOAD put it in front of the slow
-    reference BLAS bundled with the wheel.
-    """
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/" in line}
-    except OSError:
-        return []
-    return sorted(p for p in paths if "openblas" in p and "scipy_openblas" not in p)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def measure_bandwidth(nbytes: int, repeats: int) -> dict:
     """Best-of-`repeats` copy of an `nbytes` array, one thread and all cores.
 
@@ -199,21 +172,7 @@ def measure_bandwidth(nbytes: int, repeats: int) -> dict:
 
 
 def machine_info(bandwidth: dict) -> dict:
-    return {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "load_average_at_start": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "kvsnap": kvsnap.__version__,
-        "kvsnap_isa": _ext.isa(),
-        "kvsnap_threads": _ext.num_threads(),
-        "mlx": mx.__version__,
-        "mlx_lm": version("mlx-lm"),
-        "numpy": np.__version__,
-        "openblas_preloaded": blas_preloaded(),
-        "bandwidth": bandwidth,
-    }
+    return bench_common.machine_info(numpy=np.__version__, bandwidth=bandwidth)
 
 
 # ---------------------------------------------------------------------------
