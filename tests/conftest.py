@@ -17,7 +17,6 @@ import pytest
 from kvsnap import cli
 
 
-
 def pytest_configure(config):
     # The real-model tests run float32 models on the CPU; with MLX's bundled
     # reference BLAS a 1K-token forward pass of SmolLM2 takes minutes, with

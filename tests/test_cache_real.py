@@ -11,11 +11,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm import generate, stream_generate
-from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
-
 from kvsnap import cache as kc
 from kvsnap.models import load
+from mlx_lm import generate, stream_generate
+from mlx_lm.models.cache import QuantizedKVCache, make_prompt_cache
 
 TEXT = Path("/usr/share/common-licenses/GPL-3").read_text()
 PREFILL_CHUNK = 512

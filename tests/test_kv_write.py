@@ -266,7 +266,7 @@ def test_keys_and_values_at_different_bits(key_bits, bits, poison):
     out = kvsnap.attention(arena, 0, q, [slots], [T], scale=0.125, after=[token])
     mx.eval(out)
     for x, b, first in ((k, key_bits, 0), (v, bits, 3)):
-        wq, sq, bq = mx.quantize(x, group_size=32, bits=b)
+        wq, sq, _ = mx.quantize(x, group_size=32, bits=b)
         for blk, slot in enumerate(slots):
             got = arena.read_block(slot, 0)
             n = min(bt, T - blk * bt)

@@ -1,6 +1,6 @@
 """kvsnap: persistent 4-bit KV memory for multi-agent LLM inference on MLX."""
 
-from kvsnap import errors  # noqa: F401  (the C++ core maps its errors onto these)
+from kvsnap import errors
 from kvsnap._ext import Arena
 from kvsnap.ops import attention, kv_write, q4_attention
 

@@ -464,10 +464,10 @@ def make_cache(
 def _check_arena(
     arena: Arena, n_layers: int, n_kv_heads: int, head_dim: int, bits: int, key_bits: int, group_size: int
 ):
-    want = dict(
-        n_layers=n_layers, n_kv_heads=n_kv_heads, head_dim=head_dim, bits=bits, key_bits=key_bits,
-        group_size=group_size,
-    )
+    want = {
+        "n_layers": n_layers, "n_kv_heads": n_kv_heads, "head_dim": head_dim, "bits": bits,
+        "key_bits": key_bits, "group_size": group_size,
+    }
     got = {k: getattr(arena, k) for k in want}
     if got != want:
         bad = ", ".join(f"{k}={got[k]} (model needs {want[k]})" for k in want if got[k] != want[k])
@@ -622,7 +622,7 @@ def from_mlx(
 
 def _copy_quantized(dst: KVSnapCache, src) -> None:
     """Write a QuantizedKVCache's stored rows into dst's blocks, as they are."""
-    seq, a = dst.seq, dst.seq.arena
+    seq = dst.seq
     n = src.offset
     seq.reserve(n)
     arrays = [np.array(x[0, :, :n]) for x in (*src.keys, *src.values)]

@@ -1,7 +1,8 @@
 """The ``kvsnap`` command.
 
     kvsnap models pull [NAME]          download and convert a built-in model
-    kvsnap generate --model NAME --prompt TEXT [--max-tokens N]
+    kvsnap generate --model NAME --prompt TEXT [--max-tokens N] [--key-bits 8]
+                                       greedy generation with kvsnap's 4-bit cache
 
 MLX's Linux CPU wheels bundle a slow reference BLAS. When Debian's OpenBLAS
 is installed (libopenblas0-pthread) and not yet loaded, the command re-runs
@@ -67,13 +68,18 @@ def pull(args: argparse.Namespace) -> None:
 def generate(args: argparse.Namespace) -> None:
     from mlx_lm import stream_generate
 
+    from kvsnap.cache import make_cache
+
     model, tokenizer = models.load(args.model)
+    prompt_cache = make_cache(model, key_bits=args.key_bits)
     prompt = args.prompt
     if tokenizer.chat_template is not None:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     response = None
-    for response in stream_generate(model, tokenizer, prompt, max_tokens=args.max_tokens):
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, prompt_cache=prompt_cache
+    ):
         print(response.text, end="", flush=True)
     print()
     if response is not None:
@@ -110,6 +116,10 @@ def parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--prompt", required=True, help="the user message (chat models) or text")
     gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument(
+        "--key-bits", type=int, choices=(4, 8), default=None,
+        help="bits of the cached keys (default: 4, like the values; 8 is more accurate)",
+    )
     gen.set_defaults(run=generate)
     return p
 

@@ -26,7 +26,7 @@ def _int_table(value, name: str) -> np.ndarray:
     """A [B, max_blocks] int32 table from a list, numpy or mx array."""
     try:
         table = np.asarray(value)
-    except Exception as e:  # noqa: BLE001  (anything array-like may fail here)
+    except Exception as e:
         raise InvalidArgumentError(f"{name}: not an integer table ({e})", name) from e
     if table.ndim != 2 or not np.issubdtype(table.dtype, np.integer):
         raise InvalidArgumentError(
