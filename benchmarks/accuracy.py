@@ -40,6 +40,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import bench_common
 import mlx.core as mx
 from bench_common import LICENSE_DIR, LICENSE_FILES, files_spanned, license_text, machine_info
 from kvsnap import cache as kc
@@ -352,12 +353,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"quick {QUICK_TOKENS})",
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TOKENS} tokens per model")
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent / "out",
-        help="folder for JSON and PNG",
-    )
+    bench_common.add_out_argument(parser)
     return parser.parse_args(argv)
 
 

@@ -43,6 +43,7 @@ import bench_common
 import kvsnap
 import mlx.core as mx
 import numpy as np
+from bench_common import fmt
 from kvsnap import _ext
 from mlx_lm.models.base import quantized_scaled_dot_product_attention
 
@@ -368,10 +369,6 @@ def bench_case(
 # Reporting
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_table(rows: list[Row]) -> None:
     header = (
         f"{'case':<20} {'variant':<22} {'ms':>10} {'runs':>5} {'KV MiB':>8} "
@@ -518,12 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--warm-cache", action="store_true", help="do not flush the CPU caches between timed runs"
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent / "out",
-        help="folder for JSON and PNG",
-    )
+    bench_common.add_out_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

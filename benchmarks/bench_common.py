@@ -12,6 +12,8 @@ import kvsnap
 import mlx.core as mx
 from kvsnap import _ext
 
+OUT_DIR = Path(__file__).resolve().parent / "out"
+
 LICENSE_DIR = Path("/usr/share/common-licenses")
 LICENSE_FILES = (
     "GPL-3",
@@ -103,3 +105,11 @@ def files_spanned(tokenizer, ids: list[int], record: dict) -> list[str]:
         spanned.append(f["file"])
         start += f["bytes"] + 2  # ASCII files: bytes == chars
     return spanned
+
+
+def add_out_argument(parser) -> None:
+    parser.add_argument("--out", type=Path, default=OUT_DIR, help="folder for JSON and PNG")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)

@@ -45,8 +45,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import bench_common
 import mlx.core as mx
-from bench_common import LICENSE_DIR, files_spanned, license_text, machine_info
+from bench_common import LICENSE_DIR, files_spanned, fmt, license_text, machine_info
 from kvsnap import _ext
 from kvsnap import cache as kc
 from kvsnap.models import load
@@ -312,10 +313,6 @@ def bench_context(
 # Reporting
 
 
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def print_table(rows: list[Row], f16: int) -> None:
     header = (
         f"{'context':>7} {'variant':<14} {'ms/step':>8} {'min':>7} {'tok/s':>6} "
@@ -509,12 +506,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help=f"timed decode steps per variant (default {STEPS}, quick {QUICK_STEPS})",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent / "out",
-        help="folder for JSON and PNG",
-    )
+    bench_common.add_out_argument(parser)
     return parser.parse_args(argv)
 
 
