@@ -157,17 +157,16 @@ class KVSnapCache:
                 "keys",
             )
         n_new = keys.shape[2]
-        if self.seq.rotate:
-            keys, values = hadamard(keys), hadamard(values)
+        stored = (hadamard(keys), hadamard(values)) if self.seq.rotate else (keys, values)
         if self.window is not None and self.seq.layers[0] is self:
             self.seq.release_outside_window(self.offset)
         self.seq.reserve(self.offset + n_new)
         after = [] if self._read is None else [self._read]
         self._write = ops.kv_write(
-            self.seq.arena, self.layer, keys, values, self.seq.table(), [self.offset], after=after
+            self.seq.arena, self.layer, *stored, self.seq.table(), [self.offset], after=after
         )
         self.offset += n_new
-        return keys, values
+        return keys, values  # unused by the routed attention, which reads the blocks
 
     def attend(self, queries: mx.array, *, scale: float, mask) -> mx.array:
         """The model's attention for the queries of the last update."""
