@@ -14,6 +14,12 @@ random data:
                         scales (a float32 model's QuantizedKVCache), "f16" =
                         float16 queries and scales (a float16 model's cache)
 
+On a Mac with a kvsnap build that has the Metal kernels, the same cases get
+"[gpu]" rows: kvsnap's Metal kernels (after their self-check; a failed check
+is printed and those rows then time the fallback) and MLX's sdpa / mlx-lm's
+quantized attention on the GPU. --cpu-only leaves them out. %BW of a GPU row
+is still relative to the CPU's numpy copy bandwidth.
+
 Each call is warmed up, then timed: the median of N runs, each ending in
 mx.eval, N giving about a second per variant (at least 5, 3 for calls over
 5 s, at most 100; --quick: fewer). Before every run the CPU caches are
@@ -22,7 +28,7 @@ evicted by the other layers between two steps; --warm-cache turns that off. Band
 K/V bytes a variant must read by its time and compare that with this
 machine's read bandwidth, measured in the same run with a large numpy copy.
 
-    python benchmarks/attention.py [--contexts 1024 4096 ...] [--quick] [--out DIR]
+    python benchmarks/attention.py [--contexts 1024 4096 ...] [--quick] [--cpu-only] [--out DIR]
 
 Writes DIR/attention.json and DIR/attention.png (DIR: benchmarks/out).
 """
@@ -235,7 +241,60 @@ def filled_arena(k: mx.array, v: mx.array, group_size: int) -> tuple[kvsnap.Aren
     return arena, block_table
 
 
-def make_variants(case: Case, seed: int) -> list[Variant]:
+def metal_available() -> bool:
+    """kvsnap was built with its Metal kernels and MLX has a Metal GPU."""
+    return kvsnap.metal.kernels_built() and mx.metal.is_available()
+
+
+def metal_self_check() -> dict[str, str]:
+    """Runs kvsnap's self-check of each Metal kernel: "ok" or what failed."""
+    check = kvsnap.metal.process_check()
+    return {op: "ok" if check.passed(op) else check.problem(op) for op in kvsnap.metal.OPS}
+
+
+def gpu_variants(case: Case, q, k16, v16, kq64, vq64, arena, block_table, ref64) -> list[Variant]:
+    """The Metal rows: the same calls on the GPU stream."""
+    mask = case.mask
+    q16 = q.astype(mx.float16)
+    return [
+        Variant(
+            f"{BASELINE} [gpu]",
+            lambda: kvsnap.q4_attention(
+                q, kq64, vq64, scale=SCALE, group_size=64, bits=BITS, mask=mask, stream=mx.gpu
+            ),
+            nbytes(*kq64, *vq64),
+            ref64,
+        ),
+        Variant(
+            "kvsnap paged q4 g64 [gpu]",
+            lambda: kvsnap.attention(
+                arena, 0, q, block_table, [case.context], scale=SCALE, causal=True, stream=mx.gpu
+            ),
+            nbytes(*kq64, *vq64),
+            ref64,
+        ),
+        Variant(
+            "sdpa f16 [gpu]",
+            lambda: mx.fast.scaled_dot_product_attention(
+                q16, k16, v16, scale=SCALE, mask=mask, stream=mx.gpu
+            ),
+            nbytes(k16, v16),
+        ),
+        Variant(
+            "mlx-lm q4 sdpa f16 [gpu]",
+            lambda: _on_gpu(lambda: mlx_lm_attention(q16, kq64, vq64, mask)),
+            nbytes(*kq64, *vq64),
+            ref64,
+        ),
+    ]
+
+
+def _on_gpu(run: Callable[[], mx.array]) -> mx.array:
+    with mx.stream(mx.gpu):
+        return run()
+
+
+def make_variants(case: Case, seed: int, gpu: bool = False) -> list[Variant]:
     """Inputs for `case` and one Variant per implementation, all on the same data."""
     mx.random.seed(seed)
     q = mx.random.normal((BATCH, N_HEADS, case.queries, HEAD_DIM))
@@ -261,6 +320,7 @@ def make_variants(case: Case, seed: int) -> list[Variant]:
             q, keys, values, scale=SCALE, group_size=group_size, bits=BITS, mask=mask
         )
 
+    gpu_rows = gpu_variants(case, q, k16, v16, kq64, vq64, arena, block_table, ref64) if gpu else []
     return [
         Variant(BASELINE, kvsnap_q4(kq64, vq64, 64), nbytes(*kq64, *vq64), ref64),
         Variant("kvsnap q4 g32", kvsnap_q4(kq32, vq32, 32), nbytes(*kq32, *vq32), ref32),
@@ -296,6 +356,7 @@ def make_variants(case: Case, seed: int) -> list[Variant]:
                 else f"~1.2 s per decode step at 4K; run only for decode <= {MLX_LM_F16_MAX_CONTEXT}"
             ),
         ),
+        *gpu_rows,
     ]
 
 
@@ -335,10 +396,15 @@ def time_call(
 
 
 def bench_case(
-    case: Case, timing: Timing, flush: Callable[[], None], read_bw: float, seed: int
+    case: Case,
+    timing: Timing,
+    flush: Callable[[], None],
+    read_bw: float,
+    seed: int,
+    gpu: bool = False,
 ) -> list[Row]:
     rows = []
-    for variant in make_variants(case, seed):
+    for variant in make_variants(case, seed, gpu):
         row = Row(case.name, case.queries, case.context, variant.name, variant.kv_bytes)
         rows.append(row)
         if variant.skip_reason:
@@ -355,7 +421,7 @@ def bench_case(
             if variant.name.startswith("kvsnap"):
                 row.check = "ok" if diff < CHECK_TOLERANCE else "FAIL"
         print(
-            f"  {case.name:<20} {variant.name:<22} {row.ms:10.3f} ms  ({row.runs} runs)", flush=True
+            f"  {case.name:<20} {variant.name:<28} {row.ms:10.3f} ms  ({row.runs} runs)", flush=True
         )
 
     baseline = next(r for r in rows if r.variant == BASELINE)
@@ -371,7 +437,7 @@ def bench_case(
 
 def print_table(rows: list[Row]) -> None:
     header = (
-        f"{'case':<20} {'variant':<22} {'ms':>10} {'runs':>5} {'KV MiB':>8} "
+        f"{'case':<20} {'variant':<28} {'ms':>10} {'runs':>5} {'KV MiB':>8} "
         f"{'GB/s':>7} {'%BW':>5} {'g64 x':>7} {'max|diff|':>9} {'check':>5}"
     )
     print(header)
@@ -383,11 +449,11 @@ def print_table(rows: list[Row]) -> None:
         case = row.case
         mib = row.kv_bytes / 2**20
         if row.skipped:
-            print(f"{row.case:<20} {row.variant:<22} {'skipped':>10}  {mib:12.1f}  ({row.skipped})")
+            print(f"{row.case:<20} {row.variant:<28} {'skipped':>10}  {mib:12.1f}  ({row.skipped})")
             continue
         pct = None if row.bandwidth_fraction is None else 100 * row.bandwidth_fraction
         print(
-            f"{row.case:<20} {row.variant:<22} {fmt(row.ms, '10.3f')} {row.runs:5d} {mib:8.1f} "
+            f"{row.case:<20} {row.variant:<28} {fmt(row.ms, '10.3f')} {row.runs:5d} {mib:8.1f} "
             f"{fmt(row.gb_per_s, '7.2f')} {fmt(pct, '5.0f')} {fmt(row.kvsnap_speedup, '6.2f')}x "
             f"{fmt(row.max_abs_diff, '9.1e')} {row.check:>5}"
         )
@@ -517,6 +583,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     bench_common.add_out_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="no [gpu] rows even where Metal is available"
+    )
     return parser.parse_args(argv)
 
 
@@ -551,7 +620,17 @@ def main(argv: list[str] | None = None) -> None:
         f"read+write {bandwidth['read_write_gb_per_s_1_thread']:.2f} / "
         f"{bandwidth['read_write_gb_per_s_all_threads']:.2f} GB/s"
     )
-    print(f"caches {'NOT flushed' if args.warm_cache else 'flushed'} between runs\n")
+    print(f"caches {'NOT flushed' if args.warm_cache else 'flushed'} between runs")
+    gpu = metal_available() and not args.cpu_only
+    self_check = metal_self_check() if gpu else None
+    if gpu:
+        print("Metal GPU available; kvsnap's self-check of its Metal kernels:")
+        for op, verdict in self_check.items():
+            print(f"  {op}: {verdict if verdict == 'ok' else 'FAILED, rows time the fallback: ' + verdict}")
+    else:
+        reason = "--cpu-only" if args.cpu_only else "this build or machine has no Metal kernels"
+        print(f"no [gpu] rows ({reason})")
+    print()
 
     flusher = (lambda: None) if args.warm_cache else CacheFlusher(FLUSH_BYTES)
     cases = [Case(1, context) for context in args.contexts] + [
@@ -559,7 +638,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     rows: list[Row] = []
     for case in cases:
-        rows += bench_case(case, timing, flusher, bandwidth["read_gb_per_s"], args.seed)
+        rows += bench_case(case, timing, flusher, bandwidth["read_gb_per_s"], args.seed, gpu)
 
     print()
     print_table(rows)
@@ -591,6 +670,7 @@ def main(argv: list[str] | None = None) -> None:
             "caches_flushed": not args.warm_cache,
             "elapsed_s": elapsed,
         },
+        "metal_self_check": self_check,
         "rows": [asdict(r) for r in rows],
         "targets": targets,
     }

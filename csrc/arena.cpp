@@ -1,6 +1,7 @@
 #include "arena.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
@@ -16,7 +17,7 @@ namespace {
 std::atomic<bool> g_poison{false};
 
 size_t round_up(size_t n, size_t to) {
-  return (n + to - 1) / to * to;
+  return size_t(kv_round_up(long(n), long(to)));
 }
 
 constexpr size_t kArrayAlign = 64;
@@ -73,11 +74,10 @@ void check_quant_format(int bits, int group_size, int head_dim, const char* head
 Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
     : geo_(geometry) {
   geo_.validate();
-  size_t rows = size_t(geo_.n_kv_heads) * geo_.block_tokens;
-  size_t meta = rows * geo_.groups_per_row() * sizeof(uint16_t);
-  size_t sizes[6] = {
-      rows * geo_.words_per_row(0) * sizeof(uint32_t), meta, meta,
-      rows * geo_.words_per_row(1) * sizeof(uint32_t), meta, meta};
+  size_t sizes[6];
+  for (int i = 0; i < 6; ++i) {
+    sizes[i] = array_bytes(i);
+  }
   size_t off = 0;
   layers_.resize(geo_.n_layers);
   for (auto& layer : layers_) {
@@ -94,7 +94,8 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
             std::to_string(slot_bytes_) + " bytes for this geometry)");
   }
   n_slots_ = budget_bytes / int64_t(slot_bytes_);
-  map_bytes_ = size_t(n_slots_) * slot_bytes_;
+  // Whole pages of this system: a Metal buffer can only wrap those.
+  map_bytes_ = round_up(size_t(n_slots_) * slot_bytes_, size_t(sysconf(_SC_PAGESIZE)));
   void* p = mmap(
       nullptr,
       map_bytes_,
@@ -117,17 +118,28 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
 }
 
 Arena::~Arena() {
+  device_view_.reset(); // a GPU buffer over the mapping goes before the mapping
   if (base_) {
     munmap(base_, map_bytes_);
   }
 }
 
 size_t Arena::array_bytes(int which) const {
-  size_t rows = size_t(geo_.n_kv_heads) * geo_.block_tokens;
+  const ArenaGeometry& g = geo_;
   if (which == 0 || which == 3) {
-    return rows * geo_.words_per_row(which == 3) * sizeof(uint32_t);
+    return size_t(kv_packed_bytes(
+        g.n_kv_heads, g.block_tokens, g.head_dim, which == 0 ? g.k_bits : g.v_bits));
   }
-  return rows * geo_.groups_per_row() * sizeof(uint16_t);
+  return size_t(kv_meta_bytes(g.n_kv_heads, g.block_tokens, g.head_dim, g.group_size));
+}
+
+std::shared_ptr<void> Arena::device_view(
+    const std::function<std::shared_ptr<void>(uint8_t*, size_t)>& make) const {
+  std::lock_guard<std::mutex> lock(view_mu_);
+  if (!device_view_) {
+    device_view_ = make(base_, map_bytes_);
+  }
+  return device_view_;
 }
 
 void Arena::check_range(int64_t slot, const char* what) const {

@@ -16,7 +16,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <functional>
+#include <memory>
 #include <vector>
+
+#include "layout.h"
 
 namespace kvsnap {
 
@@ -30,8 +34,8 @@ struct ArenaGeometry {
   int group_size;
 
   // uint32 words of one packed row of keys (kv = 0) or values (kv = 1).
-  int words_per_row(int kv) const { return head_dim * (kv ? v_bits : k_bits) / 32; }
-  int groups_per_row() const { return head_dim / group_size; }
+  int words_per_row(int kv) const { return kv_words_per_row(head_dim, kv ? v_bits : k_bits); }
+  int groups_per_row() const { return kv_groups_per_row(head_dim, group_size); }
   // Validates every field; throws InvalidArgument naming the bad one.
   void validate() const;
 };
@@ -79,6 +83,16 @@ class Arena {
   // Bytes of one array of one layer, by LayerOffsets index.
   size_t array_bytes(int which) const;
 
+  // Bytes of the mapping: the slots, rounded up to whole pages of this
+  // system (16 KiB on Apple silicon), as a GPU API wrapping it needs.
+  size_t map_bytes() const { return map_bytes_; }
+
+  // A handle of the whole mapping for a GPU API, made by `make(base,
+  // map_bytes)` on first use and kept until the arena is destroyed (released
+  // before the unmap). On macOS: a Metal buffer over the mapping, no copy.
+  std::shared_ptr<void> device_view(
+      const std::function<std::shared_ptr<void>(uint8_t*, size_t)>& make) const;
+
  private:
   void check_range(int64_t slot, const char* what) const;
 
@@ -88,6 +102,9 @@ class Arena {
   size_t map_bytes_ = 0;
   uint8_t* base_ = nullptr;
   std::vector<LayerOffsets> layers_;
+
+  mutable std::mutex view_mu_;
+  mutable std::shared_ptr<void> device_view_;
 
   mutable std::mutex mu_;
   std::vector<int64_t> free_list_; // stack of free slots

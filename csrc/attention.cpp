@@ -123,7 +123,7 @@ mx::array paged_attention(
     int window,
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s) {
-  mx::Stream stream = cpu_stream(s, "attention");
+  mx::Stream stream = kernel_stream(s, "attention");
   const ArenaGeometry& g = arena->geometry();
   if (layer < 0 || layer >= g.n_layers) {
     throw InvalidArgument(
@@ -187,7 +187,7 @@ mx::array q4_attention(
     int group_size,
     int bits,
     mx::StreamOrDevice s) {
-  mx::Stream stream = cpu_stream(s, "q4_attention");
+  mx::Stream stream = kernel_stream(s, "q4_attention");
   if (queries.ndim() != 4) {
     throw InvalidArgument(
         "queries",
@@ -221,8 +221,14 @@ mx::array q4_attention(
   (void)Tv;
 
   std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
-  inputs.insert(inputs.end(), keys.begin(), keys.end());
-  inputs.insert(inputs.end(), values.begin(), values.end());
+  // The Metal kernel reads rows as dense runs (the CPU kernel copies the
+  // rare strided row itself).
+  const bool gpu = stream.device.type == mx::Device::gpu;
+  for (const auto* triple : {&keys, &values}) {
+    for (const mx::array& x : *triple) {
+      inputs.push_back(gpu ? mx::contiguous(x, false, stream) : x);
+    }
+  }
   if (mask) {
     const mx::array& m = *mask;
     mx::Shape full = {B, Hq, L, T};
@@ -362,9 +368,12 @@ void QuantizedAttention::eval_cpu(
   });
 }
 
+#ifndef KVSNAP_METAL
+// Builds with the Metal kernels define this in csrc/metal/primitives.cpp.
 void QuantizedAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw DeviceUnsupported(
-      "attention: kvsnap has no GPU kernel yet; run it on the CPU stream");
+      "attention: this kvsnap build has no GPU kernels; run it on the CPU stream");
 }
+#endif
 
 } // namespace kvsnap

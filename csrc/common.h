@@ -26,8 +26,10 @@ struct IntTable {
   std::vector<int> shape;
 };
 
-// The CPU stream for `s`; DeviceUnsupported for a GPU stream.
-mx::Stream cpu_stream(mx::StreamOrDevice s, const char* op);
+// The stream to run kvsnap's kernels on: the CPU, or the GPU when this build
+// has the Metal kernels (KVSNAP_METAL); DeviceUnsupported for a GPU stream
+// otherwise.
+mx::Stream kernel_stream(mx::StreamOrDevice s, const char* op);
 
 class Arena;
 // Checks a [B, max_blocks] block table against the arena: every block that

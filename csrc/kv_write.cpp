@@ -16,7 +16,7 @@ mx::array kv_write(
     const std::vector<int32_t>& offsets,
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s) {
-  mx::Stream stream = cpu_stream(s, "kv_write");
+  mx::Stream stream = kernel_stream(s, "kv_write");
   const ArenaGeometry& g = arena->geometry();
   if (layer < 0 || layer >= g.n_layers) {
     throw InvalidArgument(
@@ -121,9 +121,12 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   });
 }
 
+#ifndef KVSNAP_METAL
+// Builds with the Metal kernels define this in csrc/metal/primitives.cpp.
 void KVWrite::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw DeviceUnsupported(
-      "kv_write: kvsnap has no GPU kernel yet; run it on the CPU stream");
+      "kv_write: this kvsnap build has no GPU kernels; run it on the CPU stream");
 }
+#endif
 
 } // namespace kvsnap

@@ -3,6 +3,8 @@
 #include <cstdlib>
 #include <string_view>
 
+#include "../layout.h"
+
 namespace kvsnap::cpu {
 
 namespace {
@@ -54,16 +56,16 @@ RowRun row_run(const QuantSource& src, int b, int h, int t) {
   }
   if (src.paged) {
     int bt = src.block_tokens;
-    int slot = src.block_table[int64_t(b) * src.max_blocks + t / bt];
-    const uint8_t* base = src.arena + size_t(slot) * src.slot_bytes;
-    int64_t row = int64_t(h) * bt + t % bt;
-    int64_t groups = src.head_dim / src.group_size;
+    int slot = src.block_table[kv_table_index(b, src.max_blocks, t, bt)];
+    const uint8_t* base = src.arena + kv_slot_offset(slot, long(src.slot_bytes));
+    int64_t row = kv_row_in_block(h, t, bt);
+    int64_t groups = kv_groups_per_row(src.head_dim, src.group_size);
     for (int i = 0; i < 6; ++i) {
       int bits = i < 3 ? src.k_bits : src.v_bits;
-      run.st[i] = (i % 3 == 0) ? src.head_dim * bits / 32 : groups;
+      run.st[i] = (i % 3 == 0) ? kv_words_per_row(src.head_dim, bits) : groups;
       p[i] = base + src.off[i] + row * run.st[i] * elem[i];
     }
-    run.run = bt - t % bt;
+    run.run = kv_left_in_block(t, bt);
   } else {
     for (int i = 0; i < 6; ++i) {
       const int64_t* s = src.stride[i];

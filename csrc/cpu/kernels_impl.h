@@ -20,6 +20,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../layout.h"
 #include "kernels.h"
 #include "simd.h"
 #include "thread_pool.h"
@@ -389,15 +390,8 @@ void attention_impl(const AttentionArgs& a) {
     int T = a.kv_len[b];
     Row row;
     row.q = qf.data() + ((size_t(b) * a.Hq + hq) * a.L + l) * D;
-    row.kmin = 0;
-    row.kmax = T;
-    if (a.causal) {
-      int pos = T - a.L + l;
-      row.kmax = std::max(0, pos + 1);
-      if (a.window > 0) {
-        row.kmin = std::max(0, pos - a.window + 1);
-      }
-    }
+    row.kmin = kv_key_min(T, a.L, l, a.causal, a.window);
+    row.kmax = kv_key_max(T, a.L, l, a.causal);
     row.mask = nullptr;
     row.mask_st = 0;
     if (a.mask) {
@@ -478,7 +472,7 @@ void attention_impl(const AttentionArgs& a) {
     const Tile& t = tiles[task / splits];
     int s = task % splits;
     int span = t.t1 - t.t0;
-    int step = ((span + splits - 1) / splits + kChunk - 1) / kChunk * kChunk;
+    int step = kv_split_step(span, splits, kChunk);
     int lo = std::min(t.t1, t.t0 + s * step);
     int hi = std::min(t.t1, lo + step);
     Row rows[kMaxRows];
@@ -577,8 +571,8 @@ void kv_write_impl(const WriteArgs& a) {
   const int D = dst.head_dim;
   const int Hkv = dst.n_kv_heads;
   const int bt = dst.block_tokens;
-  const int wpr[2] = {D * KB / 32, D * VB / 32};
-  const int gpr = D / dst.group_size;
+  const int wpr[2] = {kv_words_per_row(D, KB), kv_words_per_row(D, VB)};
+  const int gpr = kv_groups_per_row(D, dst.group_size);
   const int64_t n_rows = int64_t(a.B) * Hkv * a.L;
   const int64_t rows_per_task = std::max<int64_t>(1, 4096 / D);
   const int n_tasks = int((n_rows + rows_per_task - 1) / rows_per_task);
@@ -589,9 +583,9 @@ void kv_write_impl(const WriteArgs& a) {
       int h = int(row / a.L % Hkv);
       int l = int(row % a.L);
       int pos = a.offsets[b] + l;
-      int slot = dst.block_table[int64_t(b) * dst.max_blocks + pos / bt];
-      uint8_t* base = a.arena + size_t(slot) * dst.slot_bytes;
-      int64_t r = int64_t(h) * bt + pos % bt;
+      int slot = dst.block_table[kv_table_index(b, dst.max_blocks, pos, bt)];
+      uint8_t* base = a.arena + kv_slot_offset(slot, long(dst.slot_bytes));
+      int64_t r = kv_row_in_block(h, pos, bt);
       for (int kv = 0; kv < 2; ++kv) {
         const size_t* off = dst.off + 3 * kv;
         auto quantize = kv == 0 ? quantize_row<KB, T> : quantize_row<VB, T>;

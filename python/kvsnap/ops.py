@@ -5,8 +5,12 @@ them back through a block table with the fused quantized kernel;
 ``q4_attention`` runs the same kernel over contiguous MLX-layout triples (what
 ``mx.quantize`` returns and mlx-lm's ``QuantizedKVCache`` holds).
 
-All of them run on the CPU stream: kvsnap has no GPU kernels yet, and asking
-for a GPU stream raises ``DeviceUnsupportedError``.
+They run on the CPU stream unless given another. A GPU stream needs a build
+with the Metal kernels (macOS); there, the first GPU call of each op runs
+its self-check (kvsnap.metal) and, if the kernel disagrees with the CPU
+kernel, that op uses its fallback for the rest of the process. Builds
+without Metal kernels (Linux) refuse GPU streams with
+``DeviceUnsupportedError``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 import numpy as np
 
-from kvsnap import _ext
+from kvsnap import _ext, metal
 from kvsnap.errors import DeviceUnsupportedError, InvalidArgumentError
 
 Triple = Sequence[mx.array]
@@ -59,17 +63,28 @@ def _check_array(value, name: str) -> None:
         raise InvalidArgumentError(f"{name}: must be an mlx array, got {type(value).__name__}", name)
 
 
-def _stream(stream, op: str):
-    """The stream to run on: the CPU unless told otherwise; GPU is refused."""
-    if stream is None:
-        return mx.cpu
+def _is_gpu(stream) -> bool:
     device = stream.device if isinstance(stream, mx.Stream) else stream
     device_type = device.type if isinstance(device, mx.Device) else device
-    if device_type == mx.gpu:
+    return device_type == mx.gpu
+
+
+def _stream(stream, op: str):
+    """The stream to run on: the CPU unless told otherwise. A GPU stream is
+    refused by builds without the Metal kernels."""
+    if stream is None:
+        return mx.cpu
+    if _is_gpu(stream) and not metal.kernels_built():
         raise DeviceUnsupportedError(
-            f"{op}: kvsnap has no GPU kernel for this operation yet; run it on the CPU stream (mx.cpu)"
+            f"{op}: this kvsnap build has no GPU kernels (they are built on macOS only); "
+            "run it on the CPU stream (mx.cpu)"
         )
     return stream
+
+
+def _metal_fallback(stream, op: str) -> bool:
+    """True when a GPU call of `op` must take its fallback (self-check failed)."""
+    return _is_gpu(stream) and not metal.use_metal_kernel(op)
 
 
 def kv_write(
@@ -93,6 +108,9 @@ def kv_write(
     """
     _check_array(keys, "keys")
     _check_array(values, "values")
+    stream = _stream(stream, "kv_write")
+    if _metal_fallback(stream, "kv_write"):
+        stream = mx.cpu  # the CPU kernel; the arena is unified memory
     return _ext.kv_write(
         arena,
         int(layer),
@@ -101,7 +119,7 @@ def kv_write(
         _int_table(block_table, "block_table"),
         _int_list(offsets, "offsets"),
         list(after),
-        _stream(stream, "kv_write"),
+        stream,
     )
 
 
@@ -130,18 +148,16 @@ def attention(
     _check_array(queries, "queries")
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise InvalidArgumentError(f"window: must be a positive int or None, got {window!r}", "window")
-    return _ext.attention(
-        arena,
-        int(layer),
-        queries,
-        _int_table(block_table, "block_table"),
-        _int_list(lengths, "lengths"),
-        float(scale),
-        bool(causal),
-        int(window or 0),
-        list(after),
-        _stream(stream, "attention"),
-    )
+    stream = _stream(stream, "attention")
+    table, lengths = _int_table(block_table, "block_table"), _int_list(lengths, "lengths")
+    args = (arena, int(layer), queries, table, lengths, float(scale), bool(causal), int(window or 0))
+    if _metal_fallback(stream, "attention"):
+        # Checks the arguments as the kernel would (and discards the result),
+        # then runs the writes it must follow: the fallback reads the arena now.
+        _ext.attention(*args, list(after), mx.cpu)
+        mx.eval(list(after))
+        return metal.fallback_attention(*args, stream=stream)
+    return _ext.attention(*args, list(after), stream)
 
 
 def q4_attention(
@@ -176,14 +192,12 @@ def q4_attention(
     elif mask is not None:
         _check_array(mask, "mask")
         mask_array = mask
-    return _ext.q4_attention(
-        queries,
-        list(keys),
-        list(values),
-        float(scale),
-        causal,
-        mask_array,
-        int(group_size),
-        int(bits),
-        _stream(stream, "q4_attention"),
-    )
+    stream = _stream(stream, "q4_attention")
+    args = (queries, list(keys), list(values), float(scale), causal, mask_array,
+            int(group_size), int(bits))
+    if _metal_fallback(stream, "q4_attention"):
+        _ext.q4_attention(*args, mx.cpu)  # checks the arguments; never evaluated
+        return metal.fallback_q4_attention(
+            queries, keys, values, float(scale), mask, int(group_size), int(bits), stream=stream
+        )
+    return _ext.q4_attention(*args, stream)
