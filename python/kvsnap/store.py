@@ -34,6 +34,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_unflatten
 from mlx_lm.models import cache as mlx_cache
 
 from kvsnap._ext import Arena
@@ -107,8 +108,19 @@ class GroupFormat:
         except (ValueError, TypeError, KeyError, RecursionError):
             raise where.corrupt(f"malformed layer group {text[:120]!r}") from None
         ints = (g.n_kv_heads, g.head_dim, g.block_tokens, g.bits, g.key_bits, g.group_size, g.window, *g.layers)
-        if g.kind not in ("full", "window") or g.rotation not in ("hadamard", "none") or not all(
-            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints
+        if (
+            g.kind not in ("full", "window")
+            or g.rotation not in ("hadamard", "none")
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints)
+            or g.bits not in (4, 8)
+            or g.key_bits not in (4, 8)
+            or g.group_size not in (16, 32, 64, 128)
+            or not 0 < g.head_dim <= 256
+            or g.head_dim % g.group_size
+            or not 0 < g.n_kv_heads <= 1024
+            or not 0 < g.block_tokens <= 65536
+            or (g.kind == "window") != (g.window > 0)
+            or not g.layers
         ):
             raise where.corrupt(f"malformed layer group {text[:120]!r}")
         return g
@@ -398,10 +410,14 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
     lead = agent.full or agent.groups[0]
     if arena is not None and agent.full is not None:
         _check_arena_format(arena, agent.full, agent.file.path)
-    cache = make_cache(
-        model, bits=lead.bits, key_bits=lead.key_bits, group_size=lead.group_size,
-        block_tokens=lead.block_tokens, arena=arena, rotate=lead.rotation == "hadamard",
-    )
+    try:
+        cache = make_cache(
+            model, bits=lead.bits, key_bits=lead.key_bits, group_size=lead.group_size,
+            block_tokens=lead.block_tokens, arena=arena, rotate=lead.rotation == "hadamard",
+        )
+    except InvalidArgumentError as e:
+        raise FormatMismatchError(f"{agent.file.path}: the snapshot's format does not fit this model: {e}",
+                                  agent.file.path) from None
     try:
         got = [GroupFormat.of(cache, s) for s in cache.sequences]
         if sorted(got, key=lambda g: g.kind) != sorted(agent.groups, key=lambda g: g.kind):
@@ -512,6 +528,7 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike):
+        self._lock_fd = -1
         self.path = Path(path).expanduser()
         self.blocks_dir = self.path / "blocks"
         self.agents_dir = self.path / "agents"
@@ -781,10 +798,10 @@ _MLX_CLASSES = {"KVCache", "QuantizedKVCache", "RotatingKVCache"}
 def export_mlx(cache: PromptCache, path: str | os.PathLike, *, tokens=None, quantized: bool = True) -> None:
     """Write ``cache`` as an mlx-lm ``save_prompt_cache`` file (see ``cache.to_mlx``).
 
-    The token ids, when known, go in the file's metadata under ``kvsnap.tokens``.
+    The token ids, when known, go in the file's metadata under ``kvsnap_tokens``.
     """
     tokens = cache.tokens if tokens is None else tokens
-    meta = {"kvsnap.tokens": ",".join(str(int(t)) for t in tokens)} if len(tokens) == cache.offset else {}
+    meta = {"kvsnap_tokens": ",".join(str(int(t)) for t in tokens)} if len(tokens) == cache.offset else {}
     mlx_cache.save_prompt_cache(str(Path(path).expanduser()), to_mlx(cache, quantized=quantized), meta)
 
 
@@ -797,10 +814,14 @@ def import_mlx(path: str | os.PathLike, *, model, **make_cache_args) -> PromptCa
         raise StoreError(f"{path}: no such file", path) from None
     except (RuntimeError, ValueError) as e:  # what mx.load raises on malformed files
         raise CorruptSnapshotError(f"{path}: not a readable safetensors file ({e})", path) from None
-    classes = [v for k, v in flat_meta.items() if k.startswith("2.")]
-    if not classes or set(classes) - _MLX_CLASSES:
+    # mlx-lm's layout: metadata [user metadata, layer class names, scalar types]
+    try:
+        classes = tree_unflatten(list(flat_meta.items()))[1]
+    except (ValueError, IndexError, KeyError, TypeError):
+        classes = None
+    if not isinstance(classes, list) or not classes or set(map(str, classes)) - _MLX_CLASSES:
         raise CorruptSnapshotError(
-            f"{path}: not an mlx-lm prompt cache of {sorted(_MLX_CLASSES)} layers (classes {sorted(set(classes))[:5]})",
+            f"{path}: not an mlx-lm prompt cache of {sorted(_MLX_CLASSES)} layers",
             path,
         )
     try:
@@ -808,7 +829,7 @@ def import_mlx(path: str | os.PathLike, *, model, **make_cache_args) -> PromptCa
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
         raise CorruptSnapshotError(f"{path}: malformed mlx-lm prompt cache ({type(e).__name__}: {e})", path) from None
     out = from_mlx(model, caches, **make_cache_args)
-    text = meta.get("kvsnap.tokens", "") if isinstance(meta, dict) else ""
+    text = meta.get("kvsnap_tokens", "") if isinstance(meta, dict) else ""
     try:
         tokens = [int(t) for t in text.split(",")] if text else []
     except ValueError:
