@@ -535,7 +535,7 @@ class Store:
         marker = self.path / "kvsnap-store.json"
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path}: not a folder", self.path)
-        if self.path.is_dir() and any(self.path.iterdir()) and not marker.exists():
+        if self.path.is_dir() and not marker.exists() and not self._is_unfinished_store():
             raise StoreError(f"{self.path}: not a kvsnap store (no kvsnap-store.json) and not empty", self.path)
         for d in (self.path, self.blocks_dir, self.agents_dir):
             d.mkdir(mode=0o700, exist_ok=True)
@@ -544,6 +544,15 @@ class Store:
             self._write_marker(marker)
         self._check_marker(marker)
         self._clean_temporaries()
+
+    def _is_unfinished_store(self) -> bool:
+        """Empty, or what a Store() killed before writing its marker leaves."""
+        for p in self.path.iterdir():
+            if p.name.startswith(TMP_PREFIX) or p.name == "lock":
+                continue
+            if p.name not in ("blocks", "agents") or not p.is_dir() or any(p.iterdir()):
+                return False
+        return True
 
     def _write_marker(self, marker: Path) -> None:
         tmp = marker.with_name(f"{TMP_PREFIX}{os.getpid()}-marker")
