@@ -81,6 +81,32 @@ nb::ndarray<nb::numpy> slot_array(const Arena& arena, int64_t slot, int layer, i
   return nb::ndarray<nb::numpy>(copy, 3, shape, owner, nullptr, nb::dtype<uint16_t>());
 }
 
+// Writable numpy views of the six arrays of every layer of a slot, sharing the
+// arena's memory (the store reads files straight into them and hashes them in
+// place). Each view keeps the arena alive.
+nb::list slot_views(const std::shared_ptr<Arena>& arena, int64_t slot) {
+  const Arena& a = *arena;
+  const auto& g = a.geometry();
+  nb::capsule owner(new std::shared_ptr<Arena>(arena), [](void* p) noexcept {
+    delete static_cast<std::shared_ptr<Arena>*>(p);
+  });
+  const nb::dlpack::dtype f16{uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
+  nb::list layers;
+  for (int layer = 0; layer < g.n_layers; ++layer) {
+    nb::list arrays;
+    for (int which = 0; which < 6; ++which) {
+      bool packed = which % 3 == 0;
+      size_t cols = packed ? g.words_per_row(which == 3) : g.groups_per_row();
+      size_t shape[3] = {size_t(g.n_kv_heads), size_t(g.block_tokens), cols};
+      void* data = a.slot_ptr(slot) + a.layer(layer).off[which];
+      arrays.append(nb::ndarray<nb::numpy>(
+          data, 3, shape, owner, nullptr, packed ? nb::dtype<uint32_t>() : f16));
+    }
+    layers.append(arrays);
+  }
+  return layers;
+}
+
 // What Python holds for an Arena. The arena itself lives in a plain C++
 // shared_ptr that kernels in flight copy: releasing their copy on an MLX
 // stream thread must not need the GIL (a nanobind-managed shared_ptr would
@@ -186,6 +212,14 @@ NB_MODULE(_ext, m) {
           }, "slot"_a, "layer"_a, "arrays"_a,
           "Overwrite one layer of a slot with the 6 arrays read_block returns. "
           "The slot must not be read or written by a pending (lazy) kvsnap op.")
+      .def("block_views", [](const ArenaHandle& h, int64_t slot) {
+            h.impl->check_live(slot, "block_views");
+            return slot_views(h.impl, slot);
+          }, "slot"_a,
+          "Writable numpy views into a slot: per layer (k_packed, k_scales, k_biases, "
+          "v_packed, v_scales, v_biases), scales/biases float16. They share the "
+          "arena's memory: settle pending kvsnap ops on the slot first, and do not "
+          "use a view after the slot is freed.")
       .def_prop_ro("n_layers", [](const ArenaHandle& h) { return h.impl->geometry().n_layers; })
       .def_prop_ro("n_kv_heads", [](const ArenaHandle& h) { return h.impl->geometry().n_kv_heads; })
       .def_prop_ro("head_dim", [](const ArenaHandle& h) { return h.impl->geometry().head_dim; })

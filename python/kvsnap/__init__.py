@@ -3,7 +3,8 @@
 from kvsnap import errors
 from kvsnap._ext import Arena
 from kvsnap.ops import attention, kv_write, q4_attention
+from kvsnap.store import Store, load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["Arena", "attention", "errors", "kv_write", "q4_attention"]
+__all__ = ["Arena", "Store", "attention", "errors", "kv_write", "load", "q4_attention", "save"]

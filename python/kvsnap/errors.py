@@ -43,3 +43,48 @@ class ModelLoadError(KvsnapError):
 
     The message names the model name, path or file at fault.
     """
+
+
+class InvalidAgentIdError(InvalidArgumentError):
+    """An agent id is not a plain name (path separators, ``..``, empty, too long)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "agent_id")
+
+
+class StoreError(KvsnapError):
+    """A snapshot file or store could not be read or written.
+
+    ``path`` names the file or folder at fault.
+    """
+
+    def __init__(self, message: str, path=None):
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+
+
+class CorruptSnapshotError(StoreError):
+    """A snapshot file is truncated, malformed or fails its checksums."""
+
+
+class MissingBlockError(StoreError):
+    """An agent manifest names a block file that is not in the store."""
+
+
+class AgentNotFoundError(StoreError, KeyError):
+    """The store has no agent of that id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class ModelMismatchError(StoreError):
+    """A snapshot was made with another model or tokenizer (fingerprints differ)."""
+
+
+class FormatMismatchError(StoreError):
+    """A snapshot's quantization format or geometry differs from the one asked for."""
+
+
+class UnsupportedVersionError(StoreError):
+    """A snapshot or store has a format version this kvsnap cannot read."""

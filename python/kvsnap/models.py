@@ -27,13 +27,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
+import numpy as np
 from mlx import nn
+from mlx.utils import tree_flatten
 
 from kvsnap import gguf_convert
 from kvsnap.errors import InvalidArgumentError, ModelLoadError
@@ -332,3 +335,67 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Fingerprints are cached per live object (models are not hashable: mlx
+# modules are dicts). Weights changed in place after the first call keep the
+# old fingerprint.
+_FINGERPRINTS: dict[int, tuple[weakref.ref, str]] = {}
+_FINGERPRINT_SAMPLES = 257  # elements per parameter, evenly spaced
+
+
+def _cached_fingerprint(obj, compute) -> str:
+    hit = _FINGERPRINTS.get(id(obj))
+    if hit is not None and hit[0]() is obj:
+        return hit[1]
+    value = compute(obj)
+    key = id(obj)
+    _FINGERPRINTS[key] = (weakref.ref(obj, lambda _: _FINGERPRINTS.pop(key, None)), value)
+    return value
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of the model's config and weights (32 hex digits).
+
+    Covers the config (``model.args``), every parameter's name, shape and
+    dtype, and 257 evenly spaced elements of each parameter: cheap (~10 ms for
+    SmolLM2-135M) and different for another checkpoint, another dtype or
+    another architecture. A cache is only restored into a model with the same
+    fingerprint (docs/FORMAT.md).
+    """
+    return _cached_fingerprint(model, _compute_model_fingerprint)
+
+
+def _compute_model_fingerprint(model: nn.Module) -> str:
+    digest = hashlib.blake2b(b"kvsnap.model.v1", digest_size=16)
+    args = getattr(model, "args", None)
+    config = vars(args) if args is not None and hasattr(args, "__dict__") else {}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    samples = []
+    for name, array in tree_flatten(model.parameters()):
+        flat = array.reshape(-1)
+        n = flat.size
+        idx = np.unique(np.linspace(0, max(n - 1, 0), num=min(n, _FINGERPRINT_SAMPLES)).astype(np.int32))
+        samples.append((name, array, flat[mx.array(idx)] if n else flat))
+    mx.eval([s for _, _, s in samples])
+    for name, array, sample in samples:
+        digest.update(f"|{name}|{array.shape}|{array.dtype}|".encode())
+        digest.update(np.array(sample.astype(mx.float32) if sample.dtype == mx.bfloat16 else sample).tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of a tokenizer's vocabulary (token -> id) and special tokens (32 hex digits)."""
+    return _cached_fingerprint(tokenizer, _compute_tokenizer_fingerprint)
+
+
+def _compute_tokenizer_fingerprint(tokenizer) -> str:
+    digest = hashlib.blake2b(b"kvsnap.tokenizer.v1", digest_size=16)
+    vocab = tokenizer.get_vocab()
+    digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+    specials = {
+        name: str(getattr(tokenizer, name, None))
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+    }
+    digest.update(json.dumps(specials, sort_keys=True).encode())
+    return digest.hexdigest()

@@ -1,0 +1,854 @@
+"""Snapshots of kvsnap caches on disk: a block store for many agents, and
+single-file exports.
+
+    store = Store("~/.cache/kvsnap/store")
+    store.save_agent("planner", cache, tokens=tokens, model=model)
+    cache = store.load_agent("planner", model=model)
+
+    kvsnap.save(cache, "planner.safetensors", tokens=tokens, model=model)
+    cache = kvsnap.load("planner.safetensors", model=model)
+
+A store holds content-addressed block files (one per full block of
+``block_tokens`` tokens: every full-attention layer, keys and values, as the
+arena holds them) and one manifest per agent (its token ids, the hashes of its
+blocks, the partial tail block, the sliding-window layers' live window). A
+block's hash covers its parent's hash and its tokens, so agents with a common
+prefix share block files, and saving a longer conversation of an agent writes
+only its new blocks and a new manifest. A single-file export is a manifest
+with its blocks inline. Every file is safetensors with a checksum per tensor
+(kvsnap.tensorfile); loading reads block data straight into arena slots and
+verifies it, so a restored cache holds exactly the bytes that were saved.
+docs/FORMAT.md describes the format.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_unflatten
+from mlx_lm.models import cache as mlx_cache
+
+from kvsnap._ext import Arena
+from kvsnap.cache import BlockSequence, KVSnapCache, PromptCache, from_mlx, make_cache, to_mlx
+from kvsnap.errors import (
+    AgentNotFoundError,
+    CorruptSnapshotError,
+    FormatMismatchError,
+    InvalidAgentIdError,
+    InvalidArgumentError,
+    MissingBlockError,
+    ModelMismatchError,
+    StoreError,
+    UnsupportedModelError,
+    UnsupportedVersionError,
+)
+from kvsnap.models import model_fingerprint, tokenizer_fingerprint
+from kvsnap.tensorfile import TMP_PREFIX, TensorFile, fsync_dir, write_file
+
+FORMAT_VERSION = "1"
+BLOCK_FORMAT = "kvsnap.block"
+AGENT_FORMAT = "kvsnap.agent"
+STORE_FORMAT = "kvsnap.store"
+SUFFIX = ".safetensors"
+ARRAYS = ("keys", "keys.scales", "keys.biases", "values", "values.scales", "values.biases")
+AGENT_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class GroupFormat:
+    """How one group of layers is stored: which layers, their geometry, quantization."""
+
+    kind: str  # "full" (shared blocks) or "window" (sliding-window layers, in the manifest)
+    layers: tuple[int, ...]  # model layer indices, in arena layer order
+    n_kv_heads: int
+    head_dim: int
+    block_tokens: int
+    bits: int  # of the values
+    key_bits: int
+    group_size: int
+    rotation: str  # "hadamard" or "none"
+    window: int  # sliding window in tokens; 0 for full attention
+
+    @classmethod
+    def of(cls, cache: PromptCache, seq: BlockSequence) -> GroupFormat:
+        a = seq.arena
+        layers = sorted(
+            (c.layer, i) for i, c in enumerate(cache) if isinstance(c, KVSnapCache) and c.seq is seq
+        )
+        return cls(
+            kind="full" if seq.window is None else "window",
+            layers=tuple(i for _, i in layers),
+            n_kv_heads=a.n_kv_heads,
+            head_dim=a.head_dim,
+            block_tokens=a.block_tokens,
+            bits=a.bits,
+            key_bits=a.key_bits,
+            group_size=a.group_size,
+            rotation="hadamard" if seq.rotate else "none",
+            window=seq.window or 0,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, where: TensorFile) -> GroupFormat:
+        try:
+            d = json.loads(text)
+            g = cls(**{**d, "layers": tuple(d["layers"])})
+        except (ValueError, TypeError, KeyError, RecursionError):
+            raise where.corrupt(f"malformed layer group {text[:120]!r}") from None
+        ints = (g.n_kv_heads, g.head_dim, g.block_tokens, g.bits, g.key_bits, g.group_size, g.window, *g.layers)
+        if (
+            g.kind not in ("full", "window")
+            or g.rotation not in ("hadamard", "none")
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints)
+            or g.bits not in (4, 8)
+            or g.key_bits not in (4, 8)
+            or g.group_size not in (16, 32, 64, 128)
+            or not 0 < g.head_dim <= 256
+            or g.head_dim % g.group_size
+            or not 0 < g.n_kv_heads <= 1024
+            or not 0 < g.block_tokens <= 65536
+            or (g.kind == "window") != (g.window > 0)
+            or not g.layers
+        ):
+            raise where.corrupt(f"malformed layer group {text[:120]!r}")
+        return g
+
+    def array_shapes(self, n_tokens: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name suffix, dtype, shape) of the six arrays of one layer for n_tokens tokens."""
+        h, groups = self.n_kv_heads, self.head_dim // self.group_size
+        out = []
+        for name in ARRAYS:
+            if name in ("keys", "values"):
+                bits = self.key_bits if name == "keys" else self.bits
+                out.append((name, "U32", (h, n_tokens, self.head_dim * bits // 32)))
+            else:
+                out.append((name, "F16", (h, n_tokens, groups)))
+        return out
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What a manifest says about an agent."""
+
+    agent_id: str
+    n_tokens: int
+    n_blocks: int  # full blocks in the store
+    created_at: str
+    updated_at: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    agent_id: str
+    n_tokens: int
+    blocks: tuple[str, ...]  # hashes of the agent's full blocks
+    new_blocks: int  # block files this save wrote (the others were in the store)
+    bytes_written: int
+
+
+def block_hash(parent: str, tokens: np.ndarray, model_fp: str, group: GroupFormat) -> str:
+    """The content address of a full block (40 hex digits; docs/FORMAT.md)."""
+    digest = hashlib.blake2b(b"kvsnap.block.v1", digest_size=20)
+    for part in (parent, model_fp, group.to_json()):
+        digest.update(part.encode() + b"\0")
+    digest.update(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+    return digest.hexdigest()
+
+
+def check_agent_id(agent_id: str) -> str:
+    if not isinstance(agent_id, str) or not AGENT_ID.fullmatch(agent_id) or ".." in agent_id:
+        raise InvalidAgentIdError(
+            f"agent_id: {agent_id!r} is not a valid agent id: use 1-128 letters, digits, '_', "
+            "'-' and '.', not starting with '.' or '-', without '..' or path separators"
+        )
+    return agent_id
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- what a cache holds ------------------------------------------------------
+
+
+class _Snapshot:
+    """The parts of a settled cache a snapshot stores (views into its arena)."""
+
+    def __init__(self, cache: PromptCache, tokens, model):
+        if not isinstance(cache, PromptCache):
+            raise InvalidArgumentError(
+                "cache: not a kvsnap cache; make one with kvsnap.cache.make_cache or from_mlx", "cache"
+            )
+        busy = [i for i in cache.foreign_layers if not _empty(cache[i])]
+        if busy:
+            raise UnsupportedModelError(
+                f"layers {busy} keep mlx-lm caches, which kvsnap snapshots do not hold"
+            )
+        offsets = {c.offset for c in cache if isinstance(c, KVSnapCache)}
+        if len(offsets) > 1:
+            raise InvalidArgumentError(
+                f"cache: its layers hold different numbers of tokens {sorted(offsets)}; "
+                "save between forward passes",
+                "cache",
+            )
+        n = offsets.pop() if offsets else 0
+        if tokens is None:
+            tokens = cache.tokens
+        tokens = _token_array(tokens, model)
+        if len(tokens) != n:
+            raise InvalidArgumentError(
+                f"tokens: {len(tokens)} token ids for a cache holding {n} tokens", "tokens"
+            )
+        cache._settle()
+        self.cache, self.tokens, self.n_tokens = cache, tokens, n
+        self.model_fp = model_fingerprint(model)
+        self.groups = [(GroupFormat.of(cache, s), s) for s in cache.sequences]
+
+    def full(self) -> tuple[GroupFormat, BlockSequence] | None:
+        return next(((g, s) for g, s in self.groups if g.kind == "full"), None)
+
+    def block_hashes(self) -> list[str]:
+        full = self.full()
+        if full is None:
+            return []
+        group, _ = full
+        t = group.block_tokens
+        hashes, parent = [], ""
+        for b in range(self.n_tokens // t):
+            parent = block_hash(parent, self.tokens[b * t : (b + 1) * t], self.model_fp, group)
+            hashes.append(parent)
+        return hashes
+
+    def block_tensors(self, b: int, prefix: str = "") -> list[tuple[str, np.ndarray]]:
+        group, seq = self.full()
+        views = seq.arena.block_views(seq.blocks[b])
+        return [
+            (f"{prefix}layers.{i}.{name}", views[j][k])
+            for j, i in enumerate(group.layers)
+            for k, name in enumerate(ARRAYS)
+        ]
+
+    def rows(self, group: GroupFormat, seq: BlockSequence, start: int, prefix: str):
+        """Tensors of positions [start, n_tokens) of a group's layers (copies)."""
+        t = group.block_tokens
+        parts = [[[] for _ in ARRAYS] for _ in group.layers]
+        for b in range(start // t, -(-self.n_tokens // t)):
+            views = seq.arena.block_views(seq.blocks[b])
+            lo, hi = max(start, b * t) - b * t, min(self.n_tokens, (b + 1) * t) - b * t
+            for j in range(len(group.layers)):
+                for k in range(len(ARRAYS)):
+                    parts[j][k].append(views[j][k][:, lo:hi])
+        return [
+            (f"{prefix}layers.{i}.{name}", np.ascontiguousarray(np.concatenate(parts[j][k], axis=1)))
+            for j, i in enumerate(group.layers)
+            for k, name in enumerate(ARRAYS)
+        ]
+
+    def agent_file(self, agent_id: str, tokenizer, created_at: str | None, inline: bool):
+        """(tensors, metadata) of an agent manifest, or a self-contained export."""
+        hashes = self.block_hashes()
+        tensors = [("tokens", self.tokens)]
+        meta = {
+            "format": AGENT_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "agent_id": agent_id,
+            "model_fingerprint": self.model_fp,
+            "tokenizer_fingerprint": "" if tokenizer is None else tokenizer_fingerprint(tokenizer),
+            "n_tokens": str(self.n_tokens),
+            "groups": json.dumps([json.loads(g.to_json()) for g, _ in self.groups], separators=(",", ":")),
+            "blocks": ",".join(hashes),
+            "blocks_inline": "1" if inline else "0",
+            "window_start": "0",
+            "created_at": created_at or _now(),
+            "updated_at": _now(),
+        }
+        if inline:
+            for b in range(len(hashes)):
+                tensors += self.block_tensors(b, f"blocks.{b}.")
+        for group, seq in self.groups:
+            if group.kind == "full":
+                start = len(hashes) * group.block_tokens
+                if start < self.n_tokens:
+                    tensors += self.rows(group, seq, start, "tail.")
+            elif self.n_tokens:
+                start = min(seq.first_live_position(), self.n_tokens)
+                meta["window_start"] = str(start)
+                if start < self.n_tokens:
+                    tensors += self.rows(group, seq, start, "window.")
+        return tensors, meta
+
+
+def _empty(c) -> bool:
+    return c.empty() if hasattr(c, "empty") else getattr(c, "offset", 0) == 0
+
+
+def _token_array(tokens, model) -> np.ndarray:
+    try:
+        arr = np.asarray(tokens.tolist() if isinstance(tokens, mx.array) else tokens)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError("tokens: must be a sequence of token ids", "tokens") from None
+    if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+        raise InvalidArgumentError(f"tokens: must be a 1-D sequence of integer ids, got shape {arr.shape}", "tokens")
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None) or (1 << 31)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        raise InvalidArgumentError(f"tokens: ids must lie in [0, {vocab})", "tokens")
+    return np.ascontiguousarray(arr, dtype="<i4")
+
+
+# ---- reading ---------------------------------------------------------------------
+
+
+class _AgentFile:
+    """A validated agent manifest or export (header checks only; data read on demand)."""
+
+    def __init__(self, f: TensorFile):
+        self.file = f
+        meta = f.metadata
+        fmt, version = meta.get("format"), meta.get("format_version")
+        if fmt != AGENT_FORMAT:
+            raise f.corrupt(f"not a kvsnap agent file (format {fmt!r})")
+        _check_version(f, version)
+        try:
+            self.agent_id = meta["agent_id"]
+            self.model_fp = meta["model_fingerprint"]
+            self.tokenizer_fp = meta["tokenizer_fingerprint"]
+            self.n_tokens = int(meta["n_tokens"])
+            self.window_start = int(meta["window_start"])
+            self.inline = meta["blocks_inline"] == "1"
+            group_list = json.loads(meta["groups"])
+            self.blocks = meta["blocks"].split(",") if meta["blocks"] else []
+            self.created_at, self.updated_at = meta["created_at"], meta["updated_at"]
+        except (KeyError, ValueError, RecursionError):
+            raise f.corrupt("agent metadata is missing or malformed") from None
+        if not isinstance(group_list, list):
+            raise f.corrupt("agent metadata 'groups' is not a list")
+        self.groups = [GroupFormat.from_json(json.dumps(g), f) for g in group_list]
+        kinds = [g.kind for g in self.groups]
+        if len(set(kinds)) != len(kinds):
+            raise f.corrupt("agent file lists a layer group twice")
+        self.full = next((g for g in self.groups if g.kind == "full"), None)
+        t = self.full.block_tokens if self.full else 0
+        want_blocks = self.n_tokens // t if t else 0
+        if len(self.blocks) != want_blocks or not all(re.fullmatch(r"[0-9a-f]{40}", h) for h in self.blocks):
+            raise f.corrupt(f"agent file lists {len(self.blocks)} block hashes for {self.n_tokens} tokens")
+        if not 0 <= self.window_start <= self.n_tokens:
+            raise f.corrupt(f"window_start {self.window_start} is outside [0, {self.n_tokens}]")
+
+    def tokens(self) -> np.ndarray:
+        return self.file.read("tokens", dtype="I32", shape=(self.n_tokens,))
+
+    def info(self) -> AgentInfo:
+        return AgentInfo(
+            self.agent_id, self.n_tokens, len(self.blocks), self.created_at, self.updated_at, self.file.path
+        )
+
+    def check_model(self, model, tokenizer) -> None:
+        if self.model_fp != model_fingerprint(model):
+            raise ModelMismatchError(
+                f"{self.file.path}: the cache was made with another model (fingerprint "
+                f"{self.model_fp}, this model's is {model_fingerprint(model)})",
+                self.file.path,
+            )
+        if tokenizer is not None and self.tokenizer_fp and self.tokenizer_fp != tokenizer_fingerprint(tokenizer):
+            raise ModelMismatchError(
+                f"{self.file.path}: the cache was made with another tokenizer", self.file.path
+            )
+
+
+def _check_version(f: TensorFile, version: str | None) -> None:
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"{f.path}: format version {version!r}; this kvsnap reads version {FORMAT_VERSION}",
+            f.path,
+        )
+
+
+def _read_rows(f: TensorFile, group: GroupFormat, seq: BlockSequence, start: int, stop: int, prefix: str):
+    """Fill positions [start, stop) of a group's blocks from the file's tensors."""
+    t = group.block_tokens
+    n = stop - start
+    for j, i in enumerate(group.layers):
+        for k, (name, dtype, shape) in enumerate(group.array_shapes(n)):
+            rows = f.read(f"{prefix}layers.{i}.{name}", dtype=dtype, shape=shape)
+            if rows.dtype.kind == "f":
+                rows = rows.view(np.float16)
+            for b in range(start // t, -(-stop // t)):
+                lo, hi = max(start, b * t), min(stop, (b + 1) * t)
+                view = seq.arena.block_views(seq.blocks[b])[j][k]
+                view[:, lo - b * t : hi - b * t] = rows[:, lo - start : hi - start]
+
+
+def _read_block(f: TensorFile, group: GroupFormat, seq: BlockSequence, b: int, prefix: str) -> None:
+    views = seq.arena.block_views(seq.blocks[b])
+    f.read_into(
+        (f"{prefix}layers.{i}.{name}", views[j][k])
+        for j, i in enumerate(group.layers)
+        for k, name in enumerate(ARRAYS)
+    )
+
+
+def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_block) -> PromptCache:
+    """A cache holding what an agent file describes; ``open_block(b, hash)``
+    returns (TensorFile, tensor name prefix, close?) for full block b."""
+    agent.check_model(model, tokenizer)
+    tokens = agent.tokens()
+    if not agent.groups:
+        raise agent.file.corrupt("agent file has no layer groups")
+    lead = agent.full or agent.groups[0]
+    if arena is not None and agent.full is not None:
+        _check_arena_format(arena, agent.full, agent.file.path)
+    try:
+        cache = make_cache(
+            model, bits=lead.bits, key_bits=lead.key_bits, group_size=lead.group_size,
+            block_tokens=lead.block_tokens, arena=arena, rotate=lead.rotation == "hadamard",
+        )
+    except InvalidArgumentError as e:
+        raise FormatMismatchError(f"{agent.file.path}: the snapshot's format does not fit this model: {e}",
+                                  agent.file.path) from None
+    try:
+        got = [GroupFormat.of(cache, s) for s in cache.sequences]
+        if sorted(got, key=lambda g: g.kind) != sorted(agent.groups, key=lambda g: g.kind):
+            raise ModelMismatchError(
+                f"{agent.file.path}: the model's layer groups {got} differ from the file's {agent.groups}",
+                agent.file.path,
+            )
+        n = agent.n_tokens
+        for group, seq in zip(got, cache.sequences):
+            t = group.block_tokens
+            if group.kind == "full":
+                seq.reserve(n)
+                for b, h in enumerate(agent.blocks):
+                    f, prefix, owned = open_block(b, h)
+                    try:
+                        if owned:
+                            _check_block_file(f, h, agent, group, tokens[b * t : (b + 1) * t])
+                        _read_block(f, group, seq, b, prefix)
+                    finally:
+                        if owned:
+                            f.close()
+                if len(agent.blocks) * t < n:
+                    _read_rows(agent.file, group, seq, len(agent.blocks) * t, n, "tail.")
+            else:
+                start = agent.window_start
+                first = start // t
+                seq.blocks.extend([-1] * first)
+                seq.reserve(n)
+                if start < n:
+                    _read_rows(agent.file, group, seq, start, n, "window.")
+        for c in cache:
+            if isinstance(c, KVSnapCache):
+                c.offset = n
+        cache.tokens = tokens.tolist()
+    except BaseException:
+        cache.release()
+        raise
+    return cache
+
+
+def _check_arena_format(arena: Arena, group: GroupFormat, path) -> None:
+    want = {
+        "n_layers": len(group.layers), "n_kv_heads": group.n_kv_heads, "head_dim": group.head_dim,
+        "block_tokens": group.block_tokens, "bits": group.bits, "key_bits": group.key_bits,
+        "group_size": group.group_size,
+    }
+    bad = [f"{k}={getattr(arena, k)} (the snapshot has {v})" for k, v in want.items() if getattr(arena, k) != v]
+    if bad:
+        raise FormatMismatchError(f"{path}: the arena does not fit the snapshot: {', '.join(bad)}", path)
+
+
+def _check_block_file(f: TensorFile, h: str, agent: _AgentFile, group: GroupFormat, tokens: np.ndarray) -> None:
+    meta = f.metadata
+    if meta.get("format") != BLOCK_FORMAT:
+        raise f.corrupt(f"not a kvsnap block file (format {meta.get('format')!r})")
+    _check_version(f, meta.get("format_version"))
+    if meta.get("block_hash") != h:
+        raise f.corrupt(f"holds block {meta.get('block_hash')!r}, the manifest wants {h}")
+    if meta.get("model_fingerprint") != agent.model_fp or meta.get("group") != group.to_json():
+        raise f.corrupt("block was made with another model or format than its manifest")
+    stored = f.read("tokens", dtype="I32", shape=(group.block_tokens,))
+    if not np.array_equal(stored, tokens):
+        raise f.corrupt("block tokens differ from the manifest's")
+
+
+# ---- single files ------------------------------------------------------------------
+
+
+def save(cache: PromptCache, path: str | os.PathLike, *, tokens=None, model, tokenizer=None) -> int:
+    """Write ``cache`` to ONE self-contained safetensors file; returns its size.
+
+    ``tokens``: the token ids the cache holds (default: ``cache.tokens``).
+    The file is written crash-safely (temporary name, fsync, rename) with mode
+    0600, and is readable by ``safetensors`` and ``mx.load``.
+    """
+    snap = _Snapshot(cache, tokens, model)
+    path = Path(path).expanduser()
+    tensors, meta = snap.agent_file(path.stem if AGENT_ID.fullmatch(path.stem) else "export", tokenizer, None, True)
+    size = write_file(path, tensors, meta)
+    fsync_dir(path.parent)
+    return size
+
+
+def load(path: str | os.PathLike, *, model, tokenizer=None, arena: Arena | None = None) -> PromptCache:
+    """The cache saved by ``save`` at ``path``, for ``model`` (verified)."""
+    path = Path(path).expanduser()
+    try:
+        f = TensorFile(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file", path) from None
+    with f:
+        agent = _AgentFile(f)
+        if not agent.inline:
+            raise f.corrupt("is a store manifest (its blocks live in a store): use Store.load_agent")
+        return _restore(agent, model, tokenizer, arena, lambda b, h: (f, f"blocks.{b}.", False))
+
+
+# ---- the store ------------------------------------------------------------------------
+
+
+class Store:
+    """A folder of content-addressed block files and agent manifests.
+
+    Layout: ``kvsnap-store.json`` (format marker), ``lock``, ``blocks/<hash>.safetensors``,
+    ``agents/<agent id>.safetensors``. Writers hold a shared lock on ``lock``;
+    ``gc`` and the cleanup of a killed writer's temporary files hold it
+    exclusively, so they never touch a file another process is writing.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._lock_fd = -1
+        self.path = Path(path).expanduser()
+        self.blocks_dir = self.path / "blocks"
+        self.agents_dir = self.path / "agents"
+        marker = self.path / "kvsnap-store.json"
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"{self.path}: not a folder", self.path)
+        if self.path.is_dir() and not marker.exists() and not self._is_unfinished_store():
+            raise StoreError(f"{self.path}: not a kvsnap store (no kvsnap-store.json) and not empty", self.path)
+        for d in (self.path, self.blocks_dir, self.agents_dir):
+            d.mkdir(mode=0o700, exist_ok=True)
+        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if not marker.exists():
+            self._write_marker(marker)
+        self._check_marker(marker)
+        self._clean_temporaries()
+
+    def _is_unfinished_store(self) -> bool:
+        """Empty, or what a Store() killed before writing its marker leaves."""
+        for p in self.path.iterdir():
+            if p.name.startswith(TMP_PREFIX) or p.name == "lock":
+                continue
+            if p.name not in ("blocks", "agents") or not p.is_dir() or any(p.iterdir()):
+                return False
+        return True
+
+    def _write_marker(self, marker: Path) -> None:
+        tmp = marker.with_name(f"{TMP_PREFIX}{os.getpid()}-marker")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"format": STORE_FORMAT, "format_version": FORMAT_VERSION}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, marker)
+        fsync_dir(self.path)
+
+    def _check_marker(self, marker: Path) -> None:
+        try:
+            info = json.loads(marker.read_text())
+            fmt, version = info["format"], info["format_version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise CorruptSnapshotError(f"{marker}: unreadable store marker", marker) from None
+        if fmt != STORE_FORMAT:
+            raise CorruptSnapshotError(f"{marker}: not a kvsnap store marker", marker)
+        if version != FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"{marker}: store format version {version!r}; this kvsnap reads {FORMAT_VERSION}", marker
+            )
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    # -- locking
+    def _lock(self, exclusive: bool, wait: bool = True) -> bool:
+        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self._lock_fd, op | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _clean_temporaries(self) -> None:
+        """Remove what killed writers left (only when no writer is active)."""
+        if not self._lock(exclusive=True, wait=False):
+            return
+        try:
+            for d in (self.path, self.blocks_dir, self.agents_dir):
+                for p in d.glob(f"{TMP_PREFIX}*"):
+                    p.unlink(missing_ok=True)
+        finally:
+            self._unlock()
+
+    # -- paths
+    def agent_path(self, agent_id: str) -> Path:
+        return self.agents_dir / f"{check_agent_id(agent_id)}{SUFFIX}"
+
+    def block_path(self, h: str) -> Path:
+        return self.blocks_dir / f"{h}{SUFFIX}"
+
+    # -- writing
+    def put_blocks(self, cache: PromptCache, *, tokens=None, model) -> list[str]:
+        """Store the cache's full blocks that the store lacks; returns all their hashes."""
+        self._lock(exclusive=False)
+        try:
+            hashes, _, _ = self._put_blocks(_Snapshot(cache, tokens, model))
+        finally:
+            self._unlock()
+        return hashes
+
+    def _put_blocks(self, snap: _Snapshot) -> tuple[list[str], int, int]:
+        hashes = snap.block_hashes()
+        written = nbytes = 0
+        if hashes:
+            group, _ = snap.full()
+            t = group.block_tokens
+            for b, h in enumerate(hashes):
+                path = self.block_path(h)
+                if path.exists():
+                    continue
+                meta = {
+                    "format": BLOCK_FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "block_hash": h,
+                    "parent_hash": hashes[b - 1] if b else "",
+                    "model_fingerprint": snap.model_fp,
+                    "group": group.to_json(),
+                    "first_position": str(b * t),
+                }
+                tensors = [("tokens", snap.tokens[b * t : (b + 1) * t]), *snap.block_tensors(b)]
+                nbytes += write_file(path, tensors, meta)
+                written += 1
+            if written:
+                fsync_dir(self.blocks_dir)
+        return hashes, written, nbytes
+
+    def save_agent(self, agent_id: str, cache: PromptCache, *, tokens=None, model, tokenizer=None) -> SaveResult:
+        """Snapshot an agent's cache: its new blocks, then a new manifest.
+
+        Crash-safe: until the manifest's rename, the agent's previous snapshot
+        stays the one a load sees; blocks written before a crash are kept for
+        reuse (or removed by ``gc``).
+        """
+        path = self.agent_path(agent_id)
+        snap = _Snapshot(cache, tokens, model)
+        self._lock(exclusive=False)
+        try:
+            hashes, written, nbytes = self._put_blocks(snap)
+            created = self._created_at(path)
+            tensors, meta = snap.agent_file(agent_id, tokenizer, created, inline=False)
+            nbytes += write_file(path, tensors, meta)
+            fsync_dir(self.agents_dir)
+        finally:
+            self._unlock()
+        return SaveResult(agent_id, snap.n_tokens, tuple(hashes), written, nbytes)
+
+    def _created_at(self, path: Path) -> str | None:
+        try:
+            with TensorFile(path) as f:
+                return f.metadata.get("created_at")
+        except (FileNotFoundError, StoreError):
+            return None
+
+    # -- reading
+    def _open_agent(self, agent_id: str) -> _AgentFile:
+        path = self.agent_path(agent_id)
+        try:
+            f = TensorFile(path)
+        except FileNotFoundError:
+            raise AgentNotFoundError(f"{path}: the store has no agent {agent_id!r}", path) from None
+        try:
+            agent = _AgentFile(f)
+            if agent.inline or agent.agent_id != agent_id:
+                raise f.corrupt(f"is not the manifest of agent {agent_id!r}")
+        except BaseException:
+            f.close()
+            raise
+        return agent
+
+    def load_agent(self, agent_id: str, *, model, tokenizer=None, arena: Arena | None = None) -> PromptCache:
+        """The agent's cache as last saved, verified, in fresh arena slots."""
+        agent = self._open_agent(agent_id)
+        with agent.file:
+            return _restore(agent, model, tokenizer, arena, self._open_block)
+
+    def _open_block(self, b: int, h: str):
+        path = self.block_path(h)
+        try:
+            return TensorFile(path), "", True
+        except FileNotFoundError:
+            raise MissingBlockError(f"{path}: block {b} of the agent is missing from the store", path) from None
+
+    def agent_info(self, agent_id: str) -> AgentInfo:
+        agent = self._open_agent(agent_id)
+        with agent.file:
+            return agent.info()
+
+    def list_agents(self) -> list[str]:
+        return sorted(
+            p.name[: -len(SUFFIX)]
+            for p in self.agents_dir.glob(f"*{SUFFIX}")
+            if not p.name.startswith(".") and AGENT_ID.fullmatch(p.name[: -len(SUFFIX)])
+        )
+
+    def delete_agent(self, agent_id: str) -> None:
+        """Remove an agent's manifest (its blocks go at the next ``gc``)."""
+        path = self.agent_path(agent_id)
+        self._lock(exclusive=False)
+        try:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                raise AgentNotFoundError(f"{path}: the store has no agent {agent_id!r}", path) from None
+            fsync_dir(self.agents_dir)
+        finally:
+            self._unlock()
+
+    def gc(self) -> tuple[int, int]:
+        """Delete block files no manifest references; returns (files, bytes) removed.
+
+        Refuses (CorruptSnapshotError) when a manifest cannot be read, since the
+        blocks it references are unknown.
+        """
+        self._lock(exclusive=True)
+        try:
+            live: set[str] = set()
+            for agent_id in self.list_agents():
+                agent = self._open_agent(agent_id)
+                with agent.file:
+                    live.update(agent.blocks)
+            removed = freed = 0
+            for p in self.blocks_dir.iterdir():
+                if p.name.startswith(TMP_PREFIX) or (p.name.endswith(SUFFIX) and p.name[: -len(SUFFIX)] not in live):
+                    freed += p.stat().st_size
+                    p.unlink()
+                    removed += 1
+            if removed:
+                fsync_dir(self.blocks_dir)
+        finally:
+            self._unlock()
+        return removed, freed
+
+    def verify(self) -> list[tuple[Path, str]]:
+        """Re-read and re-hash every file; returns (path, fault) for each bad one."""
+        problems: list[tuple[Path, str]] = []
+        good_blocks: set[str] = set()
+        for p in sorted(self.blocks_dir.glob(f"*{SUFFIX}")):
+            try:
+                with TensorFile(p) as f:
+                    f.verify()
+                    meta = f.metadata
+                    if meta.get("format") != BLOCK_FORMAT:
+                        raise f.corrupt("not a block file")
+                    _check_version(f, meta.get("format_version"))
+                    group = GroupFormat.from_json(meta.get("group", ""), f)
+                    tokens = f.read("tokens", dtype="I32", shape=(group.block_tokens,))
+                    h = block_hash(meta.get("parent_hash", ""), tokens, meta.get("model_fingerprint", ""), group)
+                    if h != meta.get("block_hash") or p.name != f"{h}{SUFFIX}":
+                        raise f.corrupt("content hash does not match the file name")
+                    good_blocks.add(h)
+            except StoreError as e:
+                problems.append((p, str(e)))
+        for agent_id in self.list_agents():
+            p = self.agent_path(agent_id)
+            try:
+                agent = self._open_agent(agent_id)
+                with agent.file:
+                    agent.file.verify()
+                    missing = [h for h in agent.blocks if h not in good_blocks]
+                    if missing:
+                        raise MissingBlockError(
+                            f"{p}: {len(missing)} of its blocks are missing or bad (first: {missing[0]})", p
+                        )
+            except StoreError as e:
+                problems.append((p, str(e)))
+        return problems
+
+
+# ---- mlx-lm prompt cache files ------------------------------------------------------
+
+_MLX_CLASSES = {"KVCache", "QuantizedKVCache", "RotatingKVCache"}
+
+
+def export_mlx(cache: PromptCache, path: str | os.PathLike, *, tokens=None, quantized: bool = True) -> None:
+    """Write ``cache`` as an mlx-lm ``save_prompt_cache`` file (see ``cache.to_mlx``).
+
+    The token ids, when known, go in the file's metadata under ``kvsnap_tokens``.
+    """
+    tokens = cache.tokens if tokens is None else tokens
+    meta = {"kvsnap_tokens": ",".join(str(int(t)) for t in tokens)} if len(tokens) == cache.offset else {}
+    mlx_cache.save_prompt_cache(str(Path(path).expanduser()), to_mlx(cache, quantized=quantized), meta)
+
+
+def import_mlx(path: str | os.PathLike, *, model, **make_cache_args) -> PromptCache:
+    """A kvsnap cache holding what an mlx-lm ``save_prompt_cache`` file holds."""
+    path = Path(path).expanduser()
+    try:
+        _, flat_meta = mx.load(str(path), return_metadata=True)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file", path) from None
+    except (RuntimeError, ValueError) as e:  # what mx.load raises on malformed files
+        raise CorruptSnapshotError(f"{path}: not a readable safetensors file ({e})", path) from None
+    # mlx-lm's layout: metadata [user metadata, layer class names, scalar types]
+    try:
+        classes = tree_unflatten(list(flat_meta.items()))[1]
+    except (ValueError, IndexError, KeyError, TypeError):
+        classes = None
+    if not isinstance(classes, list) or not classes or set(map(str, classes)) - _MLX_CLASSES:
+        raise CorruptSnapshotError(
+            f"{path}: not an mlx-lm prompt cache of {sorted(_MLX_CLASSES)} layers",
+            path,
+        )
+    try:
+        caches, meta = mlx_cache.load_prompt_cache(str(path), return_metadata=True)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CorruptSnapshotError(f"{path}: malformed mlx-lm prompt cache ({type(e).__name__}: {e})", path) from None
+    out = from_mlx(model, caches, **make_cache_args)
+    text = meta.get("kvsnap_tokens", "") if isinstance(meta, dict) else ""
+    try:
+        tokens = [int(t) for t in text.split(",")] if text else []
+    except ValueError:
+        tokens = []
+    if len(tokens) == out.offset:
+        out.tokens = tokens
+    return out
+
+
+__all__ = [
+    "AgentInfo", "GroupFormat", "SaveResult", "Store", "block_hash", "check_agent_id",
+    "export_mlx", "import_mlx", "load", "save",
+]

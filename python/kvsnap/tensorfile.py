@@ -1,0 +1,307 @@
+"""Safetensors files with a checksum per tensor: a strict reader, an atomic writer.
+
+kvsnap's snapshot files are plain safetensors (an 8-byte little-endian header
+length, a JSON header, the tensors' bytes back to back), readable by the
+``safetensors`` package and ``mx.load``. On top of that format, kvsnap adds:
+
+- a 64-bit xxh3 checksum of every tensor's bytes, in the header metadata under
+  ``xxh3.<tensor name>``, and one of the header itself under ``xxh3.__header__``;
+- a canonical header: JSON with sorted keys, no spaces, ASCII only, padded
+  with spaces so the data starts on a 64-byte boundary. A reader re-encodes
+  what it parsed and requires the same bytes, so every bit of the header is
+  covered by the header checksum or by a structural check.
+
+The reader reads tensors straight into caller-given buffers (arena slots) with
+one ``preadv`` per run of consecutive tensors and verifies them in place. The
+writer writes to a temporary name, fsyncs and renames (crash-safe); the caller
+fsyncs the folder once per batch. docs/FORMAT.md is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import xxhash
+
+from kvsnap.errors import CorruptSnapshotError, StoreError
+
+DTYPES = {"U32": np.dtype("<u4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4")}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+ALIGN = 64  # the data section starts on this boundary
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors package
+HEADER_CHECKSUM = "xxh3.__header__"
+TMP_PREFIX = ".tmp-"
+_IOV_MAX = 1024
+_ZERO_SUM = "0" * 16
+
+
+def checksum(buffer) -> str:
+    """The xxh3-64 checksum of a buffer's bytes, as 16 lowercase hex digits."""
+    return format(xxhash.xxh3_64_intdigest(buffer), "016x")
+
+
+class TensorInfo(NamedTuple):
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+
+def _canonical(header: dict) -> bytes:
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    pad = -(8 + len(text)) % ALIGN
+    return text + b" " * pad
+
+
+def encode_header(tensors: Sequence[tuple[str, np.ndarray]], metadata: dict[str, str]) -> bytes:
+    """The header (with its length prefix) of a file holding ``tensors`` in that order."""
+    header: dict = {}
+    meta = dict(metadata)
+    offset = 0
+    for name, array in tensors:
+        code = DTYPE_CODES.get(array.dtype.newbyteorder("<"))
+        if code is None:
+            raise StoreError(f"{name}: dtype {array.dtype} cannot be stored")
+        header[name] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        meta[f"xxh3.{name}"] = checksum(_bytes_view(array))
+        offset += array.nbytes
+    meta[HEADER_CHECKSUM] = _ZERO_SUM
+    header["__metadata__"] = meta
+    meta[HEADER_CHECKSUM] = checksum(_canonical(header))
+    text = _canonical(header)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _bytes_view(array: np.ndarray) -> memoryview:
+    if not array.flags.c_contiguous:
+        raise StoreError("internal: tensors must be C-contiguous")
+    return memoryview(array).cast("B") if array.nbytes else memoryview(b"")
+
+
+def _writev_all(fd: int, buffers: list[memoryview]) -> None:
+    views = [b for b in buffers if len(b)]
+    while views:
+        n = os.writev(fd, views[:_IOV_MAX])
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
+
+
+def write_file(path: Path, tensors: Sequence[tuple[str, np.ndarray]], metadata: dict[str, str]) -> int:
+    """Write a safetensors file crash-safely; returns its size in bytes.
+
+    The bytes go to a temporary name in the same folder (mode 0600), are
+    fsynced, and the file is renamed into place: a reader sees the old file or
+    the new one, never a part. Fsync the folder afterwards to make the rename
+    itself durable (once per batch of files: ``fsync_dir``).
+    """
+    header = encode_header(tensors, metadata)
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _writev_all(fd, [memoryview(header), *(_bytes_view(a) for _, a in tensors)])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(header) + sum(a.nbytes for _, a in tensors)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class TensorFile:
+    """A kvsnap safetensors file opened for verified reading.
+
+    Opening reads and validates the whole header (structure, canonical form,
+    header checksum, tensors covering the data section exactly, the file's
+    size); a fault raises ``CorruptSnapshotError`` naming the file. Tensor
+    bytes are checked against their checksums as they are read.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot open: {e.strerror}", self.path) from e
+        try:
+            self.size = os.fstat(self._fd).st_size
+            self.metadata, self.tensors = self._read_header()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def corrupt(self, fault: str) -> CorruptSnapshotError:
+        return CorruptSnapshotError(f"{self.path}: {fault}", self.path)
+
+    def _read_header(self):
+        if self.size < 8:
+            raise self.corrupt(f"truncated: {self.size} bytes, shorter than the 8-byte header length")
+        n = int.from_bytes(os.pread(self._fd, 8, 0), "little")
+        if n > MAX_HEADER_BYTES or n > self.size - 8:
+            raise self.corrupt(f"header length {n} does not fit a file of {self.size} bytes (truncated or corrupt)")
+        raw = os.pread(self._fd, n, 8)
+        if len(raw) != n:
+            raise self.corrupt("truncated inside the header")
+        try:
+            header = json.loads(raw.decode("ascii"))
+        except (ValueError, RecursionError) as e:  # JSON and Unicode errors are ValueErrors
+            raise self.corrupt(f"header is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
+        if not isinstance(header, dict):
+            raise self.corrupt("header is not a JSON object")
+        try:
+            canonical = _canonical(header) == raw
+        except (ValueError, RecursionError):
+            canonical = False
+        if not canonical:
+            raise self.corrupt("header is not in kvsnap's canonical form (edited or corrupt)")
+        metadata = header.pop("__metadata__", None)
+        if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+        ):
+            raise self.corrupt("__metadata__ is missing or not a map of strings")
+        stated = metadata.get(HEADER_CHECKSUM)
+        metadata[HEADER_CHECKSUM] = _ZERO_SUM
+        header["__metadata__"] = metadata
+        if stated is None or checksum(_canonical(header)) != stated:
+            raise self.corrupt("header checksum mismatch (the header was altered)")
+        del header["__metadata__"], metadata[HEADER_CHECKSUM]
+        data_start = 8 + n
+        tensors = {}
+        for name, entry in sorted(header.items(), key=lambda kv: _offsets_key(kv[1])):
+            tensors[name] = self._tensor_info(name, entry, data_start)
+            if f"xxh3.{name}" not in metadata:
+                raise self.corrupt(f"tensor {name!r} has no checksum")
+        position = data_start
+        for name, info in tensors.items():
+            if info.start != position:
+                raise self.corrupt(f"tensor {name!r} does not start where the previous one ends")
+            position = info.end
+        if position != self.size:
+            raise self.corrupt(
+                f"truncated: the header describes {position} bytes, the file has {self.size}"
+                if position > self.size
+                else f"{self.size - position} bytes after the last tensor"
+            )
+        return metadata, tensors
+
+    def _tensor_info(self, name: str, entry, data_start: int) -> TensorInfo:
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise self.corrupt(f"tensor {name!r}: malformed entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise self.corrupt(f"tensor {name!r}: unsupported dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise self.corrupt(f"tensor {name!r}: malformed shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise self.corrupt(f"tensor {name!r}: malformed data_offsets")
+        start, end = offsets
+        if end - start != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise self.corrupt(f"tensor {name!r}: data_offsets do not match dtype {dtype} and shape {shape}")
+        return TensorInfo(dtype, tuple(shape), data_start + start, data_start + end)
+
+    def info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise self.corrupt(f"tensor {name!r} is missing")
+        return info
+
+    def read(self, name: str, *, dtype: str | None = None, shape: Sequence[int] | None = None) -> np.ndarray:
+        """A verified copy of one tensor (optionally checking its dtype and shape)."""
+        info = self._expect(name, dtype, shape)
+        out = np.empty(info.shape, DTYPES[info.dtype])
+        self.read_into([(name, out)])
+        return out
+
+    def _expect(self, name: str, dtype: str | None, shape: Sequence[int] | None) -> TensorInfo:
+        info = self.info(name)
+        if dtype is not None and info.dtype != dtype:
+            raise self.corrupt(f"tensor {name!r}: dtype {info.dtype}, expected {dtype}")
+        if shape is not None and info.shape != tuple(shape):
+            raise self.corrupt(f"tensor {name!r}: shape {list(info.shape)}, expected {list(shape)}")
+        return info
+
+    def read_into(self, pairs: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Read tensors into C-contiguous arrays of their dtype and shape, verified.
+
+        Tensors that follow each other in the file are read with one preadv.
+        """
+        runs: list[tuple[int, list[memoryview]]] = []
+        checks = []
+        end = -1
+        for name, out in pairs:
+            info = self._expect(name, DTYPE_CODES.get(out.dtype.newbyteorder("<")), out.shape)
+            view = _bytes_view(out)
+            if info.start == end:
+                runs[-1][1].append(view)
+            else:
+                runs.append((info.start, [view]))
+            end = info.end
+            checks.append((name, view))
+        for start, views in runs:
+            self._preadv_all(views, start)
+        for name, view in checks:
+            if checksum(view) != self.metadata[f"xxh3.{name}"]:
+                raise self.corrupt(f"tensor {name!r}: checksum mismatch (data corrupt)")
+
+    def _preadv_all(self, views: list[memoryview], offset: int) -> None:
+        views = [v for v in views if len(v)]
+        while views:
+            n = os.preadv(self._fd, views[:_IOV_MAX], offset)
+            if n == 0:
+                raise self.corrupt("truncated while reading tensor data")
+            offset += n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    def verify(self) -> None:
+        """Read every tensor and check its checksum."""
+        for name in self.tensors:
+            self.read(name)
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
+
+
+def _offsets_key(entry) -> tuple:
+    try:
+        start, end = entry["data_offsets"]
+        return (0, int(start), int(end))
+    except (TypeError, ValueError, KeyError, OverflowError):  # malformed: rejected later
+        return (1, 0, 0)
