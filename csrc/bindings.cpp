@@ -270,6 +270,13 @@ NB_MODULE(_ext, m) {
 
   m.def("set_poison", &kvsnap::set_poison, "on"_a,
         "Fill new slots and kernel outputs with NaN bit patterns (for tests).");
+  m.def("metal_kernels", [] {
+#ifdef KVSNAP_METAL
+    return true;
+#else
+    return false;
+#endif
+  }, "Whether this build has the Metal kernels (macOS builds with Xcode's metal compiler).");
   m.def("isa", &kvsnap::cpu::isa, "The CPU kernel set in use: 'avx2' or 'generic'.");
   m.def("num_threads", &kvsnap::cpu::num_threads, "Threads the CPU kernels use.");
 }

@@ -221,7 +221,7 @@ class TensorFile:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise self.corrupt(f"tensor {name!r}: malformed entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise self.corrupt(f"tensor {name!r}: unsupported dtype {dtype!r}")
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
             raise self.corrupt(f"tensor {name!r}: malformed shape")
