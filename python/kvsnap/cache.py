@@ -350,8 +350,13 @@ def _routed_sdpa(original):
     return scaled_dot_product_attention
 
 
+_ROUTED: set[type] = set()  # model classes whose modules are routed (walking a model takes ms)
+
+
 def route_attention(model) -> None:
     """Send the model's attention calls with kvsnap caches to kvsnap's kernel."""
+    if type(model) in _ROUTED:
+        return
     modules = {type(m).__module__ for _, m in model.named_modules()} | {type(model).__module__}
     routed = 0
     for name in modules:
@@ -369,6 +374,7 @@ def route_attention(model) -> None:
             f"{_model_type(model)}: the model's attention does not call mlx-lm's "
             "scaled_dot_product_attention, so kvsnap cannot serve its cache"
         )
+    _ROUTED.add(type(model))
 
 
 def make_cache(

@@ -24,6 +24,7 @@ docs/FORMAT.md describes the format.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -97,6 +98,7 @@ class GroupFormat:
             window=seq.window or 0,
         )
 
+    @functools.lru_cache(maxsize=64)  # noqa: B019 (a handful of small, immortal formats)
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
@@ -235,11 +237,7 @@ class _Snapshot:
     def block_tensors(self, b: int, prefix: str = "") -> list[tuple[str, np.ndarray]]:
         group, seq = self.full()
         views = seq.arena.block_views(seq.blocks[b])
-        return [
-            (f"{prefix}layers.{i}.{name}", views[j][k])
-            for j, i in enumerate(group.layers)
-            for k, name in enumerate(ARRAYS)
-        ]
+        return list(zip(_block_tensor_names(group, prefix), (v for layer in views for v in layer)))
 
     def rows(self, group: GroupFormat, seq: BlockSequence, start: int, prefix: str):
         """Tensors of positions [start, n_tokens) of a group's layers (copies)."""
@@ -379,25 +377,25 @@ def _check_version(f: TensorFile, version: str | None) -> None:
 def _read_rows(f: TensorFile, group: GroupFormat, seq: BlockSequence, start: int, stop: int, prefix: str):
     """Fill positions [start, stop) of a group's blocks from the file's tensors."""
     t = group.block_tokens
-    n = stop - start
+    blocks = range(start // t, -(-stop // t))
+    views = {b: seq.arena.block_views(seq.blocks[b]) for b in blocks}
     for j, i in enumerate(group.layers):
-        for k, (name, dtype, shape) in enumerate(group.array_shapes(n)):
+        for k, (name, dtype, shape) in enumerate(group.array_shapes(stop - start)):
             rows = f.read(f"{prefix}layers.{i}.{name}", dtype=dtype, shape=shape)
-            if rows.dtype.kind == "f":
-                rows = rows.view(np.float16)
-            for b in range(start // t, -(-stop // t)):
+            for b in blocks:
                 lo, hi = max(start, b * t), min(stop, (b + 1) * t)
-                view = seq.arena.block_views(seq.blocks[b])[j][k]
-                view[:, lo - b * t : hi - b * t] = rows[:, lo - start : hi - start]
+                views[b][j][k][:, lo - b * t : hi - b * t] = rows[:, lo - start : hi - start]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_tensor_names(group: GroupFormat, prefix: str) -> list[str]:
+    """Names of a block's tensors in slot order (layer by layer, ARRAYS)."""
+    return [f"{prefix}layers.{i}.{name}" for i in group.layers for name in ARRAYS]
 
 
 def _read_block(f: TensorFile, group: GroupFormat, seq: BlockSequence, b: int, prefix: str) -> None:
     views = seq.arena.block_views(seq.blocks[b])
-    f.read_into(
-        (f"{prefix}layers.{i}.{name}", views[j][k])
-        for j, i in enumerate(group.layers)
-        for k, name in enumerate(ARRAYS)
-    )
+    f.read_into(zip(_block_tensor_names(group, prefix), (v for layer in views for v in layer)))
 
 
 def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_block) -> PromptCache:
@@ -458,6 +456,20 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
     return cache
 
 
+def _prefetch(paths) -> None:
+    """Ask the kernel to start reading these files now (they are read one by
+    one next; from a cold page cache the reads then overlap)."""
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # reported when the load gets to it
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
 def _check_arena_format(arena: Arena, group: GroupFormat, path) -> None:
     want = {
         "n_layers": len(group.layers), "n_kv_heads": group.n_kv_heads, "head_dim": group.head_dim,
@@ -512,6 +524,7 @@ def load(path: str | os.PathLike, *, model, tokenizer=None, arena: Arena | None 
         agent = _AgentFile(f)
         if not agent.inline:
             raise f.corrupt("is a store manifest (its blocks live in a store): use Store.load_agent")
+        _prefetch([path])
         return _restore(agent, model, tokenizer, arena, lambda b, h: (f, f"blocks.{b}.", False))
 
 
@@ -704,6 +717,7 @@ class Store:
         """The agent's cache as last saved, verified, in fresh arena slots."""
         agent = self._open_agent(agent_id)
         with agent.file:
+            _prefetch(self.block_path(h) for h in agent.blocks)
             return _restore(agent, model, tokenizer, arena, self._open_block)
 
     def _open_block(self, b: int, h: str):

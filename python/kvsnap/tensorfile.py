@@ -6,10 +6,12 @@ length, a JSON header, the tensors' bytes back to back), readable by the
 
 - a 64-bit xxh3 checksum of every tensor's bytes, in the header metadata under
   ``xxh3.<tensor name>``, and one of the header itself under ``xxh3.__header__``;
-- a canonical header: JSON with sorted keys, no spaces, ASCII only, padded
-  with spaces so the data starts on a 64-byte boundary. A reader re-encodes
-  what it parsed and requires the same bytes, so every bit of the header is
-  covered by the header checksum or by a structural check.
+- the header checksum covers the header's raw bytes (padding included, its
+  own 16 hex digits read as zeros) and is checked before the JSON is parsed,
+  so every bit of a file is covered: the header by it, the data by the
+  tensor checksums, the length prefix by both. kvsnap writes the header in a
+  canonical form (sorted keys, no spaces, ASCII, padded with spaces so the
+  data starts on a 64-byte boundary); readers do not depend on it.
 
 The reader reads tensors straight into caller-given buffers (arena slots) with
 one ``preadv`` per run of consecutive tensors and verifies them in place. The
@@ -20,7 +22,6 @@ fsyncs the folder once per batch. docs/FORMAT.md is the reference.
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -34,9 +35,13 @@ from kvsnap.errors import CorruptSnapshotError, StoreError
 
 DTYPES = {"U32": np.dtype("<u4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+_ITEMSIZE = {k: v.itemsize for k, v in DTYPES.items()}
+_CODE_OF = {v.str: k for k, v in DTYPES.items()}  # numpy dtype.str ('<u4') -> code
+_TABLES: dict[tuple[int, int], tuple[dict, dict, int]] = {}  # see TensorFile._tensor_table
 ALIGN = 64  # the data section starts on this boundary
 MAX_HEADER_BYTES = 100_000_000  # as the safetensors package
 HEADER_CHECKSUM = "xxh3.__header__"
+_HEADER_CHECKSUM_KEY = b'"xxh3.__header__":"'
 TMP_PREFIX = ".tmp-"
 _IOV_MAX = 1024
 _ZERO_SUM = "0" * 16
@@ -175,40 +180,32 @@ class TensorFile:
         raw = os.pread(self._fd, n, 8)
         if len(raw) != n:
             raise self.corrupt("truncated inside the header")
+        # The header checksum covers the raw bytes (with its own value zeroed),
+        # so it is checked before parsing: a damaged header is never parsed.
+        at = raw.find(_HEADER_CHECKSUM_KEY)
+        if at < 0 or raw.find(_HEADER_CHECKSUM_KEY, at + 1) >= 0:
+            raise self.corrupt("the header checksum (xxh3.__header__) is missing or repeated")
+        value = at + len(_HEADER_CHECKSUM_KEY)
+        stated = raw[value : value + 16]
+        if checksum(raw[:value] + _ZERO_SUM.encode() + raw[value + 16 :]) != stated.decode("latin-1"):
+            raise self.corrupt("header checksum mismatch (the header was altered)")
         try:
             header = json.loads(raw.decode("ascii"))
         except (ValueError, RecursionError) as e:  # JSON and Unicode errors are ValueErrors
             raise self.corrupt(f"header is not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
         if not isinstance(header, dict):
             raise self.corrupt("header is not a JSON object")
-        try:
-            canonical = _canonical(header) == raw
-        except (ValueError, RecursionError):
-            canonical = False
-        if not canonical:
-            raise self.corrupt("header is not in kvsnap's canonical form (edited or corrupt)")
         metadata = header.pop("__metadata__", None)
         if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+            type(k) is str and type(v) is str for k, v in metadata.items()
         ):
             raise self.corrupt("__metadata__ is missing or not a map of strings")
-        stated = metadata.get(HEADER_CHECKSUM)
-        metadata[HEADER_CHECKSUM] = _ZERO_SUM
-        header["__metadata__"] = metadata
-        if stated is None or checksum(_canonical(header)) != stated:
-            raise self.corrupt("header checksum mismatch (the header was altered)")
-        del header["__metadata__"], metadata[HEADER_CHECKSUM]
-        data_start = 8 + n
-        tensors = {}
-        for name, entry in sorted(header.items(), key=lambda kv: _offsets_key(kv[1])):
-            tensors[name] = self._tensor_info(name, entry, data_start)
+        if metadata.pop(HEADER_CHECKSUM, None) != stated.decode("latin-1"):
+            raise self.corrupt("the header checksum is not in __metadata__")
+        tensors, position = self._tensor_table(header, 8 + n)
+        for name in tensors:
             if f"xxh3.{name}" not in metadata:
                 raise self.corrupt(f"tensor {name!r} has no checksum")
-        position = data_start
-        for name, info in tensors.items():
-            if info.start != position:
-                raise self.corrupt(f"tensor {name!r} does not start where the previous one ends")
-            position = info.end
         if position != self.size:
             raise self.corrupt(
                 f"truncated: the header describes {position} bytes, the file has {self.size}"
@@ -217,18 +214,50 @@ class TensorFile:
             )
         return metadata, tensors
 
+    def _tensor_table(self, header: dict, data_start: int) -> tuple[dict[str, TensorInfo], int]:
+        """The validated tensors in file order, and where the last one ends.
+
+        Block files of one cache share their tensor table (only checksums
+        differ): a table equal to one validated before is taken from a small
+        cache, which saves most of a load's parsing time.
+        """
+        key = (data_start, len(header))
+        hit = _TABLES.get(key)
+        if hit is not None and hit[0] == header:
+            return hit[1], hit[2]
+        tensors = {}
+        for name, entry in sorted(header.items(), key=lambda kv: _offsets_key(kv[1])):
+            tensors[name] = self._tensor_info(name, entry, data_start)
+        position = data_start
+        for name, info in tensors.items():
+            if info.start != position:
+                raise self.corrupt(f"tensor {name!r} does not start where the previous one ends")
+            position = info.end
+        if len(_TABLES) >= 16:
+            _TABLES.clear()
+        _TABLES[key] = (header, tensors, position)
+        return tensors, position
+
     def _tensor_info(self, name: str, entry, data_start: int) -> TensorInfo:
-        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        # Plain type checks (bool is not an int here): this runs for every
+        # tensor of every block file a load opens.
+        if type(entry) is not dict or len(entry) != 3:
             raise self.corrupt(f"tensor {name!r}: malformed entry")
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
+        if itemsize is None:
             raise self.corrupt(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        if type(shape) is not list:
             raise self.corrupt(f"tensor {name!r}: malformed shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        nbytes = itemsize
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise self.corrupt(f"tensor {name!r}: malformed shape")
+            nbytes *= d
+        if type(offsets) is not list or len(offsets) != 2:
             raise self.corrupt(f"tensor {name!r}: malformed data_offsets")
         start, end = offsets
-        if end - start != math.prod(shape) * DTYPES[dtype].itemsize:
+        if type(start) is not int or type(end) is not int or start < 0 or end - start != nbytes:
             raise self.corrupt(f"tensor {name!r}: data_offsets do not match dtype {dtype} and shape {shape}")
         return TensorInfo(dtype, tuple(shape), data_start + start, data_start + end)
 
@@ -254,49 +283,49 @@ class TensorFile:
         return info
 
     def read_into(self, pairs: Iterable[tuple[str, np.ndarray]]) -> None:
-        """Read tensors into C-contiguous arrays of their dtype and shape, verified.
+        """Read tensors into C-contiguous arrays of their dtype and shape, verified
+        (preadv raises BufferError for other arrays).
 
         Tensors that follow each other in the file are read with one preadv.
         """
-        runs: list[tuple[int, list[memoryview]]] = []
+        runs: list[tuple[int, list[np.ndarray]]] = []
         checks = []
         end = -1
+        tensors = self.tensors
         for name, out in pairs:
-            info = self._expect(name, DTYPE_CODES.get(out.dtype.newbyteorder("<")), out.shape)
-            view = _bytes_view(out)
+            info = tensors.get(name)
+            if info is None or info.shape != out.shape or info.dtype != _CODE_OF.get(out.dtype.str):
+                self._expect(name, _CODE_OF.get(out.dtype.str), out.shape)  # raises, naming the fault
             if info.start == end:
-                runs[-1][1].append(view)
+                runs[-1][1].append(out)
             else:
-                runs.append((info.start, [view]))
+                runs.append((info.start, [out]))
             end = info.end
-            checks.append((name, view))
-        for start, views in runs:
-            self._preadv_all(views, start)
-        for name, view in checks:
-            if checksum(view) != self.metadata[f"xxh3.{name}"]:
+            checks.append((name, out))
+        for start, buffers in runs:
+            self._preadv_all(buffers, start)
+        metadata = self.metadata
+        for name, out in checks:
+            if checksum(out) != metadata[f"xxh3.{name}"]:
                 raise self.corrupt(f"tensor {name!r}: checksum mismatch (data corrupt)")
 
-    def _preadv_all(self, views: list[memoryview], offset: int) -> None:
-        views = [v for v in views if len(v)]
-        while views:
-            n = os.preadv(self._fd, views[:_IOV_MAX], offset)
+    def _preadv_all(self, buffers: list, offset: int) -> None:
+        buffers = [b for b in buffers if b.nbytes]
+        while buffers:
+            n = os.preadv(self._fd, buffers[:_IOV_MAX], offset)
             if n == 0:
                 raise self.corrupt("truncated while reading tensor data")
             offset += n
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if n:
-                views[0] = views[0][n:]
+            while buffers and n >= buffers[0].nbytes:
+                n -= buffers[0].nbytes
+                buffers.pop(0)
+            if n:  # a short read: continue inside the first buffer
+                buffers[0] = memoryview(buffers[0]).cast("B")[n:]
 
     def verify(self) -> None:
         """Read every tensor and check its checksum."""
         for name in self.tensors:
             self.read(name)
-
-
-def _is_count(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62
 
 
 def _offsets_key(entry) -> tuple:
