@@ -78,13 +78,17 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
   for (int i = 0; i < 6; ++i) {
     sizes[i] = array_bytes(i);
   }
+  // Array-major: each of the six arrays holds every layer back to back, so a
+  // slot is six contiguous [n_layers, n_kv_heads, block_tokens, ...] arrays
+  // (one read and one checksum each when a block is loaded from disk).
   size_t off = 0;
   layers_.resize(geo_.n_layers);
-  for (auto& layer : layers_) {
-    for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < 6; ++i) {
+    for (auto& layer : layers_) {
       layer.off[i] = off;
-      off = round_up(off + sizes[i], kArrayAlign);
+      off += sizes[i];
     }
+    off = round_up(off, kArrayAlign);
   }
   slot_bytes_ = round_up(off, kPage);
   if (budget_bytes < int64_t(slot_bytes_)) {

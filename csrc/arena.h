@@ -1,14 +1,16 @@
 // The block arena: one mmap'd region cut into fixed-size slots. A slot holds
 // one block (block_tokens consecutive tokens of one sequence) for every layer,
-// keys and values, in MLX's affine-quantized layout:
+// keys and values, in MLX's affine-quantized layout, as six arrays:
 //
-//   for each layer: K packed, K scales, K biases, V packed, V scales, V biases
+//   K packed, K scales, K biases, V packed, V scales, V biases, each holding
+//   every layer back to back ([n_layers, ...] of):
 //   packed  uint32  [n_kv_heads, block_tokens, head_dim * bits / 32]
 //           (keys at k_bits, values at v_bits: 4 or 8 each)
 //   scales  float16 [n_kv_heads, block_tokens, head_dim / group_size]
 //   biases  float16 [n_kv_heads, block_tokens, head_dim / group_size]
 //
-// Each array starts on a 64-byte boundary; a slot is a whole number of pages.
+// Each of the six arrays starts on a 64-byte boundary; a slot is a whole
+// number of pages. Kernels find a layer's arrays through LayerOffsets.
 // Slots are reference counted; eviction policy lives in Python.
 #pragma once
 

@@ -81,9 +81,10 @@ nb::ndarray<nb::numpy> slot_array(const Arena& arena, int64_t slot, int layer, i
   return nb::ndarray<nb::numpy>(copy, 3, shape, owner, nullptr, nb::dtype<uint16_t>());
 }
 
-// Writable numpy views of the six arrays of every layer of a slot, sharing the
-// arena's memory (the store reads files straight into them and hashes them in
-// place). Each view keeps the arena alive.
+// Writable numpy views of the six arrays of a slot, each [n_layers,
+// n_kv_heads, block_tokens, cols] and sharing the arena's memory (the store
+// reads files straight into them and hashes them in place). Each view keeps
+// the arena alive.
 nb::list slot_views(const std::shared_ptr<Arena>& arena, int64_t slot) {
   const Arena& a = *arena;
   const auto& g = a.geometry();
@@ -91,20 +92,16 @@ nb::list slot_views(const std::shared_ptr<Arena>& arena, int64_t slot) {
     delete static_cast<std::shared_ptr<Arena>*>(p);
   });
   const nb::dlpack::dtype f16{uint8_t(nb::dlpack::dtype_code::Float), 16, 1};
-  nb::list layers;
-  for (int layer = 0; layer < g.n_layers; ++layer) {
-    nb::list arrays;
-    for (int which = 0; which < 6; ++which) {
-      bool packed = which % 3 == 0;
-      size_t cols = packed ? g.words_per_row(which == 3) : g.groups_per_row();
-      size_t shape[3] = {size_t(g.n_kv_heads), size_t(g.block_tokens), cols};
-      void* data = a.slot_ptr(slot) + a.layer(layer).off[which];
-      arrays.append(nb::ndarray<nb::numpy>(
-          data, 3, shape, owner, nullptr, packed ? nb::dtype<uint32_t>() : f16));
-    }
-    layers.append(arrays);
+  nb::list arrays;
+  for (int which = 0; which < 6; ++which) {
+    bool packed = which % 3 == 0;
+    size_t cols = packed ? g.words_per_row(which == 3) : g.groups_per_row();
+    size_t shape[4] = {size_t(g.n_layers), size_t(g.n_kv_heads), size_t(g.block_tokens), cols};
+    void* data = a.slot_ptr(slot) + a.layer(0).off[which];
+    arrays.append(nb::ndarray<nb::numpy>(
+        data, 4, shape, owner, nullptr, packed ? nb::dtype<uint32_t>() : f16));
   }
-  return layers;
+  return arrays;
 }
 
 // What Python holds for an Arena. The arena itself lives in a plain C++
@@ -216,10 +213,10 @@ NB_MODULE(_ext, m) {
             h.impl->check_live(slot, "block_views");
             return slot_views(h.impl, slot);
           }, "slot"_a,
-          "Writable numpy views into a slot: per layer (k_packed, k_scales, k_biases, "
-          "v_packed, v_scales, v_biases), scales/biases float16. They share the "
-          "arena's memory: settle pending kvsnap ops on the slot first, and do not "
-          "use a view after the slot is freed.")
+          "Writable numpy views of a slot's six arrays (k_packed, k_scales, k_biases, "
+          "v_packed, v_scales, v_biases), each [n_layers, n_kv_heads, block_tokens, cols]; "
+          "scales/biases float16. They share the arena's memory: settle pending kvsnap "
+          "ops on the slot first, and do not use a view after the slot is freed.")
       .def_prop_ro("n_layers", [](const ArenaHandle& h) { return h.impl->geometry().n_layers; })
       .def_prop_ro("n_kv_heads", [](const ArenaHandle& h) { return h.impl->geometry().n_kv_heads; })
       .def_prop_ro("head_dim", [](const ArenaHandle& h) { return h.impl->geometry().head_dim; })

@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import safetensors.numpy
+from kvsnap import cache as kc
 from kvsnap import store as st
 from kvsnap.cache import make_cache
 from kvsnap.errors import (
@@ -180,15 +181,15 @@ def test_single_file_is_plain_safetensors(llama, tmp_path):
     assert size == path.stat().st_size
     plain = safetensors.numpy.load_file(path)
     assert plain["tokens"].tolist() == tokens
-    n_layers = len(llama.layers)
-    assert len(plain) == 1 + 6 * n_layers * 3  # tokens; 2 inline blocks and the tail, 6 arrays per layer
-    assert plain["blocks.0.layers.0.keys"].dtype == np.uint32
-    assert plain["tail.layers.3.values.scales"].shape == (2, 8, 1)
+    assert len(plain) == 1 + 6 * 3  # tokens; 2 inline blocks and the tail, 6 arrays each
+    assert plain["blocks.0.keys"].dtype == np.uint32
+    assert plain["blocks.0.keys"].shape == (4, 2, 16, 8)  # layers, KV heads, tokens, words
+    assert plain["tail.values.scales"].shape == (4, 2, 8, 1)
     loaded = mx.load(str(path))
     assert set(loaded) == set(plain)
-    np.testing.assert_array_equal(np.array(loaded["blocks.1.layers.2.values"]), plain["blocks.1.layers.2.values"])
+    np.testing.assert_array_equal(np.array(loaded["blocks.1.values"]), plain["blocks.1.values"])
     views = cache.sequences[0].arena.block_views(cache.sequences[0].blocks[1])
-    np.testing.assert_array_equal(plain["blocks.1.layers.2.keys.biases"], views[2][2])
+    np.testing.assert_array_equal(plain["blocks.1.keys.biases"], views[2])
 
 
 def test_missing_block_is_refused_and_nothing_is_left_allocated(llama, store):
@@ -313,3 +314,77 @@ def test_mlx_lm_prompt_cache_files_round_trip(llama, tmp_path):
                         metadata={"1.0": "load_prompt_cache"})
     with pytest.raises(StoreError, match="not an mlx-lm prompt cache"):
         st.import_mlx(tmp_path / "hostile.safetensors", model=llama)
+
+
+def test_docs_format_is_enough_to_read_a_snapshot(llama, tmp_path):
+    """A reader written from docs/FORMAT.md alone (json, numpy, xxhash) checks
+    the checksums and dequantizes keys equal to what kvsnap holds."""
+    import json
+
+    import xxhash
+
+    cache, tokens = filled(llama, 40)
+    path = tmp_path / "agent.safetensors"
+    kvsnap.save(cache, path, tokens=tokens, model=llama)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header_bytes, data = raw[8 : 8 + n], raw[8 + n :]
+    key = b'"xxh3.__header__":"'
+    at = header_bytes.index(key) + len(key)
+    zeroed = header_bytes[:at] + b"0" * 16 + header_bytes[at + 16 :]
+    header = json.loads(header_bytes)
+    meta = header.pop("__metadata__")
+    assert format(xxhash.xxh3_64_intdigest(zeroed), "016x") == meta["xxh3.__header__"]
+    dtypes = {"U32": np.uint32, "F16": np.float16, "I32": np.int32}
+    tensors = {}
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        assert format(xxhash.xxh3_64_intdigest(data[begin:end]), "016x") == meta[f"xxh3.{name}"]
+        tensors[name] = np.frombuffer(data[begin:end], dtypes[entry["dtype"]]).reshape(entry["shape"])
+    assert max(e["data_offsets"] for e in header.values())[1] == len(data)
+    assert tensors["tokens"].tolist() == tokens
+
+    group = json.loads(meta["groups"])[0]
+    bits, gs, d = group["key_bits"], group["group_size"], group["head_dim"]
+    blocks = meta["blocks"].split(",")
+    assert len(blocks) == 40 // group["block_tokens"] and meta["blocks_inline"] == "1"
+    parts = [f"blocks.{b}.keys" for b in range(len(blocks))] + ["tail.keys"]
+    layer = group["layers"].index(1)  # model layer 1
+    packed = np.concatenate([tensors[p][layer] for p in parts], axis=1)  # [H, T, D*bits/32]
+    scales = np.concatenate([tensors[p + ".scales"][layer] for p in parts], axis=1).astype(np.float32)
+    biases = np.concatenate([tensors[p + ".biases"][layer] for p in parts], axis=1).astype(np.float32)
+    j = np.arange(d)
+    q = (packed[..., j * bits // 32] >> ((j * bits) % 32).astype(np.uint32)) & ((1 << bits) - 1)
+    keys = q * np.repeat(scales, gs, axis=-1) + np.repeat(biases, gs, axis=-1)
+    assert group["rotation"] == "hadamard"
+    h = np.array([[1.0]])
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    keys = keys @ (h / np.sqrt(d))  # H is symmetric and its own inverse
+    want = kc.to_mlx(cache, quantized=False)[1].keys[0, :, :40]
+    np.testing.assert_allclose(keys, np.array(want), rtol=1e-4, atol=1e-4)
+
+
+def test_store_command_lists_verifies_and_collects(llama, store, capsys):
+    from kvsnap.cli import main
+
+    cache, tokens = filled(llama, 40)
+    result = store.save_agent("planner", cache, tokens=tokens, model=llama)
+    where = str(store.path)
+    assert main(["store", "list", where]) == 0
+    assert "planner\t40 tokens\t2 blocks" in capsys.readouterr().out
+    assert main(["store", "verify", where]) == 0
+    assert "every file verified" in capsys.readouterr().out
+    damaged = store.block_path(result.blocks[1])
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 1
+    damaged.write_bytes(bytes(data))
+    assert main(["store", "verify", where]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD  {damaged}" in out and "2 damaged file(s)" in out
+    assert main(["store", "rm", where, "../x"]) == 1
+    assert "not a valid agent id" in capsys.readouterr().err
+    assert main(["store", "rm", where, "planner"]) == 0
+    assert main(["store", "gc", where]) == 0
+    assert "removed 2 unreferenced block file(s)" in capsys.readouterr().out
+    assert list(store.blocks_dir.iterdir()) == []

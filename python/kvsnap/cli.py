@@ -91,6 +91,28 @@ def generate(args: argparse.Namespace) -> None:
         )
 
 
+def store_command(args: argparse.Namespace) -> int:
+    from kvsnap.store import Store
+
+    with Store(args.path) as store:
+        if args.store_command == "list":
+            for agent_id in store.list_agents():
+                info = store.agent_info(agent_id)
+                print(f"{agent_id}\t{info.n_tokens} tokens\t{info.n_blocks} blocks\tupdated {info.updated_at}")
+        elif args.store_command == "verify":
+            problems = store.verify()
+            for path, fault in problems:
+                print(f"BAD  {path}: {fault}")
+            print(f"{len(problems)} damaged file(s)" if problems else "every file verified")
+            return 1 if problems else 0
+        elif args.store_command == "gc":
+            removed, freed = store.gc()
+            print(f"removed {removed} unreferenced block file(s), {freed} bytes")
+        elif args.store_command == "rm":
+            store.delete_agent(args.agent)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvsnap", description="Persistent 4-bit KV memory for LLM agents on MLX."
@@ -121,6 +143,20 @@ def parser() -> argparse.ArgumentParser:
         help="bits of the cached keys (default: 4, like the values; 8 is more accurate)",
     )
     gen.set_defaults(run=generate)
+
+    store_cmd = commands.add_parser("store", help="inspect and maintain a snapshot store")
+    store_sub = store_cmd.add_subparsers(dest="store_command", required=True)
+    for name, text in (
+        ("list", "the agents and how many tokens each holds"),
+        ("verify", "re-read and re-hash every file (exit status 1 if any is damaged)"),
+        ("gc", "delete block files no agent references"),
+        ("rm", "delete an agent's snapshot (its blocks go at the next gc)"),
+    ):
+        sub = store_sub.add_parser(name, help=text)
+        sub.add_argument("path", help="the store's folder")
+        if name == "rm":
+            sub.add_argument("agent", help="the agent id")
+        sub.set_defaults(run=store_command)
     return p
 
 
@@ -129,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_openblas()
     args = parser().parse_args(argv)
     try:
-        args.run(args)
+        return args.run(args) or 0
     except KvsnapError as e:
         print(f"kvsnap: error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -128,15 +128,15 @@ class GroupFormat:
         return g
 
     def array_shapes(self, n_tokens: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        """(name suffix, dtype, shape) of the six arrays of one layer for n_tokens tokens."""
-        h, groups = self.n_kv_heads, self.head_dim // self.group_size
+        """(name, dtype, shape) of the six arrays of the group for n_tokens tokens."""
+        lh, groups = (len(self.layers), self.n_kv_heads), self.head_dim // self.group_size
         out = []
         for name in ARRAYS:
             if name in ("keys", "values"):
                 bits = self.key_bits if name == "keys" else self.bits
-                out.append((name, "U32", (h, n_tokens, self.head_dim * bits // 32)))
+                out.append((name, "U32", (*lh, n_tokens, self.head_dim * bits // 32)))
             else:
-                out.append((name, "F16", (h, n_tokens, groups)))
+                out.append((name, "F16", (*lh, n_tokens, groups)))
         return out
 
 
@@ -235,25 +235,18 @@ class _Snapshot:
         return hashes
 
     def block_tensors(self, b: int, prefix: str = "") -> list[tuple[str, np.ndarray]]:
-        group, seq = self.full()
-        views = seq.arena.block_views(seq.blocks[b])
-        return list(zip(_block_tensor_names(group, prefix), (v for layer in views for v in layer)))
+        _, seq = self.full()
+        return [(prefix + name, v) for name, v in zip(ARRAYS, seq.arena.block_views(seq.blocks[b]))]
 
     def rows(self, group: GroupFormat, seq: BlockSequence, start: int, prefix: str):
-        """Tensors of positions [start, n_tokens) of a group's layers (copies)."""
+        """The six arrays of positions [start, n_tokens) of a group (copies)."""
         t = group.block_tokens
-        parts = [[[] for _ in ARRAYS] for _ in group.layers]
+        parts: list[list[np.ndarray]] = [[] for _ in ARRAYS]
         for b in range(start // t, -(-self.n_tokens // t)):
-            views = seq.arena.block_views(seq.blocks[b])
             lo, hi = max(start, b * t) - b * t, min(self.n_tokens, (b + 1) * t) - b * t
-            for j in range(len(group.layers)):
-                for k in range(len(ARRAYS)):
-                    parts[j][k].append(views[j][k][:, lo:hi])
-        return [
-            (f"{prefix}layers.{i}.{name}", np.ascontiguousarray(np.concatenate(parts[j][k], axis=1)))
-            for j, i in enumerate(group.layers)
-            for k, name in enumerate(ARRAYS)
-        ]
+            for k, view in enumerate(seq.arena.block_views(seq.blocks[b])):
+                parts[k].append(view[:, :, lo:hi])
+        return [(prefix + name, np.ascontiguousarray(np.concatenate(p, axis=2))) for name, p in zip(ARRAYS, parts)]
 
     def agent_file(self, agent_id: str, tokenizer, created_at: str | None, inline: bool):
         """(tensors, metadata) of an agent manifest, or a self-contained export."""
@@ -379,23 +372,16 @@ def _read_rows(f: TensorFile, group: GroupFormat, seq: BlockSequence, start: int
     t = group.block_tokens
     blocks = range(start // t, -(-stop // t))
     views = {b: seq.arena.block_views(seq.blocks[b]) for b in blocks}
-    for j, i in enumerate(group.layers):
-        for k, (name, dtype, shape) in enumerate(group.array_shapes(stop - start)):
-            rows = f.read(f"{prefix}layers.{i}.{name}", dtype=dtype, shape=shape)
-            for b in blocks:
-                lo, hi = max(start, b * t), min(stop, (b + 1) * t)
-                views[b][j][k][:, lo - b * t : hi - b * t] = rows[:, lo - start : hi - start]
+    for k, (name, dtype, shape) in enumerate(group.array_shapes(stop - start)):
+        rows = f.read(prefix + name, dtype=dtype, shape=shape)
+        for b in blocks:
+            lo, hi = max(start, b * t), min(stop, (b + 1) * t)
+            views[b][k][:, :, lo - b * t : hi - b * t] = rows[:, :, lo - start : hi - start]
 
 
-@functools.lru_cache(maxsize=64)
-def _block_tensor_names(group: GroupFormat, prefix: str) -> list[str]:
-    """Names of a block's tensors in slot order (layer by layer, ARRAYS)."""
-    return [f"{prefix}layers.{i}.{name}" for i in group.layers for name in ARRAYS]
-
-
-def _read_block(f: TensorFile, group: GroupFormat, seq: BlockSequence, b: int, prefix: str) -> None:
-    views = seq.arena.block_views(seq.blocks[b])
-    f.read_into(zip(_block_tensor_names(group, prefix), (v for layer in views for v in layer)))
+def _read_block(f: TensorFile, seq: BlockSequence, b: int, prefix: str) -> None:
+    """Read full block b into its slot: one preadv, six checksums."""
+    f.read_into((prefix + name, v) for name, v in zip(ARRAYS, seq.arena.block_views(seq.blocks[b])))
 
 
 def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_block) -> PromptCache:
@@ -433,7 +419,7 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
                     try:
                         if owned:
                             _check_block_file(f, h, agent, group, tokens[b * t : (b + 1) * t])
-                        _read_block(f, group, seq, b, prefix)
+                        _read_block(f, seq, b, prefix)
                     finally:
                         if owned:
                             f.close()
