@@ -224,6 +224,7 @@ def plot(rows: list[dict], path: Path) -> None:
     a.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="time to first token (ms)",
           title="Waking an agent: SmolLM2-135M, CPU")
     a.set_xticks(ctx, [str(c) for c in ctx])
+    a.minorticks_off()
     a.legend(fontsize=7)
     for key, label in (
         ("raw_read_cold_s", "raw read of the bytes (cold)"),
@@ -234,6 +235,7 @@ def plot(rows: list[dict], path: Path) -> None:
     b.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms",
           title="Restore vs reading the same bytes")
     b.set_xticks(ctx, [str(c) for c in ctx])
+    b.minorticks_off()
     b.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
