@@ -23,6 +23,7 @@ from kvsnap import store as st
 from kvsnap.cache import make_cache
 from kvsnap.errors import (
     AgentNotFoundError,
+    CorruptSnapshotError,
     FormatMismatchError,
     InvalidAgentIdError,
     InvalidArgumentError,
@@ -388,3 +389,25 @@ def test_store_command_lists_verifies_and_collects(llama, store, capsys):
     assert main(["store", "gc", where]) == 0
     assert "removed 2 unreferenced block file(s)" in capsys.readouterr().out
     assert list(store.blocks_dir.iterdir()) == []
+
+
+def test_a_window_that_misses_recent_tokens_is_refused(tmp_path):
+    """A (checksum-valid) manifest whose sliding-window rows start too late
+    would leave the window layers reading freed blocks: refused at load."""
+    model = small_model("gemma3")  # window 48
+    cache, tokens = filled(model, 150)
+    with st.Store(tmp_path) as store:
+        store.save_agent("a", cache, tokens=tokens, model=model)
+        path = store.agent_path("a")
+        with TensorFile(path) as f:
+            meta = {k: v for k, v in f.metadata.items() if not k.startswith("xxh3.")}
+            start = int(meta["window_start"])
+            late = ((150 - 48) // 16 + 1) * 16  # the first block start after position n - window
+            tensors = [
+                (name, np.ascontiguousarray(f.read(name)[:, :, late - start :]) if name.startswith("window.")
+                 else f.read(name))
+                for name in f.tensors
+            ]
+        write_file(path, tensors, {**meta, "window_start": str(late)})
+        with pytest.raises(CorruptSnapshotError, match="window_start"):
+            store.load_agent("a", model=model)

@@ -427,6 +427,10 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
                     _read_rows(agent.file, group, seq, len(agent.blocks) * t, n, "tail.")
             else:
                 start = agent.window_start
+                if start % t or start > max(0, n - group.window):
+                    raise agent.file.corrupt(
+                        f"window_start {start} leaves out part of the last {group.window} tokens"
+                    )
                 first = start // t
                 seq.blocks.extend([-1] * first)
                 seq.reserve(n)
