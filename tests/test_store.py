@@ -385,10 +385,17 @@ def test_store_command_lists_verifies_and_collects(llama, store, capsys):
     assert f"BAD  {damaged}" in out and "2 damaged file(s)" in out
     assert main(["store", "rm", where, "../x"]) == 1
     assert "not a valid agent id" in capsys.readouterr().err
+    assert main(["store", "export", where, "planner", str(store.path.parent / "p.safetensors")]) == 1
+    assert "checksum mismatch" in capsys.readouterr().err  # the damaged block is refused
     assert main(["store", "rm", where, "planner"]) == 0
     assert main(["store", "gc", where]) == 0
     assert "removed 2 unreferenced block file(s)" in capsys.readouterr().out
     assert list(store.blocks_dir.iterdir()) == []
+    kvsnap.save(cache, store.path.parent / "p.safetensors", tokens=tokens, model=llama)
+    assert main(["store", "import", where, str(store.path.parent / "p.safetensors"), "--as", "copy"]) == 0
+    assert "imported copy: 40 tokens, 2 new block file(s)" in capsys.readouterr().out
+    assert main(["store", "export", where, "copy", str(store.path.parent / "q.safetensors")]) == 0
+    assert (store.path.parent / "q.safetensors").stat().st_size > 0
 
 
 def test_a_window_that_misses_recent_tokens_is_refused(tmp_path):
@@ -411,3 +418,23 @@ def test_a_window_that_misses_recent_tokens_is_refused(tmp_path):
         write_file(path, tensors, {**meta, "window_start": str(late)})
         with pytest.raises(CorruptSnapshotError, match="window_start"):
             store.load_agent("a", model=model)
+
+
+def test_agents_move_between_stores_as_single_files(llama, tmp_path):
+    cache, tokens = filled(llama, 40)
+    with st.Store(tmp_path / "here") as here, st.Store(tmp_path / "there") as there:
+        here.save_agent("a", cache, tokens=tokens, model=llama)
+        size = here.export_agent("a", tmp_path / "a.safetensors")
+        assert size == (tmp_path / "a.safetensors").stat().st_size
+        result = there.import_agent(tmp_path / "a.safetensors", "b")
+        assert (result.n_tokens, result.new_blocks) == (40, 2)
+        assert there.import_agent(tmp_path / "a.safetensors").new_blocks == 0  # as "a": blocks shared
+        assert there.list_agents() == ["a", "b"] and there.verify() == []
+        nxt = prompt(4, seed=4).tolist()
+        want = np.array(run(llama, nxt, cache))
+        for restored in (kvsnap.load(tmp_path / "a.safetensors", model=llama), there.load_agent("b", model=llama)):
+            np.testing.assert_array_equal(np.array(run(llama, nxt, restored)), want)
+        with pytest.raises(StoreError, match="not a single-file snapshot"):
+            there.import_agent(there.agent_path("a"))
+        with pytest.raises(InvalidAgentIdError):
+            there.import_agent(tmp_path / "a.safetensors", "../c")

@@ -110,6 +110,12 @@ def store_command(args: argparse.Namespace) -> int:
             print(f"removed {removed} unreferenced block file(s), {freed} bytes")
         elif args.store_command == "rm":
             store.delete_agent(args.agent)
+        elif args.store_command == "export":
+            size = store.export_agent(args.agent, args.file)
+            print(f"wrote {args.file} ({size} bytes)")
+        elif args.store_command == "import":
+            result = store.import_agent(args.file, args.agent)
+            print(f"imported {result.agent_id}: {result.n_tokens} tokens, {result.new_blocks} new block file(s)")
     return 0
 
 
@@ -151,11 +157,17 @@ def parser() -> argparse.ArgumentParser:
         ("verify", "re-read and re-hash every file (exit status 1 if any is damaged)"),
         ("gc", "delete block files no agent references"),
         ("rm", "delete an agent's snapshot (its blocks go at the next gc)"),
+        ("export", "write an agent as one self-contained file"),
+        ("import", "add the agent of a single file to the store"),
     ):
         sub = store_sub.add_parser(name, help=text)
         sub.add_argument("path", help="the store's folder")
-        if name == "rm":
+        if name in ("rm", "export"):
             sub.add_argument("agent", help="the agent id")
+        if name in ("export", "import"):
+            sub.add_argument("file", help="the single file (.safetensors)")
+        if name == "import":
+            sub.add_argument("--as", dest="agent", default=None, help="agent id (default: the file's)")
         sub.set_defaults(run=store_command)
     return p
 

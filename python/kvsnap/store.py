@@ -639,26 +639,30 @@ class Store:
         written = nbytes = 0
         if hashes:
             group, _ = snap.full()
-            t = group.block_tokens
-            for b, h in enumerate(hashes):
-                path = self.block_path(h)
-                if path.exists():
-                    continue
-                meta = {
-                    "format": BLOCK_FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "block_hash": h,
-                    "parent_hash": hashes[b - 1] if b else "",
-                    "model_fingerprint": snap.model_fp,
-                    "group": group.to_json(),
-                    "first_position": str(b * t),
-                }
-                tensors = [("tokens", snap.tokens[b * t : (b + 1) * t]), *snap.block_tensors(b)]
-                nbytes += write_file(path, tensors, meta)
-                written += 1
+            for b in range(len(hashes)):
+                n = self._write_block(hashes, b, snap.tokens, snap.model_fp, group, lambda b=b: snap.block_tensors(b))
+                nbytes += n
+                written += n > 0
             if written:
                 fsync_dir(self.blocks_dir)
         return hashes, written, nbytes
+
+    def _write_block(self, hashes, b, tokens, model_fp, group, arrays) -> int:
+        """Write block b's file unless the store has it; returns the bytes written."""
+        path = self.block_path(hashes[b])
+        if path.exists():
+            return 0
+        t = group.block_tokens
+        meta = {
+            "format": BLOCK_FORMAT,
+            "format_version": FORMAT_VERSION,
+            "block_hash": hashes[b],
+            "parent_hash": hashes[b - 1] if b else "",
+            "model_fingerprint": model_fp,
+            "group": group.to_json(),
+            "first_position": str(b * t),
+        }
+        return write_file(path, [("tokens", tokens[b * t : (b + 1) * t]), *arrays()], meta)
 
     def save_agent(self, agent_id: str, cache: PromptCache, *, tokens=None, model, tokenizer=None) -> SaveResult:
         """Snapshot an agent's cache: its new blocks, then a new manifest.
@@ -716,6 +720,72 @@ class Store:
             return TensorFile(path), "", True
         except FileNotFoundError:
             raise MissingBlockError(f"{path}: block {b} of the agent is missing from the store", path) from None
+
+    def export_agent(self, agent_id: str, path: str | os.PathLike) -> int:
+        """Write an agent as ONE self-contained file (what ``kvsnap.save`` writes),
+        file to file, every byte verified; returns its size. No model needed."""
+        path = Path(path).expanduser()
+        agent = self._open_agent(agent_id)
+        with agent.file:
+            tokens = agent.tokens()
+            tensors = [(name, agent.file.read(name)) for name in agent.file.tensors]
+            for b, h in enumerate(agent.blocks):
+                f, _, _ = self._open_block(b, h)
+                with f:
+                    t = agent.full.block_tokens
+                    _check_block_file(f, h, agent, agent.full, tokens[b * t : (b + 1) * t])
+                    tensors += [(f"blocks.{b}.{name}", f.read(name)) for name in ARRAYS]
+            meta = {k: v for k, v in agent.file.metadata.items() if not k.startswith("xxh3.")}
+        size = write_file(path, tensors, {**meta, "blocks_inline": "1"})
+        fsync_dir(path.parent)
+        return size
+
+    def import_agent(self, path: str | os.PathLike, agent_id: str | None = None) -> SaveResult:
+        """Add the agent of a single file (``kvsnap.save``, ``export_agent``) to the
+        store, as ``agent_id`` (default: the id it was saved under). Its blocks
+        are verified and their hashes recomputed; blocks the store has are kept."""
+        path = Path(path).expanduser()
+        try:
+            f = TensorFile(path)
+        except FileNotFoundError:
+            raise StoreError(f"{path}: no such file", path) from None
+        with f:
+            agent = _AgentFile(f)
+            if not agent.inline:
+                raise f.corrupt("is a store manifest, not a single-file snapshot")
+            agent_id = check_agent_id(agent.agent_id if agent_id is None else agent_id)
+            tokens = agent.tokens()
+            hashes, parent = [], ""
+            for b in range(len(agent.blocks)):
+                t = agent.full.block_tokens
+                parent = block_hash(parent, tokens[b * t : (b + 1) * t], agent.model_fp, agent.full)
+                hashes.append(parent)
+            if hashes != agent.blocks:
+                raise f.corrupt("its block hashes do not match its tokens, model and format")
+            inline = [name for name in f.tensors if name.startswith("blocks.")]
+            manifest = [(name, f.read(name)) for name in f.tensors if name not in inline]
+            meta = {k: v for k, v in f.metadata.items() if not k.startswith("xxh3.")}
+            meta.update(agent_id=agent_id, blocks_inline="0", updated_at=_now())
+            self._lock(exclusive=False)
+            try:
+                written = nbytes = 0
+                for b in range(len(hashes)):
+                    n = self._write_block(
+                        hashes, b, tokens, agent.model_fp, agent.full,
+                        lambda b=b: [
+                            (name, f.read(f"blocks.{b}.{name}", dtype=dtype, shape=shape))
+                            for name, dtype, shape in agent.full.array_shapes(agent.full.block_tokens)
+                        ],
+                    )
+                    nbytes += n
+                    written += n > 0
+                if written:
+                    fsync_dir(self.blocks_dir)
+                nbytes += write_file(self.agent_path(agent_id), manifest, meta)
+                fsync_dir(self.agents_dir)
+            finally:
+                self._unlock()
+        return SaveResult(agent_id, agent.n_tokens, tuple(hashes), written, nbytes)
 
     def agent_info(self, agent_id: str) -> AgentInfo:
         agent = self._open_agent(agent_id)
