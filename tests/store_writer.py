@@ -7,7 +7,8 @@
 
 Each agent's tokens and chunk sizes come from seeded generators, so the test
 can replay exactly what a snapshot of n tokens holds. Prints "ready", then
-"saved <agent> <n_tokens>" after each save returns.
+"saved <agent> <n_tokens>" after each save returns; once every agent holds
+MAX_TOKENS it saves the same snapshots again, never ending on its own.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def main() -> None:
             n[a] += chunks[a][step]
             store.save_agent(a, caches[a], tokens=tokens[a][: n[a]], model=model)
             print(f"saved {a} {n[a]}", flush=True)
-    print("done", flush=True)
+    while True:  # full: save the same snapshots again until killed
+        for a in AGENTS:
+            store.save_agent(a, caches[a], tokens=tokens[a][: n[a]], model=model)
+            print(f"saved {a} {n[a]}", flush=True)
 
 
 if __name__ == "__main__":
