@@ -471,22 +471,19 @@ WRITES = (
 )
 
 
-@pytest.mark.parametrize("case", WRITES, ids=lambda c: c.name)
-def test_kv_write_writes_the_cpu_kernels_bytes(harness, case, rng, tmp_path):
-    """The last L tokens of each sequence (ragged offsets, across block
-    boundaries) into layer 1 of shared slots: every byte of every slot, the
-    untouched ones included, must equal the CPU kernel's. Both run MLX's
-    affine quantization in float32 with the same operations in the same
-    order, and round scales/biases to float16 to nearest even: exact."""
+def check_kv_write(exe: Path, case: Case, rng, keys: mx.array, values: mx.array, tmp: Path):
+    """Write keys/values (the last L tokens of each sequence: ragged offsets,
+    across block boundaries) into layer 1 of shuffled slots with the CPU
+    kernel and with the emulated one: every byte of every slot, the untouched
+    ones included, must be equal."""
     arena, used, table = paged(case, rng)
-    L = case.queries
+    L = keys.shape[2]
     offsets = [n - L for n in case.lengths]
-    keys, values = random_kv(case, rng, L)
     before = arena_bytes(arena, used)
     mx.eval(kvsnap.kv_write(arena, 1, keys, values, table, offsets, stream=mx.cpu))
     want = arena_bytes(arena, used)
     spec = {
-        "dtype": DTYPE_NAMES[case.dtype],
+        "dtype": DTYPE_NAMES[keys.dtype],
         "slot_bytes": arena.slot_bytes,
         "off": layer_offsets(arena, 1),
         "B": len(case.lengths),
@@ -504,13 +501,47 @@ def test_kv_write_writes_the_cpu_kernels_bytes(harness, case, rng, tmp_path):
         "offsets": np.asarray(offsets, dtype=np.int32),
         "arena": before,
     }
-    run(harness, "kv_write", spec, tmp_path)
-    got = np.fromfile(tmp_path / "arena.bin", dtype=np.uint8)
+    run(exe, "kv_write", spec, tmp)
+    got = np.fromfile(tmp / "arena.bin", dtype=np.uint8)
     assert not np.array_equal(want, before)
     differ = np.flatnonzero(got != want)
     assert differ.size == 0, (
         f"{differ.size} bytes differ from the CPU kernel's, first at {differ[:5]}"
     )
+
+
+@pytest.mark.parametrize("case", WRITES, ids=lambda c: c.name)
+def test_kv_write_writes_the_cpu_kernels_bytes(harness, case, rng, tmp_path):
+    """Bit for bit: both run MLX's affine quantization in float32 with the
+    same operations in the same order and round scales/biases to float16 to
+    nearest even (emulated half: shim/metal_core.h)."""
+    keys, values = random_kv(case, rng, case.queries)
+    check_kv_write(harness, case, rng, keys, values, tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("bits", [(4, 4), (8, 4), (4, 8), (8, 8)], ids=str)
+def test_kv_write_special_values(harness, dtype, bits, rng, tmp_path):
+    """Groups of zeros, constants, tiny values (float16 subnormal scales) and
+    large ones, group size 16."""
+    case = Case(
+        "special",
+        2,
+        2,
+        64,
+        20,
+        (20, 45),
+        key_bits=bits[0],
+        bits=bits[1],
+        group_size=16,
+        dtype=dtype,
+    )
+    x = rng.standard_normal((2, 2, 20, 64))
+    magnitudes = np.array([0, 1, 1e-6, 1e-3, 3e-5, 300, -1, 1e-9])
+    x *= magnitudes[np.arange(20) % len(magnitudes)][:, None]
+    x[:, :, 1] = 0.37  # constant groups
+    keys, values = to_mx(x, dtype), to_mx(x[..., ::-1] * 0.5, dtype)
+    check_kv_write(harness, case, rng, keys, values, tmp_path)
 
 
 # ------------------------------------------------------- a planted bug
