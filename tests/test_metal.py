@@ -110,7 +110,7 @@ def instantiated_kernels() -> set[str]:
 
 
 def test_every_kernel_name_the_host_asks_for_is_instantiated():
-    # primitives.cpp builds these names at run time; a missing one would
+    # launch.h builds these names for primitives.cpp at run time; a missing one would
     # fail only on a Mac.
     dtypes = ("float32", "float16", "bfloat16")
     wanted = {f"kvsnap_kv_write_{t}" for t in dtypes}

@@ -20,14 +20,14 @@
 #include "../kv_write.h"
 #include "../layout.h"
 #include "mlx/backend/metal/device.h"
+#include "launch.h"
 #include "params.h"
 
 namespace kvsnap {
 
 namespace {
 
-constexpr int kSimds = 4; // attention.metal: simdgroups per threadgroup of pass 1
-constexpr int kLanes = 32;
+namespace launch = metal_launch;
 
 // kvsnap.metallib sits next to the _ext module in the package folder.
 std::string module_dir() {
@@ -39,6 +39,19 @@ std::string module_dir() {
     return std::filesystem::path(info.dli_fname).parent_path().string();
   }();
   return dir;
+}
+
+MTL::Size mtl_size(const launch::Size3& s) {
+  return MTL::Size(s.x, s.y, s.z);
+}
+
+// Encodes a launch of launch.h (the compute pipeline and arguments are set).
+void dispatch(mx::metal::CommandEncoder& enc, const launch::Launch& l) {
+  if (l.threads) {
+    enc.dispatch_threads(mtl_size(l.grid), mtl_size(l.group));
+  } else {
+    enc.dispatch_threadgroups(mtl_size(l.grid), mtl_size(l.group));
+  }
 }
 
 MTL::ComputePipelineState* kernel(mx::metal::Device& d, const std::string& name) {
@@ -138,17 +151,14 @@ void KVWrite::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.add_temporary(offsets);
   enc.add_temporary(keep_alive(arena_));
 
-  enc.set_compute_pipeline_state(kernel(d, "kvsnap_kv_write_" + dtype_name(keys.dtype())));
+  enc.set_compute_pipeline_state(kernel(d, launch::kv_write_kernel(dtype_name(keys.dtype()))));
   enc.set_input_array(keys, 0);
   enc.set_input_array(values, 1);
   enc.set_input_array(table, 2);
   enc.set_input_array(offsets, 3);
   enc.set_buffer(arena_buffer(*arena_, d), 4);
   enc.set_bytes(p, 5);
-  const int groups = kv_groups_per_row(g.head_dim, g.group_size);
-  const size_t rows_per_group = std::max<size_t>(1, std::min<int64_t>(rows, 256 / groups));
-  enc.dispatch_threads(
-      MTL::Size(groups, size_t(rows), 2), MTL::Size(groups, rows_per_group, 1));
+  dispatch(enc, launch::kv_write_launch(p));
 }
 
 void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -206,12 +216,9 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
     }
   }
 
-  // Flash-decoding: split the keys until there are enough threadgroups to
-  // fill the GPU, keeping at least 256 keys per split.
   const int64_t rows = int64_t(p.B) * p.Hq * p.L;
   const int longest = kv_len.empty() ? 0 : *std::max_element(kv_len.begin(), kv_len.end());
-  const int64_t want = (1024 + rows - 1) / rows;
-  p.n_splits = int(std::max<int64_t>(1, std::min<int64_t>({want, longest / 256, 64})));
+  p.n_splits = launch::attention_splits(rows, longest);
 
   mx::array lengths = int32_array(kv_len, {p.B});
   mx::array part_m = float_scratch(size_t(rows) * p.n_splits);
@@ -220,9 +227,7 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
   enc.add_temporaries({lengths, part_m, part_l, part_acc});
 
   enc.set_compute_pipeline_state(kernel(
-      d,
-      "kvsnap_attention_partial_" + dtype_name(q.dtype()) + "_" + scale_name + "_k" +
-          std::to_string(k_bits_) + "_v" + std::to_string(v_bits_)));
+      d, launch::attention_partial_kernel(dtype_name(q.dtype()), scale_name, k_bits_, v_bits_)));
   enc.set_input_array(q, 0);
   enc.set_input_array(lengths, 3);
   if (paged_) {
@@ -247,17 +252,15 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
   enc.set_output_array(part_m, 12);
   enc.set_output_array(part_l, 13);
   enc.set_output_array(part_acc, 14);
-  enc.dispatch_threadgroups(
-      MTL::Size(p.n_splits, size_t(p.Hq) * p.L, p.B), MTL::Size(kSimds * kLanes, 1, 1));
+  dispatch(enc, launch::attention_partial_launch(p));
 
-  enc.set_compute_pipeline_state(
-      kernel(d, "kvsnap_attention_merge_" + dtype_name(out.dtype())));
+  enc.set_compute_pipeline_state(kernel(d, launch::attention_merge_kernel(dtype_name(out.dtype()))));
   enc.set_input_array(part_m, 0);
   enc.set_input_array(part_l, 1);
   enc.set_input_array(part_acc, 2);
   enc.set_output_array(out, 3);
   enc.set_bytes(p, 4);
-  enc.dispatch_threadgroups(MTL::Size(size_t(rows), 1, 1), MTL::Size(kLanes, 1, 1));
+  dispatch(enc, launch::attention_merge_launch(p));
 }
 
 } // namespace kvsnap
