@@ -170,6 +170,16 @@ def block_hash(parent: str, tokens: np.ndarray, model_fp: str, group: GroupForma
     return digest.hexdigest()
 
 
+def block_hashes(tokens: np.ndarray, model_fp: str, group: GroupFormat) -> list[str]:
+    """The hashes of the full blocks of a sequence of tokens, each chained to its parent."""
+    t = group.block_tokens
+    hashes, parent = [], ""
+    for b in range(len(tokens) // t):
+        parent = block_hash(parent, tokens[b * t : (b + 1) * t], model_fp, group)
+        hashes.append(parent)
+    return hashes
+
+
 def check_agent_id(agent_id: str) -> str:
     if not isinstance(agent_id, str) or not AGENT_ID.fullmatch(agent_id) or ".." in agent_id:
         raise InvalidAgentIdError(
@@ -224,15 +234,7 @@ class _Snapshot:
 
     def block_hashes(self) -> list[str]:
         full = self.full()
-        if full is None:
-            return []
-        group, _ = full
-        t = group.block_tokens
-        hashes, parent = [], ""
-        for b in range(self.n_tokens // t):
-            parent = block_hash(parent, self.tokens[b * t : (b + 1) * t], self.model_fp, group)
-            hashes.append(parent)
-        return hashes
+        return [] if full is None else block_hashes(self.tokens, self.model_fp, full[0])
 
     def block_tensors(self, b: int, prefix: str = "") -> list[tuple[str, np.ndarray]]:
         _, seq = self.full()
@@ -505,17 +507,27 @@ def save(cache: PromptCache, path: str | os.PathLike, *, tokens=None, model, tok
 
 def load(path: str | os.PathLike, *, model, tokenizer=None, arena: Arena | None = None) -> PromptCache:
     """The cache saved by ``save`` at ``path``, for ``model`` (verified)."""
+    agent = _open_single_file(path)
+    with agent.file as f:
+        _prefetch([f.path])
+        return _restore(agent, model, tokenizer, arena, lambda b, h: (f, f"blocks.{b}.", False))
+
+
+def _open_single_file(path: str | os.PathLike) -> _AgentFile:
+    """A validated single-file snapshot (an agent file with its blocks inline)."""
     path = Path(path).expanduser()
     try:
         f = TensorFile(path)
     except FileNotFoundError:
         raise StoreError(f"{path}: no such file", path) from None
-    with f:
+    try:
         agent = _AgentFile(f)
         if not agent.inline:
-            raise f.corrupt("is a store manifest (its blocks live in a store): use Store.load_agent")
-        _prefetch([path])
-        return _restore(agent, model, tokenizer, arena, lambda b, h: (f, f"blocks.{b}.", False))
+            raise f.corrupt("is a store manifest, not a single-file snapshot: use Store.load_agent")
+    except BaseException:
+        f.close()
+        raise
+    return agent
 
 
 # ---- the store ------------------------------------------------------------------------
@@ -744,22 +756,11 @@ class Store:
         """Add the agent of a single file (``kvsnap.save``, ``export_agent``) to the
         store, as ``agent_id`` (default: the id it was saved under). Its blocks
         are verified and their hashes recomputed; blocks the store has are kept."""
-        path = Path(path).expanduser()
-        try:
-            f = TensorFile(path)
-        except FileNotFoundError:
-            raise StoreError(f"{path}: no such file", path) from None
-        with f:
-            agent = _AgentFile(f)
-            if not agent.inline:
-                raise f.corrupt("is a store manifest, not a single-file snapshot")
+        agent = _open_single_file(path)
+        with agent.file as f:
             agent_id = check_agent_id(agent.agent_id if agent_id is None else agent_id)
             tokens = agent.tokens()
-            hashes, parent = [], ""
-            for b in range(len(agent.blocks)):
-                t = agent.full.block_tokens
-                parent = block_hash(parent, tokens[b * t : (b + 1) * t], agent.model_fp, agent.full)
-                hashes.append(parent)
+            hashes = block_hashes(tokens, agent.model_fp, agent.full) if agent.full else []
             if hashes != agent.blocks:
                 raise f.corrupt("its block hashes do not match its tokens, model and format")
             inline = [name for name in f.tensors if name.startswith("blocks.")]
@@ -923,6 +924,6 @@ def import_mlx(path: str | os.PathLike, *, model, **make_cache_args) -> PromptCa
 
 
 __all__ = [
-    "AgentInfo", "GroupFormat", "SaveResult", "Store", "block_hash", "check_agent_id",
+    "AgentInfo", "GroupFormat", "SaveResult", "Store", "block_hash", "block_hashes", "check_agent_id",
     "export_mlx", "import_mlx", "load", "save",
 ]
