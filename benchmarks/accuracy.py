@@ -364,23 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     n_tokens = args.tokens or (QUICK_TOKENS if args.quick else DEFAULT_TOKENS)
 
     machine = machine_info()
-    blas = machine["openblas_preloaded"]
-    print(
-        f"cpu: {machine['cpu']} x{machine['cpu_count']}, "
-        f"load average {machine['load_average_at_start'][0]:.2f}"
-    )
-    print(
-        f"kvsnap {machine['kvsnap']} ({machine['kvsnap_isa']}, {machine['kvsnap_threads']} "
-        f"threads), mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}"
-    )
-    if blas:
-        print(f"OpenBLAS preloaded: yes ({', '.join(blas)})")
-    else:
-        print(
-            "OpenBLAS preloaded: no -- WARNING: MLX's float matmuls use the slow reference BLAS "
-            "of its wheel (~15-20x slower); run with "
-            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-        )
+    bench_common.print_machine(machine)
     text, text_record = license_text()
     print(
         f"text: {', '.join(LICENSE_FILES)} from {LICENSE_DIR}, joined by blank lines "

@@ -597,22 +597,7 @@ def main(argv: list[str] | None = None) -> None:
 
     bandwidth = measure_bandwidth(COPY_BYTES, repeats=2 if args.quick else 5)
     machine = machine_info(bandwidth)
-    blas = machine["openblas_preloaded"]
-    print(
-        f"cpu: {machine['cpu']} x{machine['cpu_count']}, load average {machine['load_average_at_start'][0]:.2f}"
-    )
-    print(
-        f"kvsnap {machine['kvsnap']} ({machine['kvsnap_isa']}, {machine['kvsnap_threads']} threads), "
-        f"mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}"
-    )
-    print(
-        "OpenBLAS preloaded: "
-        + (
-            f"yes ({', '.join(blas)})"
-            if blas
-            else "no (MLX's float matmuls use the reference BLAS of its wheel)"
-        )
-    )
+    bench_common.print_machine(machine)
     print(
         f"memory bandwidth ({COPY_BYTES >> 20} MiB numpy copy, best of a few): read "
         f"{bandwidth['read_gb_per_s_1_thread']:.2f} GB/s on 1 thread, "

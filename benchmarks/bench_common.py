@@ -77,6 +77,24 @@ def machine_info(**extra) -> dict:
     }
 
 
+def print_machine(machine: dict) -> None:
+    """The lines every benchmark starts with: CPU, versions, whether OpenBLAS is in use."""
+    print(f"cpu: {machine['cpu']} x{machine['cpu_count']}, load average {machine['load_average_at_start'][0]:.2f}")
+    print(
+        f"kvsnap {machine['kvsnap']} ({machine['kvsnap_isa']}, {machine['kvsnap_threads']} threads), "
+        f"mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}"
+    )
+    blas = machine["openblas_preloaded"]
+    if blas:
+        print(f"OpenBLAS preloaded: yes ({', '.join(blas)})")
+    else:
+        print(
+            "OpenBLAS preloaded: no -- WARNING: MLX's float matmuls use the slow reference BLAS of its "
+            "wheel (~15-20x slower); run with "
+            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+        )
+
+
 def license_text() -> tuple[str, dict]:
     """The license texts joined by blank lines, and a record of the files used."""
     parts, files = [], []

@@ -524,22 +524,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     machine = machine_info()
-    blas = machine["openblas_preloaded"]
-    print(
-        f"cpu: {machine['cpu']} x{machine['cpu_count']}, load average {machine['load_average_at_start'][0]:.2f}"
-    )
-    print(
-        f"kvsnap {machine['kvsnap']} ({machine['kvsnap_isa']}, {machine['kvsnap_threads']} threads), "
-        f"mlx {machine['mlx']}, mlx-lm {machine['mlx_lm']}"
-    )
-    if blas:
-        print(f"OpenBLAS preloaded: yes ({', '.join(blas)})")
-    else:
-        print(
-            "OpenBLAS preloaded: no -- WARNING: MLX's float matmuls use the slow reference BLAS of its "
-            "wheel (~15-20x slower); run with "
-            "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-        )
+    bench_common.print_machine(machine)
 
     model, tokenizer = load(MODEL)
     text, text_record = license_text()

@@ -255,6 +255,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
 
+    bench_common.print_machine(machine_info())
     model, tokenizer = load(MODEL)
     text, record = license_text()
     ids = tokenizer.encode(text)[: contexts[0] + 1]
