@@ -290,3 +290,61 @@ def test_8bit_keys_4bit_values_cache():
     assert e.value.argument == "quantized"
     back = kc.to_mlx(cache, quantized=False)
     assert back[0].offset == 50
+
+
+def test_trim_past_the_window_is_refused_and_changes_nothing():
+    # Gemma 3 style: the window layers have freed the blocks a trim back to
+    # position 20 would need. Trimming anyway used to leave the window layers
+    # at other offsets than the full layers; now it is refused up front.
+    model = small_model("gemma3")
+    cache = kc.make_cache(model, block_tokens=16)
+    logits(model, prompt(100), cache)
+    for i in range(40):
+        logits(model, mx.array([i % VOCAB]), cache)
+    tables = cache.block_tables
+    with pytest.raises(InvalidArgumentError, match="window"):
+        cache.trim(120)
+    assert all(c.offset == 140 for c in cache) and cache.block_tables == tables
+    assert not cache.can_trim_to(20) and cache.can_trim_to(140 - 40)
+    # A trim the window still covers gives what a fresh cache computes.
+    assert cache.trim(30) == 30 and all(c.offset == 110 for c in cache)
+    tail = mx.array([(i % VOCAB) for i in range(30)])
+    out = logits(model, tail, cache)
+    fresh = kc.make_cache(model, block_tokens=16)
+    logits(model, prompt(100), fresh)
+    for i in range(10):
+        logits(model, mx.array([i % VOCAB]), fresh)
+    ref = logits(model, tail, fresh)
+    np.testing.assert_allclose(np.array(out), np.array(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_arena_full_mid_forward_leaves_every_layer_as_it_was():
+    # Two layer groups on one budget: the step's blocks for every group are
+    # taken before any layer writes, so a full budget fails the whole step.
+    model = small_model("gemma3")
+    cache = kc.make_cache(model, block_tokens=16)
+    slot = cache.sequences[0].arena.slot_bytes + cache.sequences[1].arena.slot_bytes
+    small = kc.make_cache(model, block_tokens=16, budget_bytes=4 * slot)
+    logits(model, prompt(60), small)
+    offsets, tables, used = [c.offset for c in small], small.block_tables, small.sequences[0].arena.budget.used
+    with pytest.raises(kvsnap.errors.ArenaFullError):
+        logits(model, prompt(80, seed=3), small)
+    assert [c.offset for c in small] == offsets and small.block_tables == tables
+    assert small.sequences[0].arena.budget.used == used
+    # The cache still works: the next tokens that fit are computed exactly.
+    a = logits(model, prompt(3, seed=4), small)
+    b = kc.make_cache(model, block_tokens=16)
+    logits(model, prompt(60), b)
+    np.testing.assert_array_equal(np.array(a), np.array(logits(model, prompt(3, seed=4), b)))
+
+
+def test_both_layer_groups_count_against_one_budget():
+    model = small_model("gemma3")
+    cache = kc.make_cache(model, block_tokens=16, budget_bytes=1 << 24)
+    full, windowed = cache.sequences
+    assert full.arena.budget.limit == windowed.arena.budget.limit == 1 << 24
+    logits(model, prompt(100), cache)
+    used = full.arena.stats()["bytes_used"] + windowed.arena.stats()["bytes_used"]
+    assert full.arena.budget.used == windowed.arena.budget.used == used > 0
+    cache.release()
+    assert full.arena.budget.used == 0

@@ -32,7 +32,7 @@ from mlx_lm.models import base as mlx_base
 from mlx_lm.models import cache as mlx_cache
 
 from kvsnap import ops
-from kvsnap._ext import Arena
+from kvsnap._ext import Arena, Budget
 from kvsnap.errors import InvalidArgumentError, UnsupportedModelError
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # virtual: the arena's pages are touched only when used
@@ -55,7 +55,14 @@ def can_rotate(head_dim: int) -> bool:
 
 
 class BlockSequence:
-    """The block table of one sequence for one group of layers."""
+    """The block table of one sequence for one group of layers.
+
+    ``index`` (optional) is told about slots this sequence lets go of: an
+    object with ``drop_slot(slot)``, called when a slot's last reference goes
+    or when a block is about to be written again (a resident index of shared
+    blocks must then forget it). ``siblings`` are the block sequences of the
+    same prompt cache (every group), reserved together before a forward pass.
+    """
 
     def __init__(self, arena: Arena, window: int | None = None, rotate: bool = False):
         self.arena = arena
@@ -63,18 +70,59 @@ class BlockSequence:
         self.rotate = rotate  # K/V/Q are stored and attended in a Hadamard basis
         self.blocks: list[int] = []  # arena slot per block; -1 once freed
         self.layers: list[KVSnapCache] = []
+        self.index = None
+        self.siblings: list[BlockSequence] = [self]
+        self._table: np.ndarray | None = None  # built once per change, not per layer
 
     @property
     def block_tokens(self) -> int:
         return self.arena.block_tokens
 
-    def reserve(self, n_tokens: int) -> None:
-        """Allocate blocks so that positions [0, n_tokens) have a slot."""
-        while len(self.blocks) * self.block_tokens < n_tokens:
-            self.blocks.append(self.arena.alloc())
+    def blocks_for(self, n_tokens: int) -> int:
+        """Blocks positions [0, n_tokens) span."""
+        return -(-n_tokens // self.block_tokens)
+
+    def reserve(self, n_tokens: int) -> list[int]:
+        """Allocate blocks so that positions [0, n_tokens) have a slot; returns
+        the new slots. All or nothing: on ArenaFullError none are kept."""
+        new = []
+        try:
+            while len(self.blocks) * self.block_tokens < n_tokens:
+                self.blocks.append(self.arena.alloc())
+                new.append(self.blocks[-1])
+        except BaseException:
+            self.unreserve(new)
+            raise
+        if new:
+            self._table = None
+        return new
+
+    def unreserve(self, slots: list[int]) -> None:
+        """Give back the last blocks ``reserve`` returned (never written)."""
+        for slot in reversed(slots):
+            assert self.blocks and self.blocks[-1] == slot
+            self.blocks.pop()
+            self._drop(slot)
+        self._table = None
+
+    def reserve_all(self, n_tokens: int) -> None:
+        """Reserve positions [0, n_tokens) in every group of the cache, all or
+        nothing: a forward pass never finds the arena full half way."""
+        done = []
+        try:
+            for seq in self.siblings:
+                done.append((seq, seq.reserve(n_tokens)))
+        except BaseException:
+            for seq, slots in done:
+                seq.unreserve(slots)
+            raise
+
+    def _drop(self, slot: int) -> None:
+        if self.arena.decref(slot) == 0 and self.index is not None:
+            self.index.drop_slot(self.arena, slot)
 
     def _settle_reads(self) -> None:
-        # A slot must not be reused while a lazy attention may still read it.
+        # Pending reads of this sequence's slots run before they are let go.
         pending = [c._read for c in self.layers if c._read is not None]
         if pending:
             mx.eval(pending)
@@ -96,8 +144,9 @@ class BlockSequence:
             return
         self._settle_reads()
         for i in dead:
-            self.arena.decref(self.blocks[i])
+            self._drop(self.blocks[i])
             self.blocks[i] = -1
+        self._table = None
 
     def first_live_position(self) -> int:
         for i, slot in enumerate(self.blocks):
@@ -105,27 +154,74 @@ class BlockSequence:
                 return i * self.block_tokens
         return len(self.blocks) * self.block_tokens
 
+    def can_trim_to(self, n_tokens: int) -> bool:
+        """Whether the sequence still holds what a query at ``n_tokens`` sees."""
+        if self.window is None or n_tokens == 0:
+            return True
+        return self.first_live_position() <= max(0, n_tokens - self.window)
+
     def truncate(self, n_tokens: int) -> None:
-        """Free the blocks past the first ``n_tokens`` positions."""
-        keep = -(-n_tokens // self.block_tokens)
-        if keep >= len(self.blocks):
+        """Free the blocks past the first ``n_tokens`` positions. A partial
+        last block will be written again: it is made private first (copied
+        when shared) and forgotten by the index."""
+        keep = self.blocks_for(n_tokens)
+        if keep < len(self.blocks):
+            self._settle_reads()
+            for slot in self.blocks[keep:]:
+                if slot >= 0:
+                    self._drop(slot)
+            del self.blocks[keep:]
+            self._table = None
+        if n_tokens % self.block_tokens and self.blocks and self.blocks[-1] >= 0:
+            self._make_private(len(self.blocks) - 1)
+
+    def _make_private(self, b: int) -> None:
+        slot = self.blocks[b]
+        if self.arena.refcount(slot) > 1:
+            self._settle_reads()
+            copy = self.arena.alloc()
+            for dst, src in zip(self.arena.block_views(copy), self.arena.block_views(slot)):
+                dst[...] = src
+            self._drop(slot)
+            self.blocks[b] = copy
+            self._table = None
+        elif self.index is not None:
+            self.index.drop_slot(self.arena, slot)
+
+    def adopt(self, slot: int) -> None:
+        """Append a full block held elsewhere (shared: one more reference)."""
+        self.arena.incref(slot)
+        self.blocks.append(slot)
+        self._table = None
+
+    def replace(self, b: int, slot: int) -> None:
+        """Hold ``slot`` (an identical full block held elsewhere) instead of block b's own."""
+        if self.blocks[b] == slot:
             return
         self._settle_reads()
-        for slot in self.blocks[keep:]:
-            if slot >= 0:
-                self.arena.decref(slot)
-        del self.blocks[keep:]
+        self.arena.incref(slot)
+        self._drop(self.blocks[b])
+        self.blocks[b] = slot
+        self._table = None
 
     def release(self) -> None:
         """Give every block back to the arena."""
         self._settle_reads()
         for slot in self.blocks:
             if slot >= 0:
-                self.arena.decref(slot)
+                self._drop(slot)
         self.blocks = []
+        self._table = None
 
-    def table(self) -> list[list[int]]:
-        return [self.blocks]
+    def table(self) -> np.ndarray:
+        if self._table is None:
+            self._table = np.array([self.blocks], dtype=np.int32).reshape(1, len(self.blocks))
+        return self._table
+
+    @property
+    def slots(self) -> list[int]:
+        """The live slots this sequence holds."""
+        return [b for b in self.blocks if b >= 0]
 
 
 class KVSnapCache:
@@ -136,6 +232,7 @@ class KVSnapCache:
         self.layer = layer
         self.window = window
         self.offset = 0
+        self.leader = False  # the model's first kvsnap layer reserves for every group
         self._write: mx.array | None = None  # token of the last kv_write
         self._read: mx.array | None = None  # output of the last attention
         seq.layers.append(self)
@@ -160,7 +257,10 @@ class KVSnapCache:
         stored = (hadamard(keys), hadamard(values)) if self.seq.rotate else (keys, values)
         if self.window is not None and self.seq.layers[0] is self:
             self.seq.release_outside_window(self.offset)
-        self.seq.reserve(self.offset + n_new)
+        if self.leader:
+            # Every group's blocks for this step, before any layer writes: an
+            # ArenaFullError here leaves the whole cache as it was.
+            self.seq.reserve_all(self.offset + n_new)
         after = [] if self._read is None else [self._read]
         self._write = ops.kv_write(
             self.seq.arena, self.layer, *stored, self.seq.table(), [self.offset], after=after
@@ -219,10 +319,17 @@ class KVSnapCache:
 
     def trim(self, n: int) -> int:
         n = min(self.offset, max(0, int(n)))
-        if self.window is not None:
-            # Blocks before the window may be gone: trim no further than they allow.
-            n = min(n, max(0, self.offset - self.seq.first_live_position() - self.window + 1))
-        self.offset -= n
+        target = self.offset - n
+        # Every layer holds the same tokens: refuse before any layer changes.
+        stale = [s for s in self.seq.siblings if not s.can_trim_to(target)]
+        if stale:
+            raise InvalidArgumentError(
+                f"n: cannot trim {n} tokens: the sliding-window layers no longer hold the "
+                f"{stale[0].window} tokens before position {target} (their blocks left the window); "
+                "recompute the sequence from the start instead",
+                "n",
+            )
+        self.offset = target
         self.seq.truncate(max(c.offset for c in self.seq.layers))
         return n
 
@@ -254,17 +361,35 @@ class PromptCache(list):
         self.sequences = list(sequences)
         self.foreign_layers = list(foreign_layers)
         self.tokens: list[int] = []
+        for s in self.sequences:
+            s.siblings = self.sequences
+        leader = next((c for c in layers if isinstance(c, KVSnapCache)), None)
+        if leader is not None:
+            leader.leader = True
 
     @property
     def offset(self) -> int:
         return max((c.offset for c in self if isinstance(c, KVSnapCache)), default=0)
+
+    def can_trim_to(self, n_tokens: int) -> bool:
+        """Whether trimming to ``n_tokens`` keeps every layer exact (see ``trim``)."""
+        return all(s.can_trim_to(n_tokens) for s in self.sequences)
+
+    def reserve(self, n_tokens: int) -> None:
+        """Allocate every group's blocks for positions [0, n_tokens), all or nothing."""
+        if self.sequences:
+            self.sequences[0].reserve_all(n_tokens)
 
     def record_tokens(self, token_ids: Sequence[int]) -> None:
         """Note token ids that were fed through the model with this cache."""
         self.tokens.extend(int(t) for t in token_ids)
 
     def trim(self, n: int) -> int:
-        """Drop the last ``n`` tokens of every layer; returns how many were dropped."""
+        """Drop the last ``n`` tokens of every layer; returns how many were dropped.
+
+        On a model with sliding-window layers a trim that reaches before the
+        window they still hold raises InvalidArgumentError (nothing changes).
+        """
         trimmed = mlx_cache.trim_prompt_cache(self, n)
         if trimmed:
             del self.tokens[max(0, len(self.tokens) - trimmed) :]
@@ -277,7 +402,7 @@ class PromptCache(list):
     @property
     def nbytes(self) -> int:
         """Arena bytes held by this cache's blocks."""
-        return sum(s.arena.slot_bytes * sum(1 for b in s.blocks if b >= 0) for s in self.sequences)
+        return sum(s.arena.slot_bytes * len(s.slots) for s in self.sequences)
 
     def _settle(self) -> None:
         """Finish every pending write and read of this cache."""
@@ -384,15 +509,19 @@ def make_cache(
     group_size: int = 64,
     block_tokens: int = 256,
     arena: Arena | None = None,
+    window_arena: Arena | None = None,
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    budget: Budget | None = None,
     rotate: bool | None = None,
     key_bits: int | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache for ``model`` (an mlx-lm model), one entry per layer.
 
-    Full-attention layers store their blocks in ``arena`` (created with
-    ``budget_bytes`` if not given; a given arena must match the model's
-    geometry and the quantization). Sliding-window layers get their own arena.
+    Full-attention layers store their blocks in ``arena``, sliding-window
+    layers (Gemma 3) in ``window_arena``; arenas not given are created,
+    sharing ``budget`` (a ``kvsnap.Budget``; by default one of
+    ``budget_bytes``), so both groups count against one budget. A given arena
+    must match the model's geometry and the quantization.
 
     ``rotate``: store K/V in a Hadamard-rotated basis (same attention, much
     smaller quantization error). None: on when head_dim is a power of two.
@@ -426,6 +555,16 @@ def make_cache(
             )
         return bool(rotate)
 
+    if budget is None and (arena is None or window_arena is None):
+        shared = arena or window_arena
+        budget = shared.budget if shared is not None else Budget(budget_bytes)
+
+    def new_arena(n_layers, n_kv_heads, head_dim):
+        return Arena(
+            n_layers, n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
+            group_size=group_size, budget=budget, key_bits=key_bits,
+        )
+
     full = [i for i, (k, _) in enumerate(kinds) if k == "full"]
     windowed = [i for i, (k, _) in enumerate(kinds) if k == "window"]
     foreign = [i for i, (k, _) in enumerate(kinds) if k == "foreign"]
@@ -435,10 +574,7 @@ def make_cache(
     if full:
         n_kv_heads, head_dim = geometry(full)
         if arena is None:
-            arena = Arena(
-                len(full), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
-                group_size=group_size, budget_bytes=budget_bytes, key_bits=key_bits,
-            )
+            arena = new_arena(len(full), n_kv_heads, head_dim)
         else:
             _check_arena(arena, len(full), n_kv_heads, head_dim, bits, key_bits, group_size)
         seq = BlockSequence(arena, rotate=rotation(head_dim))
@@ -451,11 +587,11 @@ def make_cache(
             raise UnsupportedModelError(f"{_model_type(model)}: several sliding windows {sorted(windows)}")
         window = windows.pop()
         n_kv_heads, head_dim = geometry(windowed)
-        w_arena = Arena(
-            len(windowed), n_kv_heads, head_dim, block_tokens=block_tokens, bits=bits,
-            group_size=group_size, budget_bytes=budget_bytes, key_bits=key_bits,
-        )
-        seq = BlockSequence(w_arena, window=window, rotate=rotation(head_dim))
+        if window_arena is None:
+            window_arena = new_arena(len(windowed), n_kv_heads, head_dim)
+        else:
+            _check_arena(window_arena, len(windowed), n_kv_heads, head_dim, bits, key_bits, group_size)
+        seq = BlockSequence(window_arena, window=window, rotate=rotation(head_dim))
         sequences.append(seq)
         for j, i in enumerate(windowed):
             layers[i] = KVSnapCache(seq, j, window=window)

@@ -26,6 +26,25 @@ class ArenaFullError(ArenaError):
     """No free slot is left in the arena."""
 
 
+class BudgetExceededError(ArenaFullError):
+    """A request needs more KV memory than the budget can give it.
+
+    ``need`` and ``budget`` are in bytes.
+    """
+
+    def __init__(self, message: str, need: int = 0, budget: int = 0):
+        super().__init__(message)
+        self.need, self.budget = need, budget
+
+
+class AgentBusyError(KvsnapError):
+    """The agent is serving another request (raised instead of waiting with ``wait=False``)."""
+
+    def __init__(self, message: str, agent_id: str = ""):
+        super().__init__(message)
+        self.agent_id = agent_id
+
+
 class SlotError(ArenaError):
     """A slot index is out of range or not allocated (double free, use after free)."""
 

@@ -386,9 +386,15 @@ def _read_block(f: TensorFile, seq: BlockSequence, b: int, prefix: str) -> None:
     f.read_into((prefix + name, v) for name, v in zip(ARRAYS, seq.arena.block_views(seq.blocks[b])))
 
 
-def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_block) -> PromptCache:
+def _restore(
+    agent: _AgentFile, model, tokenizer, arena: Arena | None, open_block, window_arena: Arena | None = None,
+    resident=None,
+) -> PromptCache:
     """A cache holding what an agent file describes; ``open_block(b, hash)``
-    returns (TensorFile, tensor name prefix, close?) for full block b."""
+    returns (TensorFile, tensor name prefix, close?) for full block b.
+    ``resident(hash)``, when given, returns the arena slot of an identical
+    full block already in ``arena`` (or None): that block is shared instead
+    of read."""
     agent.check_model(model, tokenizer)
     tokens = agent.tokens()
     if not agent.groups:
@@ -399,7 +405,8 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
     try:
         cache = make_cache(
             model, bits=lead.bits, key_bits=lead.key_bits, group_size=lead.group_size,
-            block_tokens=lead.block_tokens, arena=arena, rotate=lead.rotation == "hadamard",
+            block_tokens=lead.block_tokens, arena=arena, window_arena=window_arena,
+            rotate=lead.rotation == "hadamard",
         )
     except InvalidArgumentError as e:
         raise FormatMismatchError(f"{agent.file.path}: the snapshot's format does not fit this model: {e}",
@@ -415,8 +422,12 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
         for group, seq in zip(got, cache.sequences):
             t = group.block_tokens
             if group.kind == "full":
-                seq.reserve(n)
                 for b, h in enumerate(agent.blocks):
+                    slot = resident(h) if resident is not None else None
+                    if slot is not None:
+                        seq.adopt(slot)
+                        continue
+                    seq.reserve((b + 1) * t)
                     f, prefix, owned = open_block(b, h)
                     try:
                         if owned:
@@ -425,6 +436,7 @@ def _restore(agent: _AgentFile, model, tokenizer, arena: Arena | None, open_bloc
                     finally:
                         if owned:
                             f.close()
+                seq.reserve(n)
                 if len(agent.blocks) * t < n:
                     _read_rows(agent.file, group, seq, len(agent.blocks) * t, n, "tail.")
             else:
@@ -719,12 +731,26 @@ class Store:
             raise
         return agent
 
-    def load_agent(self, agent_id: str, *, model, tokenizer=None, arena: Arena | None = None) -> PromptCache:
-        """The agent's cache as last saved, verified, in fresh arena slots."""
+    def load_agent(
+        self, agent_id: str, *, model, tokenizer=None, arena: Arena | None = None,
+        window_arena: Arena | None = None, resident=None,
+    ) -> PromptCache:
+        """The agent's cache as last saved, verified, in fresh arena slots.
+
+        ``arena``/``window_arena``: where its full-attention and sliding-window
+        blocks go (as in ``make_cache``). ``resident(hash)``: the slot in
+        ``arena`` of an identical block already resident, shared instead of read.
+        """
         agent = self._open_agent(agent_id)
         with agent.file:
-            _prefetch(self.block_path(h) for h in agent.blocks)
-            return _restore(agent, model, tokenizer, arena, self._open_block)
+            _prefetch(self.block_path(h) for h in agent.blocks if resident is None or resident(h) is None)
+            return _restore(agent, model, tokenizer, arena, self._open_block, window_arena, resident)
+
+    def agent_tokens(self, agent_id: str) -> np.ndarray:
+        """The token ids an agent's snapshot holds (int32)."""
+        agent = self._open_agent(agent_id)
+        with agent.file:
+            return agent.tokens()
 
     def _open_block(self, b: int, h: str):
         path = self.block_path(h)
