@@ -65,7 +65,9 @@ mx::array kv_write(
     begin[b] = offsets[b];
     end[b] = int64_t(offsets[b]) + L;
   }
-  check_block_table(*arena, block_table, B, begin, end, "kv_write");
+  std::vector<int64_t> slots =
+      check_block_table(*arena, block_table, B, begin, end, "kv_write");
+  auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
 
   std::vector<mx::array> inputs = {
       mx::contiguous(keys, false, stream), mx::contiguous(values, false, stream)};
@@ -73,7 +75,7 @@ mx::array kv_write(
   return mx::array(
       {1},
       mx::uint32,
-      std::make_shared<KVWrite>(stream, arena, layer, block_table, offsets),
+      std::make_shared<KVWrite>(stream, arena, layer, block_table, offsets, std::move(pins)),
       std::move(inputs));
 }
 
@@ -91,7 +93,9 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
                 arena = arena_,
                 layer = layer_,
                 table = block_table_,
-                offsets = offsets_]() mutable {
+                offsets = offsets_,
+                pins = pins_]() mutable {
+    (void)pins; // held, not used: the slots stay pinned until this work is gone
     const ArenaGeometry& g = arena->geometry();
     cpu::WriteArgs a;
     a.B = keys.shape(0);
