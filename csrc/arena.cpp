@@ -364,4 +364,9 @@ SlotPins::~SlotPins() {
   }
 }
 
+std::string shared_slot_message(int64_t slot, int64_t refcount) {
+  return "slot " + std::to_string(slot) + " is shared by " + std::to_string(refcount) +
+      " holders; kvsnap never writes into a shared block (copy it first)";
+}
+
 } // namespace kvsnap

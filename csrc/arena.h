@@ -194,6 +194,9 @@ class SlotPins {
   std::vector<int64_t> slots_;
 };
 
+// Why a write into `slot` (held `refcount` times) is refused.
+std::string shared_slot_message(int64_t slot, int64_t refcount);
+
 // Checks a quantization format: bits 4 or 8, group_size 16/32/64/128
 // dividing head_dim, head_dim <= 256 (InvalidArgument names `head_dim_arg`
 // for a head_dim that is too large).

@@ -212,6 +212,9 @@ NB_MODULE(_ext, m) {
                              std::vector<nb::ndarray<nb::c_contig, nb::device::cpu>> arrays) {
             Arena& a = *h.impl;
             a.check_live(slot, "write_block");
+            if (int64_t holders = a.refcount(slot); holders > 1) {
+              throw kvsnap::InvalidArgument("slot", kvsnap::shared_slot_message(slot, holders));
+            }
             const auto& g = a.geometry();
             if (layer < 0 || layer >= g.n_layers) {
               throw kvsnap::InvalidArgument("layer", std::to_string(layer) + " is out of range");
@@ -244,7 +247,8 @@ NB_MODULE(_ext, m) {
             }
           }, "slot"_a, "layer"_a, "arrays"_a,
           "Overwrite one layer of a slot with the 6 arrays read_block returns. "
-          "The slot must not be read or written by a pending (lazy) kvsnap op.")
+          "The slot must not be shared (refcount 1) nor read or written by a pending "
+          "(lazy) kvsnap op.")
       .def("block_views", [](const ArenaHandle& h, int64_t slot) {
             h.impl->check_live(slot, "block_views");
             return slot_views(h.impl, slot);

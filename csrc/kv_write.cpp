@@ -67,6 +67,21 @@ mx::array kv_write(
   }
   std::vector<int64_t> slots =
       check_block_table(*arena, block_table, B, begin, end, "kv_write");
+  // A shared block (a common prefix) belongs to several sequences: writing
+  // into it would change the others' history.
+  const int bt = g.block_tokens;
+  for (int b = 0; b < B; ++b) {
+    for (int64_t blk = begin[b] / bt; blk * bt < end[b]; ++blk) {
+      int32_t slot = block_table.data[size_t(b) * block_table.shape[1] + blk];
+      int64_t holders = arena->refcount(slot);
+      if (holders != 1) {
+        throw InvalidArgument(
+            "block_table",
+            "block " + std::to_string(blk) + " of sequence " + std::to_string(b) + ": " +
+                shared_slot_message(slot, holders));
+      }
+    }
+  }
   auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
 
   std::vector<mx::array> inputs = {

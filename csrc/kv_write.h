@@ -15,7 +15,8 @@ namespace kvsnap {
 // block_table[b] (a [B, max_blocks] table of arena slots). Returns a token
 // (uint32, shape [1]); an attention that takes it reads after the write.
 // `after` are arrays that must be computed before the write happens (earlier
-// reads of the same slots). The op pins its slots.
+// reads of the same slots). Every block written must be held once
+// (refcount 1): shared blocks are never written. The op pins its slots.
 mx::array kv_write(
     std::shared_ptr<Arena> arena,
     int layer,

@@ -1,5 +1,6 @@
 """Arena memory over time: one byte budget shared by arenas, freed slots given
-back to the OS, and pending ops holding their slots (pins)."""
+back to the OS, pending ops holding their slots (pins), and no writes into
+shared blocks."""
 
 from __future__ import annotations
 
@@ -325,3 +326,39 @@ def test_threads_freeing_slots_under_pending_ops_keep_the_budget_exact(rng):
     assert budget.used == 0
     assert all(a.stats()["slots_used"] == 0 for a in arenas)
 
+
+# ----------------------------------------------------------- shared blocks
+
+
+def test_kv_write_into_a_shared_block_is_refused(rng):
+    arena = small_arena(4)
+    own, shared = arena.alloc(), arena.alloc()
+    arena.incref(shared)  # another sequence holds it too (a common prefix)
+    keys = random_keys(rng, 2 * BT)
+    with pytest.raises(InvalidArgumentError) as e:
+        kvsnap.kv_write(arena, 0, keys, keys, [[own, shared]], [0])
+    assert e.value.argument == "block_table"
+    assert str(e.value).startswith(
+        f"block_table: block 1 of sequence 0: slot {shared} is shared by 2 holders; "
+        "kvsnap never writes into a shared block (copy it first)"
+    )
+    assert arena.pins(own) == arena.pins(shared) == 0  # nothing held by the refused op
+    # Positions inside the private block only are fine; so is a read of both.
+    short = random_keys(rng)
+    mx.eval(kvsnap.kv_write(arena, 0, short, short, [[own, shared]], [0]))
+    assert_block_equal(arena, own, written_block(short))
+    arena.decref(shared)
+    mx.eval(kvsnap.kv_write(arena, 0, keys, keys, [[own, shared]], [0]))
+
+
+def test_write_block_refuses_a_shared_slot():
+    arena = small_arena(2)
+    slot = arena.alloc()
+    block = arena.read_block(slot, 0)
+    arena.incref(slot)
+    with pytest.raises(InvalidArgumentError) as e:
+        arena.write_block(slot, 0, block)
+    assert e.value.argument == "slot"
+    assert f"slot {slot} is shared by 2 holders" in str(e.value)
+    arena.decref(slot)
+    arena.write_block(slot, 0, block)
