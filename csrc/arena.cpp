@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -71,9 +72,42 @@ void check_quant_format(int bits, int group_size, int head_dim, const char* head
   }
 }
 
-Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
-    : geo_(geometry) {
+Budget::Budget(int64_t limit_bytes) : limit_(limit_bytes) {
+  if (limit_bytes <= 0) {
+    throw InvalidArgument(
+        "limit_bytes", "must be positive, got " + std::to_string(limit_bytes));
+  }
+}
+
+bool Budget::try_charge(int64_t bytes, int64_t* seen) {
+  // Compare-exchange, not a lock: arenas charge while holding their own
+  // lock, and no lock order between arenas and the budget can then arise.
+  int64_t used = used_.load();
+  while (used + bytes <= limit_) {
+    if (used_.compare_exchange_weak(used, used + bytes)) {
+      return true;
+    }
+  }
+  if (seen) {
+    *seen = used;
+  }
+  return false;
+}
+
+void Budget::release(int64_t bytes) {
+  used_.fetch_sub(bytes);
+}
+
+Arena::Arena(
+    const ArenaGeometry& geometry,
+    std::optional<int64_t> budget_bytes,
+    std::shared_ptr<Budget> budget)
+    : geo_(geometry), budget_(std::move(budget)), shared_budget_(budget_ != nullptr) {
   geo_.validate();
+  if (!budget_bytes && !budget_) {
+    throw InvalidArgument(
+        "budget_bytes", "give budget_bytes, or budget= a kvsnap.Budget shared by arenas");
+  }
   size_t sizes[6];
   for (int i = 0; i < 6; ++i) {
     sizes[i] = array_bytes(i);
@@ -91,13 +125,19 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
     off = round_up(off, kArrayAlign);
   }
   slot_bytes_ = round_up(off, kPage);
-  if (budget_bytes < int64_t(slot_bytes_)) {
+  // budget_bytes caps this arena; a shared budget alone caps it at its limit
+  // (the mapping reserves no memory, so sizing it for the whole budget is free).
+  const int64_t cap = budget_bytes ? *budget_bytes : budget_->limit();
+  if (cap < int64_t(slot_bytes_)) {
     throw InvalidArgument(
-        "budget_bytes",
-        std::to_string(budget_bytes) + " bytes is less than one slot (" +
+        budget_bytes ? "budget_bytes" : "budget",
+        std::to_string(cap) + " bytes is less than one slot (" +
             std::to_string(slot_bytes_) + " bytes for this geometry)");
   }
-  n_slots_ = budget_bytes / int64_t(slot_bytes_);
+  if (!budget_) {
+    budget_ = std::make_shared<Budget>(*budget_bytes);
+  }
+  n_slots_ = cap / int64_t(slot_bytes_);
   // Whole pages of this system: a Metal buffer can only wrap those.
   map_bytes_ = round_up(size_t(n_slots_) * slot_bytes_, size_t(sysconf(_SC_PAGESIZE)));
   void* p = mmap(
@@ -114,6 +154,7 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
   }
   base_ = static_cast<uint8_t*>(p);
   refcount_.assign(n_slots_, 0);
+  pins_.assign(n_slots_, 0);
   free_list_.reserve(n_slots_);
   // Lowest slot on top of the stack: allocation order is predictable.
   for (int64_t s = n_slots_ - 1; s >= 0; --s) {
@@ -122,6 +163,8 @@ Arena::Arena(const ArenaGeometry& geometry, int64_t budget_bytes)
 }
 
 Arena::~Arena() {
+  // Slots still held go with the arena: a shared budget gets their bytes back.
+  budget_->release(used_ * int64_t(slot_bytes_));
   device_view_.reset(); // a GPU buffer over the mapping goes before the mapping
   if (base_) {
     munmap(base_, map_bytes_);
@@ -164,15 +207,36 @@ void Arena::check_live(int64_t slot, const char* what) const {
   }
 }
 
+std::string Arena::full_message(bool budget_spent, int64_t seen) const {
+  if (budget_spent) {
+    return "budget of " + std::to_string(budget_->limit()) + " bytes is spent: " +
+        std::to_string(seen) + " in use, a slot needs " + std::to_string(slot_bytes_) +
+        "; free blocks or raise the budget";
+  }
+  std::string msg = "arena is full: all " + std::to_string(n_slots_) + " slots of " +
+      std::to_string(slot_bytes_) + " bytes are in use";
+  if (pinned_free_ > 0) {
+    msg += " (" + std::to_string(pinned_free_) +
+        " freed but held by pending kvsnap ops until they are evaluated)";
+  }
+  return msg + "; free blocks or create a larger arena";
+}
+
 int64_t Arena::alloc() {
   int64_t slot;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    int64_t seen = budget_->used();
     if (free_list_.empty()) {
-      throw ArenaFull(
-          "arena is full: all " + std::to_string(n_slots_) + " slots of " +
-          std::to_string(slot_bytes_) +
-          " bytes are in use; free blocks or create a larger arena");
+      // A mapping sized by a shared budget runs out when the budget does:
+      // say so, unless budget_bytes capped this arena below it.
+      const bool spent = shared_budget_ && seen + int64_t(slot_bytes_) > budget_->limit();
+      throw ArenaFull(full_message(spent, seen));
+    }
+    // A private budget fits every slot of the mapping; only a shared one
+    // can be spent while this arena still has free slots.
+    if (!budget_->try_charge(int64_t(slot_bytes_), &seen)) {
+      throw ArenaFull(full_message(true, seen));
     }
     slot = free_list_.back();
     free_list_.pop_back();
@@ -183,6 +247,20 @@ int64_t Arena::alloc() {
     std::memset(slot_ptr(slot), 0xFF, slot_bytes_);
   }
   return slot;
+}
+
+void Arena::free_slot_locked(int64_t slot) {
+  // The pages go back to the OS before anyone can take the slot again (a
+  // later alloc's writes must not race the madvise). Advice only: on
+  // failure the pages just stay resident.
+#ifdef __APPLE__
+  madvise(slot_ptr(slot), slot_bytes_, MADV_FREE);
+#else
+  madvise(slot_ptr(slot), slot_bytes_, MADV_DONTNEED);
+#endif
+  free_list_.push_back(slot); // never reallocates (reserved for every slot): unpin cannot throw
+  --used_;
+  budget_->release(int64_t(slot_bytes_));
 }
 
 int64_t Arena::incref(int64_t slot) {
@@ -211,10 +289,37 @@ int64_t Arena::decref(int64_t slot) {
   if (rc == 1) {
     --shared_;
   } else if (rc == 0) {
-    --used_;
-    free_list_.push_back(slot);
+    if (pins_[slot] == 0) {
+      free_slot_locked(slot);
+    } else {
+      ++pinned_free_; // freed by its last unpin
+    }
   }
   return rc;
+}
+
+void Arena::pin(int64_t slot) {
+  check_range(slot, "pin");
+  std::lock_guard<std::mutex> lock(mu_);
+  if (refcount_[slot] == 0) {
+    throw SlotError(
+        "pin: slot " + std::to_string(slot) + " is not allocated (used after free?)");
+  }
+  ++pins_[slot];
+}
+
+void Arena::unpin(int64_t slot) noexcept {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (--pins_[slot] == 0 && refcount_[slot] == 0) {
+    --pinned_free_;
+    free_slot_locked(slot);
+  }
+}
+
+int64_t Arena::pins(int64_t slot) const {
+  check_range(slot, "pins");
+  std::lock_guard<std::mutex> lock(mu_);
+  return pins_[slot];
 }
 
 int64_t Arena::refcount(int64_t slot) const {
@@ -229,10 +334,39 @@ ArenaStats Arena::stats() const {
   s.slots_total = n_slots_;
   s.slots_used = used_;
   s.slots_shared = shared_;
+  s.slots_pinned_free = pinned_free_;
   s.slot_bytes = int64_t(slot_bytes_);
   s.bytes_total = n_slots_ * int64_t(slot_bytes_);
   s.bytes_used = used_ * int64_t(slot_bytes_);
   return s;
+}
+
+SlotPins::SlotPins(std::shared_ptr<Arena> arena, std::vector<int64_t> slots)
+    : arena_(std::move(arena)) {
+  std::sort(slots.begin(), slots.end());
+  slots.erase(std::unique(slots.begin(), slots.end()), slots.end());
+  for (int64_t slot : slots) {
+    try {
+      arena_->pin(slot);
+    } catch (...) {
+      for (int64_t pinned : slots_) {
+        arena_->unpin(pinned);
+      }
+      throw;
+    }
+    slots_.push_back(slot);
+  }
+}
+
+SlotPins::~SlotPins() {
+  for (int64_t slot : slots_) {
+    arena_->unpin(slot);
+  }
+}
+
+std::string shared_slot_message(int64_t slot, int64_t refcount) {
+  return "slot " + std::to_string(slot) + " is shared by " + std::to_string(refcount) +
+      " holders; kvsnap never writes into a shared block (copy it first)";
 }
 
 } // namespace kvsnap

@@ -12,14 +12,24 @@
 // Each of the six arrays starts on a 64-byte boundary; a slot is a whole
 // number of pages. Kernels find a layer's arrays through LayerOffsets.
 // Slots are reference counted; eviction policy lives in Python.
+//
+// Memory over time: every slot an arena hands out is charged to a Budget,
+// which several arenas may share (the layer groups of a model, many
+// agents). A pending (lazy) kernel pins the slots it touches, so a slot
+// freed meanwhile is not handed out again until the kernel is gone. A slot
+// that becomes free goes back to the OS (madvise) and its bytes back to the
+// budget.
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "layout.h"
@@ -48,18 +58,47 @@ struct LayerOffsets {
   std::array<size_t, 6> off;
 };
 
+// A byte limit that arenas charge their slots to. Lock-free (one atomic),
+// so an arena may charge it while holding its own lock, and slots may be
+// released on an MLX stream thread.
+class Budget {
+ public:
+  // Throws InvalidArgument (limit_bytes) unless limit_bytes > 0.
+  explicit Budget(int64_t limit_bytes);
+  Budget(const Budget&) = delete;
+  Budget& operator=(const Budget&) = delete;
+
+  int64_t limit() const { return limit_; }
+  int64_t used() const { return used_.load(); }
+  // Adds `bytes` to the bytes in use unless that would pass the limit;
+  // `seen` (if given) gets the bytes in use it saw.
+  bool try_charge(int64_t bytes, int64_t* seen = nullptr);
+  void release(int64_t bytes);
+
+ private:
+  const int64_t limit_;
+  std::atomic<int64_t> used_{0};
+};
+
 struct ArenaStats {
   int64_t slots_total;
-  int64_t slots_used;
+  int64_t slots_used; // not on the free list: refcount > 0, or still pinned
   int64_t slots_shared; // refcount > 1
+  int64_t slots_pinned_free; // refcount 0 but pinned by a pending op
   int64_t slot_bytes;
   int64_t bytes_total;
-  int64_t bytes_used;
+  int64_t bytes_used; // charged to the budget
 };
 
 class Arena {
  public:
-  Arena(const ArenaGeometry& geometry, int64_t budget_bytes);
+  // The mapping holds budget_bytes / slot_bytes slots, or, when only a
+  // shared `budget` is given, budget->limit() / slot_bytes. Without a shared
+  // budget the arena charges a private one of budget_bytes.
+  Arena(
+      const ArenaGeometry& geometry,
+      std::optional<int64_t> budget_bytes,
+      std::shared_ptr<Budget> budget = nullptr);
   ~Arena();
   Arena(const Arena&) = delete;
   Arena& operator=(const Arena&) = delete;
@@ -71,16 +110,29 @@ class Arena {
   uint8_t* base() const { return base_; }
   uint8_t* slot_ptr(int64_t slot) const { return base_ + slot * slot_bytes_; }
 
-  // Takes a free slot (refcount 1). Throws ArenaFull when none is left.
+  const std::shared_ptr<Budget>& budget() const { return budget_; }
+
+  // Takes a free slot (refcount 1) and charges its bytes to the budget.
+  // Throws ArenaFull when no slot is free or the budget is spent.
   int64_t alloc();
   // Returns the new refcount. Throws SlotError for a free or out-of-range slot.
   int64_t incref(int64_t slot);
-  // Returns the new refcount; at 0 the slot goes back on the free list.
+  // Returns the new refcount; at 0 the slot is free again (once unpinned).
   int64_t decref(int64_t slot);
   int64_t refcount(int64_t slot) const;
   // Throws SlotError unless `slot` is allocated; `what` names the caller.
   void check_live(int64_t slot, const char* what) const;
   ArenaStats stats() const;
+
+  // Pins: a pending kernel holds the slots it reads or writes, so that a
+  // slot freed (refcount 0) before the kernel ran is not handed to a new
+  // owner whose data the kernel would then overwrite or read. pin throws
+  // SlotError unless the slot is allocated; the last unpin of a slot with
+  // refcount 0 frees it. unpin runs on MLX stream threads: it takes only
+  // this arena's lock and never throws.
+  void pin(int64_t slot);
+  void unpin(int64_t slot) noexcept;
+  int64_t pins(int64_t slot) const;
 
   // Bytes of one array of one layer, by LayerOffsets index.
   size_t array_bytes(int which) const;
@@ -97,6 +149,10 @@ class Arena {
 
  private:
   void check_range(int64_t slot, const char* what) const;
+  // The message of ArenaFull; `seen`: the budget's bytes in use when it refused.
+  std::string full_message(bool budget_spent, int64_t seen) const;
+  // Puts a slot with refcount 0 and no pins back on the free list. Needs mu_.
+  void free_slot_locked(int64_t slot);
 
   ArenaGeometry geo_;
   size_t slot_bytes_ = 0;
@@ -108,12 +164,38 @@ class Arena {
   mutable std::mutex view_mu_;
   mutable std::shared_ptr<void> device_view_;
 
+  std::shared_ptr<Budget> budget_;
+  bool shared_budget_ = false; // given by the caller, not our private one
+
   mutable std::mutex mu_;
   std::vector<int64_t> free_list_; // stack of free slots
   std::vector<int32_t> refcount_;
-  int64_t used_ = 0;
+  std::vector<int32_t> pins_;
+  int64_t used_ = 0; // slots off the free list, each charged to the budget
   int64_t shared_ = 0;
+  int64_t pinned_free_ = 0;
 };
+
+// The distinct slots of a block table that one kernel touches, pinned for
+// as long as this object lives. Primitives hold it through a shared_ptr
+// that their dispatched work copies: the slots stay pinned until both the
+// graph node and the work are gone.
+class SlotPins {
+ public:
+  // Pins each distinct slot once; SlotError, with nothing pinned, if one is
+  // not allocated.
+  SlotPins(std::shared_ptr<Arena> arena, std::vector<int64_t> slots);
+  ~SlotPins();
+  SlotPins(const SlotPins&) = delete;
+  SlotPins& operator=(const SlotPins&) = delete;
+
+ private:
+  std::shared_ptr<Arena> arena_;
+  std::vector<int64_t> slots_;
+};
+
+// Why a write into `slot` (held `refcount` times) is refused.
+std::string shared_slot_message(int64_t slot, int64_t refcount);
 
 // Checks a quantization format: bits 4 or 8, group_size 16/32/64/128
 // dividing head_dim, head_dim <= 256 (InvalidArgument names `head_dim_arg`

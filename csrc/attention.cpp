@@ -164,11 +164,13 @@ mx::array paged_attention(
       begin[b] = std::max<int64_t>(0, int64_t(lengths[b]) - L - window + 1);
     }
   }
-  check_block_table(*arena, block_table, B, begin, end, "attention");
+  std::vector<int64_t> slots =
+      check_block_table(*arena, block_table, B, begin, end, "attention");
+  auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
 
   std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
   inputs.insert(inputs.end(), after.begin(), after.end());
-  PagedSpec spec{arena, layer, block_table, lengths};
+  PagedSpec spec{arena, layer, block_table, lengths, std::move(pins)};
   return mx::array(
       queries.shape(),
       queries.dtype(),
@@ -292,7 +294,7 @@ void QuantizedAttention::eval_cpu(
   }
   enc.dispatch([ins = std::move(ins),
                 out = mx::array::unsafe_weak_copy(out),
-                paged = paged_,
+                paged = paged_, // its pins hold the slots until this work is gone
                 scale = scale_,
                 causal = causal_,
                 window = window_,

@@ -17,6 +17,7 @@ namespace kvsnap {
 // holds lengths[b] tokens in the blocks block_table[b]; with `causal` its L
 // queries are its last L positions. window > 0 limits each query to the last
 // `window` keys. `after`: tokens of kv_write calls this read must follow.
+// The op pins the slots it reads.
 mx::array paged_attention(
     std::shared_ptr<Arena> arena,
     int layer,
@@ -50,6 +51,9 @@ struct PagedSpec {
   int layer;
   IntTable block_table;
   std::vector<int32_t> lengths;
+  // The slots read, held until the node and every copy of this spec (the
+  // dispatched work's) are gone.
+  std::shared_ptr<SlotPins> pins;
 };
 
 class QuantizedAttention : public mx::UnaryPrimitive {

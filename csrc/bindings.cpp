@@ -104,12 +104,17 @@ nb::list slot_views(const std::shared_ptr<Arena>& arena, int64_t slot) {
   return arrays;
 }
 
-// What Python holds for an Arena. The arena itself lives in a plain C++
+// What Python holds for a Budget and an Arena. Each lives in a plain C++
 // shared_ptr that kernels in flight copy: releasing their copy on an MLX
 // stream thread must not need the GIL (a nanobind-managed shared_ptr would
 // take it and deadlock against a Python thread waiting for that stream).
+struct BudgetHandle {
+  std::shared_ptr<kvsnap::Budget> impl;
+};
+
 struct ArenaHandle {
   std::shared_ptr<Arena> impl;
+  nb::object budget; // the Python Budget, so that arena.budget is the one passed
 };
 
 } // namespace
@@ -124,28 +129,58 @@ NB_MODULE(_ext, m) {
   g_errors.device_unsupported = nb::object(errors.attr("DeviceUnsupportedError")).release().ptr();
   nb::register_exception_translator(translate);
 
+  nb::class_<BudgetHandle>(m, "Budget",
+      "A byte limit shared by arenas: each slot an arena hands out is charged to it "
+      "until the slot is free again. Thread-safe.")
+      .def(
+          "__init__",
+          [](BudgetHandle* self, int64_t limit_bytes) {
+            new (self) BudgetHandle{std::make_shared<kvsnap::Budget>(limit_bytes)};
+          },
+          "limit_bytes"_a)
+      .def_prop_ro("limit", [](const BudgetHandle& b) { return b.impl->limit(); })
+      .def_prop_ro("used", [](const BudgetHandle& b) { return b.impl->used(); })
+      .def_prop_ro("free", [](const BudgetHandle& b) { return b.impl->limit() - b.impl->used(); })
+      .def("__repr__", [](const BudgetHandle& b) {
+        return "Budget(limit=" + std::to_string(b.impl->limit()) +
+            ", used=" + std::to_string(b.impl->used()) + ")";
+      });
+
   nb::class_<ArenaHandle>(m, "Arena",
       "A byte-budgeted pool of fixed-size slots; one slot holds one block of "
       "block_tokens tokens for every layer, keys and values, quantized.")
       .def(
           "__init__",
           [](ArenaHandle* self, int n_layers, int n_kv_heads, int head_dim,
-             int block_tokens, int bits, int group_size, int64_t budget_bytes,
-             std::optional<int> key_bits) {
-            new (self) ArenaHandle{std::make_shared<Arena>(
+             int block_tokens, int bits, int group_size, std::optional<int64_t> budget_bytes,
+             std::optional<int> key_bits, BudgetHandle* budget) {
+            auto arena = std::make_shared<Arena>(
                 kvsnap::ArenaGeometry{n_layers, n_kv_heads, head_dim, block_tokens,
                                       key_bits.value_or(bits), bits, group_size},
-                budget_bytes)};
+                budget_bytes,
+                budget ? budget->impl : nullptr);
+            nb::object py_budget =
+                budget ? nb::find(budget) : nb::cast(BudgetHandle{arena->budget()});
+            new (self) ArenaHandle{std::move(arena), std::move(py_budget)};
           },
           "n_layers"_a, "n_kv_heads"_a, "head_dim"_a, nb::kw_only(),
           "block_tokens"_a = 256, "bits"_a = 4, "group_size"_a = 64,
-          "budget_bytes"_a, "key_bits"_a = nb::none(),
-          "bits: of the values (and the keys unless key_bits is given); 4 or 8.")
-      .def("alloc", [](ArenaHandle& h) { return h.impl->alloc(); }, "Take a free slot (refcount 1); ArenaFullError when none is left.")
+          "budget_bytes"_a = nb::none(), "key_bits"_a = nb::none(), "budget"_a = nb::none(),
+          "bits: of the values (and the keys unless key_bits is given); 4 or 8.\n"
+          "budget_bytes: this arena's own limit; budget: a Budget shared with other "
+          "arenas (then budget_bytes may be omitted: the arena can grow to the whole "
+          "budget). One of the two is required.")
+      .def("alloc", [](ArenaHandle& h) { return h.impl->alloc(); },
+           "Take a free slot (refcount 1) and charge it to the budget; ArenaFullError "
+           "when none is left or the budget is spent.")
       .def("incref", [](ArenaHandle& h, int64_t slot) { return h.impl->incref(slot); }, "slot"_a, "Share a slot; returns the new refcount.")
       .def("decref", [](ArenaHandle& h, int64_t slot) { return h.impl->decref(slot); }, "slot"_a,
-           "Drop a reference; returns the new refcount (0: the slot is free again).")
+           "Drop a reference; returns the new refcount. At 0 the slot is free again, "
+           "once no pending kvsnap op holds it (see pins).")
       .def("refcount", [](ArenaHandle& h, int64_t slot) { return h.impl->refcount(slot); }, "slot"_a)
+      .def("pins", [](ArenaHandle& h, int64_t slot) { return h.impl->pins(slot); }, "slot"_a,
+           "How many pending (not yet evaluated) kvsnap ops hold the slot. A slot freed "
+           "while pinned is reused only after its last pin goes.")
       .def("stats", [](const ArenaHandle& h) {
         auto s = h.impl->stats();
         nb::dict d;
@@ -153,6 +188,7 @@ NB_MODULE(_ext, m) {
         d["slots_used"] = s.slots_used;
         d["slots_free"] = s.slots_total - s.slots_used;
         d["slots_shared"] = s.slots_shared;
+        d["slots_pinned_free"] = s.slots_pinned_free;
         d["slot_bytes"] = s.slot_bytes;
         d["bytes_total"] = s.bytes_total;
         d["bytes_used"] = s.bytes_used;
@@ -176,6 +212,9 @@ NB_MODULE(_ext, m) {
                              std::vector<nb::ndarray<nb::c_contig, nb::device::cpu>> arrays) {
             Arena& a = *h.impl;
             a.check_live(slot, "write_block");
+            if (int64_t holders = a.refcount(slot); holders > 1) {
+              throw kvsnap::InvalidArgument("slot", kvsnap::shared_slot_message(slot, holders));
+            }
             const auto& g = a.geometry();
             if (layer < 0 || layer >= g.n_layers) {
               throw kvsnap::InvalidArgument("layer", std::to_string(layer) + " is out of range");
@@ -208,7 +247,8 @@ NB_MODULE(_ext, m) {
             }
           }, "slot"_a, "layer"_a, "arrays"_a,
           "Overwrite one layer of a slot with the 6 arrays read_block returns. "
-          "The slot must not be read or written by a pending (lazy) kvsnap op.")
+          "The slot must not be shared (refcount 1) nor read or written by a pending "
+          "(lazy) kvsnap op.")
       .def("block_views", [](const ArenaHandle& h, int64_t slot) {
             h.impl->check_live(slot, "block_views");
             return slot_views(h.impl, slot);
@@ -226,6 +266,8 @@ NB_MODULE(_ext, m) {
       .def_prop_ro("key_bits", [](const ArenaHandle& h) { return h.impl->geometry().k_bits; })
       .def_prop_ro("group_size", [](const ArenaHandle& h) { return h.impl->geometry().group_size; })
       .def_prop_ro("slot_bytes", [](const ArenaHandle& h) { return h.impl->slot_bytes(); })
+      .def_prop_ro("budget", [](const ArenaHandle& h) { return h.budget; },
+                   "The Budget this arena charges: the one given, or its own.")
       .def_prop_ro("n_slots", [](const ArenaHandle& h) { return h.impl->n_slots(); });
 
   m.def(

@@ -64,7 +64,7 @@ mx::Stream kernel_stream(mx::StreamOrDevice s, const char* op) {
 #endif
 }
 
-void check_block_table(
+std::vector<int64_t> check_block_table(
     const Arena& arena,
     const IntTable& table,
     int B,
@@ -83,6 +83,7 @@ void check_block_table(
   }
   const int max_blocks = table.shape[1];
   const int bt = arena.geometry().block_tokens;
+  std::vector<int64_t> slots;
   for (int b = 0; b < B; ++b) {
     if (end[b] > int64_t(max_blocks) * bt) {
       throw InvalidArgument(
@@ -102,9 +103,10 @@ void check_block_table(
             "block " + std::to_string(blk) + " of sequence " +
                 std::to_string(b) + ": " + e.what());
       }
+      slots.push_back(slot);
     }
   }
+  return slots;
 }
-
 
 } // namespace kvsnap

@@ -35,7 +35,8 @@ class Arena;
 // Checks a [B, max_blocks] block table against the arena: every block that
 // covers positions [begin[b], end[b]) of sequence b names a live slot (blocks
 // outside that range are never touched and may hold anything, e.g. -1).
-void check_block_table(
+// Returns those slots (a slot may repeat), for the kernel to pin.
+std::vector<int64_t> check_block_table(
     const Arena& arena,
     const IntTable& table,
     int B,

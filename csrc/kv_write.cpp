@@ -65,7 +65,24 @@ mx::array kv_write(
     begin[b] = offsets[b];
     end[b] = int64_t(offsets[b]) + L;
   }
-  check_block_table(*arena, block_table, B, begin, end, "kv_write");
+  std::vector<int64_t> slots =
+      check_block_table(*arena, block_table, B, begin, end, "kv_write");
+  // A shared block (a common prefix) belongs to several sequences: writing
+  // into it would change the others' history.
+  const int bt = g.block_tokens;
+  for (int b = 0; b < B; ++b) {
+    for (int64_t blk = begin[b] / bt; blk * bt < end[b]; ++blk) {
+      int32_t slot = block_table.data[size_t(b) * block_table.shape[1] + blk];
+      int64_t holders = arena->refcount(slot);
+      if (holders != 1) {
+        throw InvalidArgument(
+            "block_table",
+            "block " + std::to_string(blk) + " of sequence " + std::to_string(b) + ": " +
+                shared_slot_message(slot, holders));
+      }
+    }
+  }
+  auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
 
   std::vector<mx::array> inputs = {
       mx::contiguous(keys, false, stream), mx::contiguous(values, false, stream)};
@@ -73,7 +90,7 @@ mx::array kv_write(
   return mx::array(
       {1},
       mx::uint32,
-      std::make_shared<KVWrite>(stream, arena, layer, block_table, offsets),
+      std::make_shared<KVWrite>(stream, arena, layer, block_table, offsets, std::move(pins)),
       std::move(inputs));
 }
 
@@ -91,7 +108,9 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
                 arena = arena_,
                 layer = layer_,
                 table = block_table_,
-                offsets = offsets_]() mutable {
+                offsets = offsets_,
+                pins = pins_]() mutable {
+    (void)pins; // held, not used: the slots stay pinned until this work is gone
     const ArenaGeometry& g = arena->geometry();
     cpu::WriteArgs a;
     a.B = keys.shape(0);

@@ -15,7 +15,8 @@ namespace kvsnap {
 // block_table[b] (a [B, max_blocks] table of arena slots). Returns a token
 // (uint32, shape [1]); an attention that takes it reads after the write.
 // `after` are arrays that must be computed before the write happens (earlier
-// reads of the same slots).
+// reads of the same slots). Every block written must be held once
+// (refcount 1): shared blocks are never written. The op pins its slots.
 mx::array kv_write(
     std::shared_ptr<Arena> arena,
     int layer,
@@ -33,12 +34,14 @@ class KVWrite : public mx::UnaryPrimitive {
       std::shared_ptr<Arena> arena,
       int layer,
       IntTable block_table,
-      std::vector<int32_t> offsets)
+      std::vector<int32_t> offsets,
+      std::shared_ptr<SlotPins> pins)
       : mx::UnaryPrimitive(stream),
         arena_(std::move(arena)),
         layer_(layer),
         block_table_(std::move(block_table)),
-        offsets_(std::move(offsets)) {}
+        offsets_(std::move(offsets)),
+        pins_(std::move(pins)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -51,6 +54,8 @@ class KVWrite : public mx::UnaryPrimitive {
   int layer_;
   IntTable block_table_;
   std::vector<int32_t> offsets_;
+  // The slots written, held until this node and its dispatched work are gone.
+  std::shared_ptr<SlotPins> pins_;
 };
 
 } // namespace kvsnap

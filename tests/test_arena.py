@@ -41,6 +41,7 @@ class Model:
             "slots_used": used,
             "slots_free": self.n - used,
             "slots_shared": sum(1 for r in self.rc if r > 1),
+            "slots_pinned_free": 0,
             "slot_bytes": slot_bytes,
             "bytes_total": self.n * slot_bytes,
             "bytes_used": used * slot_bytes,

@@ -90,12 +90,13 @@ MTL::Buffer* arena_buffer(const Arena& arena, mx::metal::Device& d) {
   return static_cast<MTL::Buffer*>(view.get());
 }
 
-// A tiny array whose only job is to hold the arena until the command buffer
-// that uses it completes (the encoder keeps its temporaries until then).
-mx::array keep_alive(std::shared_ptr<Arena> arena) {
+// A tiny array whose only job is to hold the arena and the kernel's slot
+// pins until the command buffer that uses them completes (the encoder keeps
+// its temporaries until then): a slot freed meanwhile is not reused before.
+mx::array keep_alive(std::shared_ptr<Arena> arena, std::shared_ptr<SlotPins> pins) {
   mx::allocator::Data data(
       mx::allocator::allocator().malloc(4),
-      [arena = std::move(arena)](mx::allocator::Buffer b) {
+      [arena = std::move(arena), pins = std::move(pins)](mx::allocator::Buffer b) {
         mx::allocator::allocator().free(b);
       });
   return mx::array(std::move(data), {1}, mx::uint8);
@@ -149,7 +150,7 @@ void KVWrite::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   mx::array offsets = int32_array(offsets_, {int(offsets_.size())});
   enc.add_temporary(table);
   enc.add_temporary(offsets);
-  enc.add_temporary(keep_alive(arena_));
+  enc.add_temporary(keep_alive(arena_, pins_));
 
   enc.set_compute_pipeline_state(kernel(d, launch::kv_write_kernel(dtype_name(keys.dtype()))));
   enc.set_input_array(keys, 0);
@@ -234,7 +235,7 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
     mx::array table = int32_array(
         paged_->block_table.data, {paged_->block_table.shape[0], paged_->block_table.shape[1]});
     enc.add_temporary(table);
-    enc.add_temporary(keep_alive(paged_->arena));
+    enc.add_temporary(keep_alive(paged_->arena, paged_->pins));
     enc.set_buffer(arena_buffer(*paged_->arena, d), 1);
     enc.set_input_array(table, 2);
     for (int i = 0; i < 6; ++i) {
