@@ -305,14 +305,14 @@ def test_trim_past_the_window_is_refused_and_changes_nothing():
     with pytest.raises(InvalidArgumentError, match="window"):
         cache.trim(120)
     assert all(c.offset == 140 for c in cache) and cache.block_tables == tables
-    assert not cache.can_trim_to(20) and cache.can_trim_to(140 - 40)
-    # A trim the window still covers gives what a fresh cache computes.
-    assert cache.trim(30) == 30 and all(c.offset == 110 for c in cache)
-    tail = mx.array([(i % VOCAB) for i in range(30)])
+    # The window (48) keeps blocks from position 80 on: trims back to 128 are exact.
+    assert not cache.can_trim_to(20) and not cache.can_trim_to(127) and cache.can_trim_to(128)
+    assert cache.trim(10) == 10 and all(c.offset == 130 for c in cache)
+    tail = mx.array([(7 * i % VOCAB) for i in range(10)])
     out = logits(model, tail, cache)
     fresh = kc.make_cache(model, block_tokens=16)
     logits(model, prompt(100), fresh)
-    for i in range(10):
+    for i in range(30):
         logits(model, mx.array([i % VOCAB]), fresh)
     ref = logits(model, tail, fresh)
     np.testing.assert_allclose(np.array(out), np.array(ref), atol=1e-4, rtol=1e-4)
