@@ -82,7 +82,7 @@ PATHS = ("kvsnap", "kvsnap-all", "reprefill", "resident", "q4-files", "lru")
 REFERENCE = "reprefill"  # float32, full prefill: the replies the others are compared with
 DEFAULTS = {"agents": 10, "phases": 5, "max_tokens": 16, "own_tokens": 1200, "budget_agents": 3,
             "shared_tokens": 300, "user_tokens": 100}
-QUICK = {"agents": 3, "phases": 2, "max_tokens": 8, "own_tokens": 200, "budget_agents": 2,
+QUICK = {"agents": 3, "phases": 2, "max_tokens": 8, "own_tokens": 200, "budget_agents": 1,
          "shared_tokens": 100, "user_tokens": 40}
 MARGIN_BLOCKS = 2
 LRU_MAX_SIZE = 10  # mlx_lm.server --prompt-cache-size default

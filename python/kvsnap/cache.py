@@ -24,6 +24,7 @@ touched.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -33,7 +34,7 @@ from mlx_lm.models import cache as mlx_cache
 
 from kvsnap import ops
 from kvsnap._ext import Arena, Budget
-from kvsnap.errors import InvalidArgumentError, UnsupportedModelError
+from kvsnap.errors import InvalidArgumentError, SlotError, UnsupportedModelError
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # virtual: the arena's pages are touched only when used
 
@@ -72,11 +73,72 @@ class BlockSequence:
         self.layers: list[KVSnapCache] = []
         self.index = None
         self.siblings: list[BlockSequence] = [self]
+        self.owner = None  # weak reference to the PromptCache holding this sequence
+        self.version = 0  # bumped whenever the block table changes
         self._table: np.ndarray | None = None  # built once per change, not per layer
 
     @property
     def block_tokens(self) -> int:
         return self.arena.block_tokens
+
+    def _changed(self) -> None:
+        self._table = None
+        self.version += 1
+
+    def __del__(self):
+        # A dropped cache gives its blocks back (pending kernels pin their slots).
+        try:
+            for slot in self.blocks:
+                if slot >= 0:
+                    self._drop(slot)
+            self.blocks = []
+        except (SlotError, TypeError, AttributeError):  # interpreter shutdown: the arena goes too
+            return
+
+    def share(self) -> BlockSequence:
+        """A sequence holding the same blocks (one more reference each); a
+        block either one writes to later is copied first (``make_writable``)."""
+        self._settle()  # the twin's layers know nothing of this one's pending writes
+        twin = BlockSequence(self.arena, self.window, self.rotate)
+        for slot in self.blocks:
+            if slot >= 0:
+                self.arena.incref(slot)
+        twin.blocks = list(self.blocks)
+        twin.index = self.index
+        return twin
+
+    def make_writable(self, start: int, stop: int) -> None:
+        """Copy the shared blocks positions [start, stop) fall in (copy on write)."""
+        bt = self.block_tokens
+        for b in range(start // bt, min(len(self.blocks), -(-stop // bt))):
+            if self.blocks[b] >= 0 and self.arena.refcount(self.blocks[b]) > 1:
+                self._make_private(b)
+
+    def move_to(self, arena: Arena) -> None:
+        """Copy this sequence's blocks into another arena of the same format."""
+        if arena is self.arena:
+            return
+        self._settle()
+        moved = []
+        try:
+            for slot in self.blocks:
+                if slot < 0:
+                    moved.append(-1)
+                    continue
+                new = arena.alloc()
+                moved.append(new)
+                for dst, src in zip(arena.block_views(new), self.arena.block_views(slot)):
+                    dst[...] = src
+        except BaseException:
+            for slot in moved:
+                if slot >= 0:
+                    arena.decref(slot)
+            raise
+        for slot in self.blocks:
+            if slot >= 0:
+                self._drop(slot)
+        self.arena, self.blocks, self.index = arena, moved, None
+        self._changed()
 
     def blocks_for(self, n_tokens: int) -> int:
         """Blocks positions [0, n_tokens) span."""
@@ -94,7 +156,7 @@ class BlockSequence:
             self.unreserve(new)
             raise
         if new:
-            self._table = None
+            self._changed()
         return new
 
     def unreserve(self, slots: list[int]) -> None:
@@ -103,7 +165,7 @@ class BlockSequence:
             assert self.blocks and self.blocks[-1] == slot
             self.blocks.pop()
             self._drop(slot)
-        self._table = None
+        self._changed()
 
     def reserve_all(self, n_tokens: int) -> None:
         """Reserve positions [0, n_tokens) in every group of the cache, all or
@@ -120,6 +182,12 @@ class BlockSequence:
     def _drop(self, slot: int) -> None:
         if self.arena.decref(slot) == 0 and self.index is not None:
             self.index.drop_slot(self.arena, slot)
+
+    def _settle(self) -> None:
+        # Bytes are about to be copied on the host: pending writes (and reads) first.
+        pending = [x for c in self.layers for x in (c._write, c._read) if x is not None]
+        if pending:
+            mx.eval(pending)
 
     def _settle_reads(self) -> None:
         # Pending reads of this sequence's slots run before they are let go.
@@ -146,7 +214,7 @@ class BlockSequence:
         for i in dead:
             self._drop(self.blocks[i])
             self.blocks[i] = -1
-        self._table = None
+        self._changed()
 
     def first_live_position(self) -> int:
         for i, slot in enumerate(self.blocks):
@@ -171,20 +239,20 @@ class BlockSequence:
                 if slot >= 0:
                     self._drop(slot)
             del self.blocks[keep:]
-            self._table = None
+            self._changed()
         if n_tokens % self.block_tokens and self.blocks and self.blocks[-1] >= 0:
             self._make_private(len(self.blocks) - 1)
 
     def _make_private(self, b: int) -> None:
         slot = self.blocks[b]
         if self.arena.refcount(slot) > 1:
-            self._settle_reads()
+            self._settle()
             copy = self.arena.alloc()
             for dst, src in zip(self.arena.block_views(copy), self.arena.block_views(slot)):
                 dst[...] = src
             self._drop(slot)
             self.blocks[b] = copy
-            self._table = None
+            self._changed()
         elif self.index is not None:
             self.index.drop_slot(self.arena, slot)
 
@@ -192,7 +260,7 @@ class BlockSequence:
         """Append a full block held elsewhere (shared: one more reference)."""
         self.arena.incref(slot)
         self.blocks.append(slot)
-        self._table = None
+        self._changed()
 
     def replace(self, b: int, slot: int) -> None:
         """Hold ``slot`` (an identical full block held elsewhere) instead of block b's own."""
@@ -202,7 +270,7 @@ class BlockSequence:
         self.arena.incref(slot)
         self._drop(self.blocks[b])
         self.blocks[b] = slot
-        self._table = None
+        self._changed()
 
     def release(self) -> None:
         """Give every block back to the arena."""
@@ -211,7 +279,7 @@ class BlockSequence:
             if slot >= 0:
                 self._drop(slot)
         self.blocks = []
-        self._table = None
+        self._changed()
 
     def table(self) -> np.ndarray:
         if self._table is None:
@@ -259,8 +327,11 @@ class KVSnapCache:
             self.seq.release_outside_window(self.offset)
         if self.leader:
             # Every group's blocks for this step, before any layer writes: an
-            # ArenaFullError here leaves the whole cache as it was.
+            # ArenaFullError here leaves the whole cache as it was. Blocks
+            # this step writes that are shared (a copy of the cache) are copied.
             self.seq.reserve_all(self.offset + n_new)
+            for s in self.seq.siblings:
+                s.make_writable(self.offset, self.offset + n_new)
         after = [] if self._read is None else [self._read]
         self._write = ops.kv_write(
             self.seq.arena, self.layer, *stored, self.seq.table(), [self.offset], after=after
@@ -297,6 +368,13 @@ class KVSnapCache:
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         # The kernel masks by position (and window) itself.
         return None if n == 1 else "causal"
+
+    def merge(self, caches):
+        """mlx-lm's batching: one batch cache layer over these per-sequence
+        layers (kvsnap.batch; the batch shares their blocks)."""
+        from kvsnap.batch import merge_layer  # batch builds on this module
+
+        return merge_layer(caches)
 
     # mlx-lm evaluates `state` to force prefill work: it depends on the writes.
     @property
@@ -363,6 +441,7 @@ class PromptCache(list):
         self.tokens: list[int] = []
         for s in self.sequences:
             s.siblings = self.sequences
+            s.owner = weakref.ref(self)
         leader = next((c for c in layers if isinstance(c, KVSnapCache)), None)
         if leader is not None:
             leader.leader = True
@@ -465,7 +544,7 @@ def layer_kinds(model) -> list[tuple[str, int | None]]:
 
 def _routed_sdpa(original):
     def scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks=None):
-        if isinstance(cache, KVSnapCache):
+        if isinstance(cache, KVSnapCache) or getattr(cache, "kvsnap_batch", False):
             if sinks is not None:
                 raise UnsupportedModelError("kvsnap's attention does not support attention sinks")
             return cache.attend(queries, scale=scale, mask=mask)
