@@ -23,9 +23,12 @@ and sliding-window layers alike. A request for an agent:
    by another agent is shared, its own copy freed) and persists the new
    blocks and manifest to the store: eviction later only frees memory.
 
-Each agent serves one request at a time. Forward passes run one at a time
-under one model lock, step by step, so requests of several threads interleave;
-the scheduler of batched decode (next issue) replaces that lock with a step loop.
+Each agent serves one request at a time; requests for different agents, from
+any threads, are queued to one model thread (kvsnap.scheduler) that decodes
+the agents generating at the same time together, in one ragged batch, and
+interleaves arriving prompts' prefill chunks with the batch's steps. Waking an
+agent from disk and saving it happen in the request's own thread, off the
+step loop.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from kvsnap.errors import (
     BudgetExceededError,
     InvalidArgumentError,
 )
+from kvsnap.scheduler import DONE, Request, Sampler, Scheduler
 from kvsnap.store import GroupFormat, Store, block_hashes, check_agent_id
 
 SOURCES = ("hot", "disk", "shared", "none")
@@ -175,8 +179,17 @@ class AgentMemory:
         key_bits: int | None = None,
         block_tokens: int = 256,
         rotate: bool | None = None,
+        prefill_chunk: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
+        self.prefill_chunk = block_tokens if prefill_chunk is None else prefill_chunk
+        if (isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int)
+                or self.prefill_chunk <= 0 or block_tokens % self.prefill_chunk):
+            raise InvalidArgumentError(
+                f"prefill_chunk: must divide block_tokens ({block_tokens}) so chunks end on block "
+                f"boundaries, got {prefill_chunk!r}",
+                "prefill_chunk",
+            )
         self.budget = Budget(parse_bytes(budget))
         route_attention(model)
         self._format = {"bits": bits, "group_size": group_size, "key_bits": key_bits,
@@ -197,7 +210,7 @@ class AgentMemory:
         self._agents: dict[str, _Agent] = {}
         self._lock = threading.RLock()  # agents, index, admission
         self._changed = threading.Condition(self._lock)
-        self._model_lock = threading.Lock()  # one forward pass at a time
+        self._scheduler = Scheduler(model, chunk_tokens=self.prefill_chunk, reserve=self._reserve)
         self._hits = dict.fromkeys(SOURCES, 0)
         self._computed = self._reused = 0
         self._evictions = self._restores = 0
@@ -261,69 +274,52 @@ class AgentMemory:
         reused = self._reuse(agent, ids)
         if reused == 0:
             source = "none"
-        t_prefill = time.perf_counter()
         adopted = self._adopt_shared(cache, ids)
         if adopted and reused == 0:
             source = "shared"
         reused = max(reused, adopted)
-        logits = self._prefill(cache, ids)
-        prefill_s = time.perf_counter() - t_prefill
         computed = len(ids) - reused
         with self._lock:
             self._hits[source] += 1
             self._computed += computed
             self._reused += reused
 
-        sampler = _Sampler(temperature, top_p, seed)
-        generated: list[int] = []
-        sent, finish = 0, "length"
-        holdback = max((len(s) for s in stops), default=1) - 1
-        t_first = None
+        request = Request(cache, ids, max_tokens=max_tokens, sampler=Sampler(temperature, top_p, seed),
+                          stops=stops, eos_ids=self.eos_ids, tokenizer=self.tokenizer)
+        self._scheduler.submit(request)
         try:
-            while True:
-                token = sampler(logits)
-                generated.append(token)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                if token in self.eos_ids:
-                    finish = "stop"
-                    break
-                text = self.tokenizer.decode(generated)
-                if _find_stop(text, stops, sent) is not None:
-                    finish = "stop"
-                    break
-                safe = len(text.rstrip("\ufffd")) - holdback
-                if safe > sent:
-                    yield text[sent:safe]
-                    sent = safe
-                if len(generated) >= max_tokens:
-                    break
-                logits = self._step(cache, [token])
+            while (event := request.events.get()) is not DONE:
+                if isinstance(event, BaseException):
+                    self._drop_memory(agent)  # a forward pass failed: the disk has the last turn
+                    raise event
+                yield event
         finally:
-            # What the cache holds stays known whatever happens: the prompt and
-            # the reply so far (the last sampled token has no K/V yet).
-            cache.tokens = list(ids) + generated[:-1] if generated else list(ids[: cache.offset])
-            agent.history = list(ids) + generated
-            agent.dirty = True
-        text = self.tokenizer.decode([t for t in generated if t not in self.eos_ids])
-        cut = _find_stop(text, stops, 0)
-        if cut is not None:
-            text = text[:cut]
-        if len(text) > sent:
-            yield text[sent:]
-        decode_s = time.perf_counter() - t_first
+            if event is not DONE and not isinstance(event, BaseException):
+                # The caller stopped reading: end the request, keep what it computed.
+                request.cancelled = True
+                while (event := request.events.get()) is not DONE and not isinstance(event, BaseException):
+                    pass
+            # What the cache holds stays known: the prompt and the reply so
+            # far (the last sampled token has no K/V yet).
+            agent.history = list(ids) + request.generated
+            agent.dirty = agent.resident
+        if rest := request.unsent():
+            yield rest
         self._finish_turn(agent)
+        t_first = request.t_first or time.perf_counter()
+        decode_s = time.perf_counter() - t_first
+        n = len(request.generated)
         yield Reply(
             agent_id=agent.agent_id,
-            text=text,
-            tokens=generated,
-            finish_reason=finish,
-            usage=Usage(len(ids), reused, computed, len(generated)),
+            text=request.text(),
+            tokens=list(request.generated),
+            finish_reason=request.finish or "length",
+            usage=Usage(len(ids), reused, computed, n),
             source=source,
             timings=Timings(
                 ttft_s=t_first - t0,
-                prefill_s=prefill_s,
-                decode_tokens_per_s=(len(generated) - 1) / decode_s if decode_s > 0 else 0.0,
+                prefill_s=t_first - (request.t_prefill or t_first),
+                decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
                 restore_s=restore_s,
             ),
         )
@@ -529,27 +525,19 @@ class AgentMemory:
                 cache.tokens = list(ids[: cache.offset])
         return cache.offset if adopted else 0
 
-    def _prefill(self, cache: PromptCache, ids: list[int]) -> mx.array:
-        """Compute ids[cache.offset:] in chunks ending on block boundaries;
-        returns the last position's logits."""
-        bt = cache.sequences[0].block_tokens
-        pos = cache.offset
-        logits = None
-        while pos < len(ids):
-            end = min(len(ids), (pos // bt + 1) * bt)
-            logits = self._step(cache, ids[pos:end])
-            cache.tokens = list(ids[:end])
-            pos = end
-        return logits
+    def _reserve(self, cache: PromptCache, n_tokens: int) -> None:
+        """Blocks for positions [0, n_tokens) before a forward pass (admitted: they fit)."""
+        with self._lock:
+            cache.reserve(n_tokens)
 
-    def _step(self, cache: PromptCache, tokens: list[int]) -> mx.array:
-        """One forward pass: blocks reserved first, then the model."""
-        with self._model_lock:
-            with self._lock:
-                cache.reserve(cache.offset + len(tokens))
-            logits = self.model(mx.array([tokens]), cache=cache)[:, -1, :]
-            mx.eval(logits)
-        return logits
+    def _drop_memory(self, agent: _Agent) -> None:
+        """Forget an agent's resident state (after a failed forward pass)."""
+        with self._lock:
+            if agent.cache is not None:
+                agent.cache.release()
+                agent.cache = None
+            agent.history = []
+            agent.dirty = False
 
     def _register(self, cache: PromptCache) -> None:
         """Index the cache's full blocks; hold an identical resident block
@@ -671,6 +659,7 @@ class AgentMemory:
 
     def close(self) -> None:
         """Persist what is not on disk yet and release every agent's memory."""
+        self._scheduler.close()
         with self._lock:
             for agent in list(self._agents.values()):
                 if agent.resident and not agent.busy:
@@ -722,29 +711,6 @@ def render_chat(tokenizer, messages: Sequence[dict]) -> str:
     )
 
 
-class _Sampler:
-    """Greedy at temperature 0; otherwise top-p sampling with its own key."""
-
-    def __init__(self, temperature: float, top_p: float, seed: int | None):
-        self.temperature, self.top_p = temperature, top_p
-        self.key = mx.random.key(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-
-    def __call__(self, logits: mx.array) -> int:
-        logits = logits.reshape(-1).astype(mx.float32)
-        if self.temperature == 0:
-            return int(mx.argmax(logits).item())
-        logits = logits / self.temperature
-        if self.top_p < 1.0:
-            order = mx.argsort(-logits)
-            probs = mx.softmax(logits[order])
-            keep = (mx.cumsum(probs) - probs) < self.top_p  # the first token is always kept
-            masked = mx.where(keep, logits[order], -mx.inf)
-            self.key, sub = mx.random.split(self.key)
-            return int(order[mx.random.categorical(masked, key=sub)].item())
-        self.key, sub = mx.random.split(self.key)
-        return int(mx.random.categorical(logits, key=sub).item())
-
-
 def _check_sampling(max_tokens, temperature, top_p, seed, stop) -> list[str]:
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens <= 0:
         raise InvalidArgumentError(f"max_tokens: must be a positive integer, got {max_tokens!r}", "max_tokens")
@@ -758,16 +724,6 @@ def _check_sampling(max_tokens, temperature, top_p, seed, stop) -> list[str]:
     if not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
         raise InvalidArgumentError("stop: must be a non-empty string or a list of up to 16 of them", "stop")
     return stops
-
-
-def _find_stop(text: str, stops: list[str], start: int) -> int | None:
-    """Index where the first stop string begins in text (searching from near start)."""
-    best = None
-    for s in stops:
-        i = text.find(s, max(0, start - len(s)))
-        if i >= 0 and (best is None or i < best):
-            best = i
-    return best
 
 
 def _context_length(model) -> int:
