@@ -274,13 +274,14 @@ NB_MODULE(_ext, m) {
       "kv_write",
       [](const ArenaHandle& arena, int layer, const mx::array& keys,
          const mx::array& values, const Int32Table& block_table,
-         const std::vector<int32_t>& offsets, const std::vector<mx::array>& after,
-         mx::StreamOrDevice s) {
+         const std::vector<int32_t>& offsets,
+         const std::optional<std::vector<int32_t>>& counts,
+         const std::vector<mx::array>& after, mx::StreamOrDevice s) {
         return kvsnap::kv_write(
-            arena.impl, layer, keys, values, to_table(block_table), offsets, after, s);
+            arena.impl, layer, keys, values, to_table(block_table), offsets, counts, after, s);
       },
       "arena"_a, "layer"_a, "keys"_a, "values"_a, "block_table"_a, "offsets"_a,
-      "after"_a, "stream"_a = nb::none());
+      "counts"_a.none(), "after"_a, "stream"_a = nb::none());
 
   m.def(
       "attention",

@@ -85,6 +85,9 @@ std::vector<int64_t> check_block_table(
   const int bt = arena.geometry().block_tokens;
   std::vector<int64_t> slots;
   for (int b = 0; b < B; ++b) {
+    if (begin[b] >= end[b]) {
+      continue; // touches no block
+    }
     if (end[b] > int64_t(max_blocks) * bt) {
       throw InvalidArgument(
           "block_table",

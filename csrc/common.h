@@ -34,7 +34,8 @@ mx::Stream kernel_stream(mx::StreamOrDevice s, const char* op);
 class Arena;
 // Checks a [B, max_blocks] block table against the arena: every block that
 // covers positions [begin[b], end[b]) of sequence b names a live slot (blocks
-// outside that range are never touched and may hold anything, e.g. -1).
+// outside that range are never touched and may hold anything, e.g. -1; an
+// empty range touches no block, so the row may be shorter than begin[b]).
 // Returns those slots (a slot may repeat), for the kernel to pin.
 std::vector<int64_t> check_block_table(
     const Arena& arena,

@@ -14,6 +14,7 @@ mx::array kv_write(
     const mx::array& values,
     const IntTable& block_table,
     const std::vector<int32_t>& offsets,
+    const std::optional<std::vector<int32_t>>& counts,
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s) {
   mx::Stream stream = kernel_stream(s, "kv_write");
@@ -54,6 +55,13 @@ mx::array kv_write(
         "has " + std::to_string(offsets.size()) + " entries for a batch of " +
             std::to_string(B));
   }
+  std::vector<int32_t> n_written = counts.value_or(std::vector<int32_t>(B, L));
+  if (int(n_written.size()) != B) {
+    throw InvalidArgument(
+        "counts",
+        "has " + std::to_string(n_written.size()) + " entries for a batch of " +
+            std::to_string(B));
+  }
   std::vector<int64_t> begin(B), end(B);
   for (int b = 0; b < B; ++b) {
     if (offsets[b] < 0) {
@@ -62,15 +70,25 @@ mx::array kv_write(
           "entry " + std::to_string(b) + " is negative (" +
               std::to_string(offsets[b]) + ")");
     }
+    if (n_written[b] < 0 || n_written[b] > L) {
+      throw InvalidArgument(
+          "counts",
+          "entry " + std::to_string(b) + " is " + std::to_string(n_written[b]) +
+              "; each must be in 0 .. L = " + std::to_string(L));
+    }
     begin[b] = offsets[b];
-    end[b] = int64_t(offsets[b]) + L;
+    end[b] = int64_t(offsets[b]) + n_written[b];
   }
+  // Only the blocks of the real tokens: padding is never written.
   std::vector<int64_t> slots =
       check_block_table(*arena, block_table, B, begin, end, "kv_write");
   // A shared block (a common prefix) belongs to several sequences: writing
   // into it would change the others' history.
   const int bt = g.block_tokens;
   for (int b = 0; b < B; ++b) {
+    if (begin[b] == end[b]) {
+      continue; // counts[b] == 0: writes no block
+    }
     for (int64_t blk = begin[b] / bt; blk * bt < end[b]; ++blk) {
       int32_t slot = block_table.data[size_t(b) * block_table.shape[1] + blk];
       int64_t holders = arena->refcount(slot);
@@ -90,7 +108,8 @@ mx::array kv_write(
   return mx::array(
       {1},
       mx::uint32,
-      std::make_shared<KVWrite>(stream, arena, layer, block_table, offsets, std::move(pins)),
+      std::make_shared<KVWrite>(
+          stream, arena, layer, block_table, offsets, std::move(n_written), std::move(pins)),
       std::move(inputs));
 }
 
@@ -109,6 +128,7 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
                 layer = layer_,
                 table = block_table_,
                 offsets = offsets_,
+                counts = counts_,
                 pins = pins_]() mutable {
     (void)pins; // held, not used: the slots stay pinned until this work is gone
     const ArenaGeometry& g = arena->geometry();
@@ -119,6 +139,7 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     a.values = values.data<void>();
     a.dtype = float_dtype(keys, "keys");
     a.offsets = offsets.data();
+    a.counts = counts.data();
     cpu::QuantSource& d = a.dst;
     d.k_bits = g.k_bits;
     d.v_bits = g.v_bits;

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "arena.h"
@@ -10,13 +11,16 @@
 
 namespace kvsnap {
 
-// Writes keys/values [B, Hkv, L, D] of `layer` at positions
-// offsets[b] .. offsets[b] + L - 1 of sequence b, whose blocks are
-// block_table[b] (a [B, max_blocks] table of arena slots). Returns a token
-// (uint32, shape [1]); an attention that takes it reads after the write.
-// `after` are arrays that must be computed before the write happens (earlier
-// reads of the same slots). Every block written must be held once
-// (refcount 1): shared blocks are never written. The op pins its slots.
+// Writes the first counts[b] tokens of keys/values [B, Hkv, L, D] of `layer`
+// at positions offsets[b] .. offsets[b] + counts[b] - 1 of sequence b, whose
+// blocks are block_table[b] (a [B, max_blocks] table of arena slots). The
+// tokens l >= counts[b] are padding (prompts of different lengths batched at
+// one L): neither quantized nor written. Without counts, every sequence
+// writes all L tokens. Returns a token (uint32, shape [1]); an attention that
+// takes it reads after the write. `after` are arrays that must be computed
+// before the write happens (earlier reads of the same slots). Only the blocks
+// written are checked: each must be live and held once (refcount 1), shared
+// blocks are never written. The op pins those slots.
 mx::array kv_write(
     std::shared_ptr<Arena> arena,
     int layer,
@@ -24,6 +28,7 @@ mx::array kv_write(
     const mx::array& values,
     const IntTable& block_table,
     const std::vector<int32_t>& offsets,
+    const std::optional<std::vector<int32_t>>& counts,
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s = {});
 
@@ -35,12 +40,14 @@ class KVWrite : public mx::UnaryPrimitive {
       int layer,
       IntTable block_table,
       std::vector<int32_t> offsets,
+      std::vector<int32_t> counts,
       std::shared_ptr<SlotPins> pins)
       : mx::UnaryPrimitive(stream),
         arena_(std::move(arena)),
         layer_(layer),
         block_table_(std::move(block_table)),
         offsets_(std::move(offsets)),
+        counts_(std::move(counts)),
         pins_(std::move(pins)) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -54,6 +61,7 @@ class KVWrite : public mx::UnaryPrimitive {
   int layer_;
   IntTable block_table_;
   std::vector<int32_t> offsets_;
+  std::vector<int32_t> counts_; // tokens written per sequence, 0..L
   // The slots written, held until this node and its dispatched work are gone.
   std::shared_ptr<SlotPins> pins_;
 };

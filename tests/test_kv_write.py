@@ -278,3 +278,152 @@ def test_keys_and_values_at_different_bits(key_bits, bits, poison):
     kf, vf = arena_kv(arena, 0, slots, T)
     ref = reference_attention(to_f64(q), kf[None], vf[None], 0.125, causal=True)
     assert rel_error(out, ref) < TOL["float32"]
+
+
+# ------------------------------------------- counts: right-padded prompt batches
+
+
+def fill_random_bytes(arena: kvsnap.Arena, slots, rng) -> dict[int, list[np.ndarray]]:
+    """Overwrite every byte of the slots' six arrays (all layers) with random
+    bytes through block_views; returns a copy of each slot's bytes."""
+    pattern = {}
+    for slot in slots:
+        views = arena.block_views(int(slot))
+        for v in views:
+            v[...] = rng.integers(0, 256, v.nbytes, dtype=np.uint8).view(v.dtype).reshape(v.shape)
+        pattern[int(slot)] = [v.view(np.uint8).copy() for v in views]
+    return pattern
+
+
+def slot_bytes(arena: kvsnap.Arena, slot: int, layer: int) -> list[np.ndarray]:
+    """The six arrays of (slot, layer) as raw bytes, read with read_block."""
+    return [np.ascontiguousarray(a).view(np.uint8) for a in arena.read_block(int(slot), layer)]
+
+
+def real_blocks_table(arena: kvsnap.Arena, offsets, counts) -> np.ndarray:
+    """A block table whose row b names fresh slots for the blocks of positions
+    offsets[b] .. offsets[b] + counts[b] - 1 only (-1 elsewhere): as wide as
+    the longest real sequence needs, shorter than offsets[b] + L."""
+    bt = arena.block_tokens
+    width = max(-(-(o + c) // bt) for o, c in zip(offsets, counts))
+    table = np.full((len(offsets), width), -1, dtype=np.int32)
+    for b, (o, c) in enumerate(zip(offsets, counts)):
+        for blk in range(o // bt, -(-(o + c) // bt)) if c else ():
+            table[b, blk] = arena.alloc()
+    return table
+
+
+@pytest.mark.parametrize(
+    "dtype,key_bits,bits", [("float32", 4, 4), ("bfloat16", 8, 4), ("float16", 4, 8)]
+)
+def test_counts_write_what_each_sequence_writes_alone(rng, dtype, key_bits, bits):
+    # Four prompts right-padded to L = 20 (counts L, 0, 7 and 16; offsets
+    # mid-block, across block boundaries), written in one batch into layer 1,
+    # versus each prompt's real tokens written alone into a twin arena. The
+    # padding is random, not zeros: written, it would show.
+    L, offsets, counts = 20, [0, 13, 37, 5], [20, 0, 7, 16]
+    twins = [
+        kvsnap.Arena(2, 2, 64, block_tokens=16, bits=bits, key_bits=key_bits, group_size=32,
+                     budget_bytes=1 << 22)
+        for _ in range(2)
+    ]
+    batched, alone = twins
+    tables = [real_blocks_table(arena, offsets, counts) for arena in twins]
+    np.testing.assert_array_equal(tables[0], tables[1])  # the same slot ids in both
+    table = tables[0]
+    assert table.shape[1] * 16 < 37 + L  # sequence 2's row is too short for all L tokens
+    slots = table[table >= 0]
+    pattern_seed = int(rng.integers(1 << 31))
+    pattern = fill_random_bytes(batched, slots, np.random.default_rng(pattern_seed))
+    fill_random_bytes(alone, slots, np.random.default_rng(pattern_seed))
+    keys, values = random_kv(rng, (4, 2, L, 64), dtype)
+
+    mx.eval(kvsnap.kv_write(batched, 1, keys, values, table, offsets, counts=counts))
+    for b, (o, c) in enumerate(zip(offsets, counts)):
+        if c:
+            k, v = keys[b : b + 1, :, :c], values[b : b + 1, :, :c]
+            mx.eval(kvsnap.kv_write(alone, 1, k, v, table[b : b + 1], [o]))
+
+    for slot in slots:
+        for layer in (0, 1):
+            for i, (got, want) in enumerate(
+                zip(slot_bytes(batched, slot, layer), slot_bytes(alone, slot, layer))
+            ):
+                np.testing.assert_array_equal(
+                    got, want, err_msg=f"slot {slot} layer {layer} array {i}"
+                )
+    # Every row outside the real tokens keeps its bytes: the padded positions,
+    # the rows before the offsets, layer 0.
+    bt = batched.block_tokens
+    for b, (o, c) in enumerate(zip(offsets, counts)):
+        for blk in np.flatnonzero(table[b] >= 0):
+            slot = int(table[b, blk])
+            real = [p % bt for p in range(o, o + c) if p // bt == blk]
+            kept = [r for r in range(bt) if r not in real]
+            views = [v.view(np.uint8) for v in batched.block_views(slot)]
+            for i, (now, before) in enumerate(zip(views, pattern[slot])):
+                np.testing.assert_array_equal(now[0], before[0], err_msg=f"slot {slot} layer 0")
+                np.testing.assert_array_equal(
+                    now[1][:, kept], before[1][:, kept], err_msg=f"slot {slot} array {i}"
+                )
+                assert not np.array_equal(now[1][:, real], before[1][:, real])
+
+
+def test_a_table_covering_only_the_real_tokens_is_enough(rng):
+    # Sequence 1 is a 5-token prompt padded to L = 24; its real tokens stay in
+    # its first block. Past them, its row ends (at offset 10, 24 tokens would
+    # need 3 blocks), or names a shared block or a freed slot (at offset 4).
+    arena = kvsnap.Arena(1, 2, 64, block_tokens=16, budget_bytes=1 << 22)
+    first = [arena.alloc(), arena.alloc()]
+    own, shared, freed = arena.alloc(), arena.alloc(), arena.alloc()
+    arena.incref(shared)  # a common prefix held by another sequence too
+    arena.decref(freed)
+    cases = [
+        (np.array([first, [own, -1]]), [0, 10], "sequence 1 needs 3 blocks"),
+        (np.array([first, [own, shared]]), [0, 4], f"slot {shared} is shared by 2 holders"),
+        (np.array([first, [own, freed]]), [0, 4], "not allocated"),
+    ]
+    keys, values = random_kv(rng, (2, 2, 24, 64), "float32")
+    shared_before = slot_bytes(arena, shared, 0)
+    for table, offsets, refusal in cases:
+        # Without counts all 24 tokens are real: the table is refused, as before.
+        with pytest.raises(kvsnap.errors.InvalidArgumentError, match=refusal) as e:
+            kvsnap.kv_write(arena, 0, keys, values, table, offsets)
+        assert e.value.argument == "block_table"
+        token = kvsnap.kv_write(arena, 0, keys, values, table, offsets, counts=[24, 5])
+        # The pending op pins the slots it writes, and only those.
+        assert [arena.pins(s) for s in (*first, own, shared)] == [1, 1, 1, 0]
+        mx.eval(token)
+        del token
+    # What it wrote is what writes of the 5 real tokens alone write.
+    twin = kvsnap.Arena(1, 2, 64, block_tokens=16, budget_bytes=1 << 22)
+    twin_own = twin.alloc()
+    k, v = keys[1:, :, :5], values[1:, :, :5]
+    mx.eval([kvsnap.kv_write(twin, 0, k, v, [[twin_own]], [o]) for o in (10, 4)])
+    for got, want in zip(slot_bytes(arena, own, 0), slot_bytes(twin, twin_own, 0)):
+        np.testing.assert_array_equal(got, want)
+    for got, want in zip(slot_bytes(arena, shared, 0), shared_before):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "counts,problem",
+    [
+        ([24], "has 1 entries for a batch of 2"),
+        ([24, 5, 0], "has 3 entries for a batch of 2"),
+        ([], "has 0 entries for a batch of 2"),
+        ([24, -1], "entry 1 is -1"),
+        ([25, 5], "entry 0 is 25; each must be in 0 .. L = 24"),
+        ([24.0, 5.0], "1-D list of integers"),
+        ([[24, 5]], "1-D list of integers"),
+        ([24, 2**40], "do not fit in int32"),
+    ],
+)
+def test_bad_counts_are_refused(rng, counts, problem):
+    arena = kvsnap.Arena(1, 2, 64, block_tokens=16, budget_bytes=1 << 22)
+    table = [[arena.alloc(), arena.alloc()], [arena.alloc(), arena.alloc()]]
+    keys, values = random_kv(rng, (2, 2, 24, 64), "float32")
+    with pytest.raises(kvsnap.errors.InvalidArgumentError, match=problem) as e:
+        kvsnap.kv_write(arena, 0, keys, values, table, [0, 0], counts=counts)
+    assert e.value.argument == "counts"
+    assert str(e.value).startswith("counts: ")

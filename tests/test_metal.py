@@ -88,7 +88,7 @@ def test_the_host_side_check_fails_on_a_planted_error(tmp_path):
         pytest.skip("this mlx wheel has no Metal headers to check primitives.cpp against")
     good = run_check(METAL_DIR / "primitives.cpp")
     assert good.returncode == 0, good.stdout
-    bad = plant(tmp_path, "primitives.cpp", "enc.set_bytes(p, 5);", "enc.set_bytes(p);")
+    bad = plant(tmp_path, "primitives.cpp", "enc.set_bytes(p, 6);", "enc.set_bytes(p);")
     result = run_check(bad)
     assert result.returncode == 1 and "set_bytes" in result.stdout
 
@@ -128,8 +128,8 @@ def test_every_kernel_name_the_host_asks_for_is_instantiated():
 # -------------------------------------------------------------- self-check
 
 
-def cpu_kv_write(arena, layer, keys, values, table, offsets):
-    return _ext.kv_write(arena, layer, keys, values, table, list(offsets), [], mx.cpu)
+def cpu_kv_write(arena, layer, keys, values, table, offsets, counts):
+    return _ext.kv_write(arena, layer, keys, values, table, list(offsets), list(counts), [], mx.cpu)
 
 
 def cpu_attention(arena, layer, queries, table, lengths, scale, causal, window):
@@ -171,13 +171,18 @@ def attention_that_raises(*args):
     raise RuntimeError("Failed to load the metallib")
 
 
-def kv_write_one_position_late(arena, layer, keys, values, table, offsets):
-    return cpu_kv_write(arena, layer, keys, values, table, [o + 1 for o in offsets])
+def kv_write_one_position_late(arena, layer, keys, values, table, offsets, counts):
+    return cpu_kv_write(arena, layer, keys, values, table, [o + 1 for o in offsets], counts)
 
 
-def kv_write_values_only(arena, layer, keys, values, table, offsets):
+def kv_write_values_only(arena, layer, keys, values, table, offsets, counts):
     # keys written from the values: a swapped buffer index
-    return cpu_kv_write(arena, layer, values, values, table, offsets)
+    return cpu_kv_write(arena, layer, values, values, table, offsets, counts)
+
+
+def kv_write_ignoring_counts(arena, layer, keys, values, table, offsets, counts):
+    # the padded tokens written too
+    return cpu_kv_write(arena, layer, keys, values, table, offsets, [keys.shape[2]] * len(counts))
 
 
 def q4_ignoring_the_mask(queries, keys, values, scale, mask, group_size, bits):
@@ -201,6 +206,7 @@ def test_the_cpu_kernels_pass_every_check():
         ("attention", attention_that_raises),
         ("kv_write", kv_write_one_position_late),
         ("kv_write", kv_write_values_only),
+        ("kv_write", kv_write_ignoring_counts),
         ("q4_attention", q4_ignoring_the_mask),
     ],
 )

@@ -479,15 +479,21 @@ def check_kv_write(exe: Path, case: Case, rng, keys: mx.array, values: mx.array,
     arena, used, table = paged(case, rng)
     L = keys.shape[2]
     offsets = [n - L for n in case.lengths]
-    before = arena_bytes(arena, used)
-    mx.eval(kvsnap.kv_write(arena, 1, keys, values, table, offsets, stream=mx.cpu))
-    want = arena_bytes(arena, used)
+    compare_kv_write(exe, case, arena, used, table, keys, values, offsets, [L] * len(offsets), tmp)
+
+
+def compare_kv_write(exe: Path, case: Case, arena, slots, table, keys, values, offsets, counts, tmp):
+    """kv_write(counts=counts) by the CPU kernel and by the emulated kernel
+    into copies of the same arena: every byte of `slots` must be equal."""
+    before = arena_bytes(arena, slots)
+    mx.eval(kvsnap.kv_write(arena, 1, keys, values, table, offsets, counts=counts, stream=mx.cpu))
+    want = arena_bytes(arena, slots)
     spec = {
         "dtype": DTYPE_NAMES[keys.dtype],
         "slot_bytes": arena.slot_bytes,
         "off": layer_offsets(arena, 1),
-        "B": len(case.lengths),
-        "L": L,
+        "B": len(offsets),
+        "L": keys.shape[2],
         "n_kv_heads": case.n_kv_heads,
         "head_dim": case.head_dim,
         "group_size": case.group_size,
@@ -499,6 +505,7 @@ def check_kv_write(exe: Path, case: Case, rng, keys: mx.array, values: mx.array,
         "values": raw(values),
         "block_table": table,
         "offsets": np.asarray(offsets, dtype=np.int32),
+        "counts": np.asarray(counts, dtype=np.int32),
         "arena": before,
     }
     run(exe, "kv_write", spec, tmp)
@@ -544,7 +551,77 @@ def test_kv_write_special_values(harness, dtype, bits, rng, tmp_path):
     check_kv_write(harness, case, rng, keys, values, tmp_path)
 
 
-# ------------------------------------------------------- a planted bug
+# One batch of prompts right-padded to L = case.queries: sequence b writes
+# counts[b] real tokens at offsets[b] (0 and L included, starts mid-block);
+# case.lengths are where the real tokens end, offsets[b] + counts[b].
+COUNTED_WRITES = (
+    (
+        Case("counts float32 4-bit d128", 4, 2, 128, 20, (20, 13, 44, 66)),
+        (0, 13, 37, 50),
+        (20, 0, 7, 16),
+    ),
+    (
+        Case(
+            "counts float16 k8v4 gs32 d64",
+            4,
+            4,
+            64,
+            33,
+            (6, 97, 33),
+            key_bits=8,
+            group_size=32,
+            dtype=mx.float16,
+        ),
+        (5, 64, 31),
+        (1, 33, 2),
+    ),
+    (
+        Case(
+            "counts bfloat16 k4v8 gs128 d256",
+            2,
+            1,
+            256,
+            9,
+            (30, 9),
+            bits=8,
+            group_size=128,
+            dtype=mx.bfloat16,
+        ),
+        (30, 0),
+        (0, 9),
+    ),
+)
+
+
+def counted_paged(case: Case, offsets, counts, L: int, rng: np.random.Generator):
+    """An arena and a block table for writing counts[b] of L tokens at
+    offsets[b]: the blocks of the real tokens name their own shuffled slots;
+    every other entry, up to offsets[b] + L, names one decoy slot, so a padded
+    token written anywhere changes bytes that the CPU kernel leaves alone."""
+    bt = case.block_tokens
+    real = [range(o // bt, -(-(o + c) // bt)) if c else range(0) for o, c in zip(offsets, counts)]
+    n_real = sum(len(blocks) for blocks in real)
+    arena = make_arena(case, n_real + 1)
+    slots = rng.permutation([arena.alloc() for _ in range(n_real + 1)])
+    fresh = iter(slots[1:])
+    table = np.full((len(offsets), max(-(-(o + L) // bt) for o in offsets)), slots[0], np.int32)
+    for b, blocks in enumerate(real):
+        for blk in blocks:
+            table[b, blk] = next(fresh)
+    return arena, slots, table
+
+
+@pytest.mark.parametrize("case,offsets,counts", COUNTED_WRITES, ids=lambda x: getattr(x, "name", ""))
+def test_kv_write_with_counts_writes_the_cpu_kernels_bytes(harness, case, offsets, counts, rng, tmp_path):
+    """Ragged counts: the padded tokens (random values, not zeros) are written
+    by neither kernel, and the bytes of the real ones are equal."""
+    assert case.lengths == tuple(o + c for o, c in zip(offsets, counts))
+    keys, values = random_kv(case, rng, case.queries)
+    arena, slots, table = counted_paged(case, offsets, counts, case.queries, rng)
+    compare_kv_write(harness, case, arena, slots, table, keys, values, offsets, counts, tmp_path)
+
+
+# ------------------------------------------------------- planted bugs
 
 
 def test_a_planted_bug_in_the_merge_is_caught(rng, tmp_path):
@@ -585,3 +662,20 @@ def test_a_planted_bug_in_the_merge_is_caught(rng, tmp_path):
     )
     assert n_splits > 1
     assert rel_error(got, want) > 100 * TOL["float32"]
+
+
+def test_a_planted_bug_in_the_counts_is_caught(rng, tmp_path):
+    """The counts comparison is not vacuous: a kernel that also writes the
+    first padded token (an off-by-one) disagrees with the CPU kernel."""
+    source = (METAL_DIR / "kv_write.metal").read_text()
+    old = "if (l >= counts[b]) {"
+    assert old in source, "update the planted bug to the current padding test"
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "kv_write.metal").write_text(source.replace(old, "if (l > counts[b]) {"))
+    exe = build_harness(bad_dir, kernels_dir=bad_dir)
+    case, offsets, counts = COUNTED_WRITES[0]
+    keys, values = random_kv(case, rng, case.queries)
+    arena, slots, table = counted_paged(case, offsets, counts, case.queries, rng)
+    with pytest.raises(AssertionError, match="bytes differ from the CPU kernel's"):
+        compare_kv_write(exe, case, arena, slots, table, keys, values, offsets, counts, tmp_path)

@@ -80,12 +80,14 @@ struct WriteArgs {
   const void* values = nullptr;
   DType dtype = DType::f32;
   const int32_t* offsets = nullptr; // [B] position of the first new token
+  const int32_t* counts = nullptr; // [B] tokens l < counts[b] are written, the rest is padding
   QuantSource dst; // paged
   uint8_t* arena = nullptr; // writable alias of dst.arena
 };
 
 // Quantizes keys/values (MLX affine algorithm, float16 scales/biases) into
-// the arena positions given by dst.block_table and offsets.
+// the arena positions given by dst.block_table and offsets; padded tokens
+// (l >= counts[b]) are skipped before their block is looked up.
 void kv_write(const WriteArgs& args);
 
 // Per-ISA entry points (namespaces generic / avx2), used by dispatch.cpp.

@@ -582,6 +582,9 @@ void kv_write_impl(const WriteArgs& a) {
       int b = int(row / (int64_t(Hkv) * a.L));
       int h = int(row / a.L % Hkv);
       int l = int(row % a.L);
+      if (l >= a.counts[b]) {
+        continue; // padding: its position may lie past the block table row
+      }
       int pos = a.offsets[b] + l;
       int slot = dst.block_table[kv_table_index(b, dst.max_blocks, pos, bt)];
       uint8_t* base = a.arena + kv_slot_offset(slot, long(dst.slot_bytes));

@@ -2,7 +2,8 @@
 // float16 scales and biases) into arena slots, like kv_write_impl in
 // csrc/cpu/kernels_impl.h. One thread per (row, group, keys or values): it
 // reads its group twice (range, then integers) and writes whole words, so no
-// two threads touch the same word.
+// two threads touch the same word. The threads of padded tokens (l >=
+// counts[b]) return before looking up their block.
 #include <metal_stdlib>
 
 #include "../layout.h"
@@ -17,8 +18,9 @@ template <typename T>
     device const T* values [[buffer(1)]],
     device const int* block_table [[buffer(2)]], // [B, max_blocks]
     device const int* offsets [[buffer(3)]], // [B]
-    device uchar* arena [[buffer(4)]],
-    constant KVWriteParams& p [[buffer(5)]],
+    device const int* counts [[buffer(4)]], // [B] tokens written; the rest is padding
+    device uchar* arena [[buffer(5)]],
+    constant KVWriteParams& p [[buffer(6)]],
     uint3 gid [[thread_position_in_grid]]) {
   const int D = p.head_dim;
   const int gs = p.group_size;
@@ -31,6 +33,9 @@ template <typename T>
   const int b = int(row / (long(p.n_kv_heads) * p.L));
   const int h = int(row / p.L % p.n_kv_heads);
   const int l = int(row % p.L);
+  if (l >= counts[b]) {
+    return; // padding: its position may lie past the block table row
+  }
   const int pos = offsets[b] + l;
   const int slot = block_table[kv_table_index(b, p.max_blocks, pos, p.block_tokens)];
   device uchar* base = arena + kv_slot_offset(slot, p.slot_bytes);

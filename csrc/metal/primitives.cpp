@@ -148,8 +148,10 @@ void KVWrite::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   p.v_bits = g.v_bits;
   mx::array table = int32_array(block_table_.data, {block_table_.shape[0], block_table_.shape[1]});
   mx::array offsets = int32_array(offsets_, {int(offsets_.size())});
+  mx::array counts = int32_array(counts_, {int(counts_.size())});
   enc.add_temporary(table);
   enc.add_temporary(offsets);
+  enc.add_temporary(counts);
   enc.add_temporary(keep_alive(arena_, pins_));
 
   enc.set_compute_pipeline_state(kernel(d, launch::kv_write_kernel(dtype_name(keys.dtype()))));
@@ -157,8 +159,9 @@ void KVWrite::eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) {
   enc.set_input_array(values, 1);
   enc.set_input_array(table, 2);
   enc.set_input_array(offsets, 3);
-  enc.set_buffer(arena_buffer(*arena_, d), 4);
-  enc.set_bytes(p, 5);
+  enc.set_input_array(counts, 4);
+  enc.set_buffer(arena_buffer(*arena_, d), 5);
+  enc.set_bytes(p, 6);
   dispatch(enc, launch::kv_write_launch(p));
 }
 

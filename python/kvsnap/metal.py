@@ -33,8 +33,8 @@ from kvsnap import _ext
 
 OPS = ("kv_write", "attention", "q4_attention")
 
-# kernel(arena, layer, keys, values, block_table, offsets) -> token
-KVWriteKernel = Callable[[_ext.Arena, int, mx.array, mx.array, np.ndarray, list], mx.array]
+# kernel(arena, layer, keys, values, block_table, offsets, counts) -> token
+KVWriteKernel = Callable[[_ext.Arena, int, mx.array, mx.array, np.ndarray, list, list], mx.array]
 # kernel(arena, layer, queries, block_table, lengths, scale, causal, window) -> out
 AttentionKernel = Callable[
     [_ext.Arena, int, mx.array, np.ndarray, list, float, bool, int], mx.array
@@ -179,6 +179,7 @@ def _write_cpu(arena, keys, values, table, case: Case) -> None:
                 values[b : b + 1, :, :n],
                 table[b : b + 1],
                 [0],
+                None,
                 [],
                 mx.cpu,
             )
@@ -193,22 +194,24 @@ def check_kv_write(
 ) -> str | None:
     """None if `kernel` writes what the CPU kernel writes, else what differs.
 
-    Both write the same keys/values (the last L tokens of each sequence, L
-    its shortest length, so at ragged offsets) into arenas with the same
-    block table; every element of
-    every block must dequantize to within one quantization step of the CPU
-    kernel's (an exact tie may round either way), and untouched rows must
-    stay untouched.
+    Both write the same keys/values (L tokens of each sequence, L its
+    shortest length, at ragged offsets n - L; after the first sequence only
+    the first L // 2 tokens are real, the rest padding) into arenas with the
+    same block table; every element of every block must dequantize to
+    within one quantization step of the CPU kernel's (an exact tie may round
+    either way), and untouched rows, the padded ones included, must stay
+    untouched.
     """
     for i, case in enumerate(cases):
         _, keys, values, _ = _case_data(case, seed + i)
         L = min(case.lengths)
         offsets = [n - L for n in case.lengths]
+        counts = [L] + [L // 2] * (len(case.lengths) - 1)
         ref_arena, table = _paged(case, np.random.default_rng(seed + i))
         test_arena, _ = _paged(case, np.random.default_rng(seed + i))
         k, v = keys[:, :, :L], values[:, :, :L]
-        mx.eval(_ext.kv_write(ref_arena, 0, k, v, table, offsets, [], mx.cpu))
-        mx.eval(kernel(test_arena, 0, k, v, table, offsets))
+        mx.eval(_ext.kv_write(ref_arena, 0, k, v, table, offsets, counts, [], mx.cpu))
+        mx.eval(kernel(test_arena, 0, k, v, table, offsets, counts))
         for slot in np.unique(table[table >= 0]):
             ref, got = ref_arena.read_block(int(slot), 0), test_arena.read_block(int(slot), 0)
             for kv, bits in ((0, case.key_bits), (1, case.bits)):
@@ -304,8 +307,10 @@ CHECKS = {
 # --------------------------------------------------------- the Metal kernels
 
 
-def _gpu_kv_write(arena, layer, keys, values, block_table, offsets):
-    return _ext.kv_write(arena, layer, keys, values, block_table, list(offsets), [], mx.gpu)
+def _gpu_kv_write(arena, layer, keys, values, block_table, offsets, counts):
+    return _ext.kv_write(
+        arena, layer, keys, values, block_table, list(offsets), list(counts), [], mx.gpu
+    )
 
 
 def _gpu_attention(arena, layer, queries, block_table, lengths, scale, causal, window):

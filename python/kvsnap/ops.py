@@ -95,6 +95,7 @@ def kv_write(
     block_table,
     offsets,
     *,
+    counts=None,
     after: Sequence[mx.array] = (),
     stream=None,
 ) -> mx.array:
@@ -102,6 +103,13 @@ def kv_write(
 
     Token ``l`` of sequence ``b`` goes to position ``offsets[b] + l``, i.e. slot
     ``block_table[b][pos // block_tokens]`` at row ``pos % block_tokens``.
+    ``counts`` (one int per sequence, ``0 <= counts[b] <= L``; default ``L``
+    for each) is how many of the L tokens are real: prompts of different
+    lengths prefilled in one batch are right-padded to a common L, and
+    sequence ``b`` writes only its first ``counts[b]`` tokens. Padded tokens
+    are neither quantized nor written, and only the blocks of the real tokens
+    are checked (live, not shared), so ``block_table[b]`` needs to cover
+    ``offsets[b] + counts[b]`` positions only.
     Returns a token array: pass it in ``after`` of the reads that must see the
     write. ``after`` here lists earlier reads of the same slots that must run
     before this write.
@@ -118,6 +126,7 @@ def kv_write(
         values,
         _int_table(block_table, "block_table"),
         _int_list(offsets, "offsets"),
+        None if counts is None else _int_list(counts, "counts"),
         list(after),
         stream,
     )

@@ -121,11 +121,11 @@ void kv_write(const Spec& s) {
   p.v_bits = int(s.num("v_bits"));
   Buffer keys = load(s.str("keys")), values = load(s.str("values"));
   Buffer table = load(s.str("block_table")), offsets = load(s.str("offsets"));
-  Buffer arena = load(s.str("arena"));
+  Buffer counts = load(s.str("counts")), arena = load(s.str("arena"));
   run_launch(launch::kv_write_launch(p), [&](const metal_emu::ThreadInfo& t) {
     kvsnap_kv_write<T>(
-        keys.as<T>(), values.as<T>(), table.as<int>(), offsets.as<int>(), arena.as<uchar>(), p,
-        t.thread_position_in_grid);
+        keys.as<T>(), values.as<T>(), table.as<int>(), offsets.as<int>(), counts.as<int>(),
+        arena.as<uchar>(), p, t.thread_position_in_grid);
   });
   save(s.str("arena"), arena.words.data(), arena.bytes);
 }
