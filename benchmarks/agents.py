@@ -35,9 +35,9 @@ its conversations):
                 (the server's --prompt-cache-size default)
 
 mlx-lm paths prefill with stream_generate's default prefill_step_size (2048).
-The paths alternate phase by phase (phase p of every path, then p + 1), so
-load on the shared machine hits them alike; a path's total time is the sum of
-its request times. TTFT: request start (before any load, fetch or trim) to
+The paths take turns request by request (agent k's request of phase p on
+every path, then agent k + 1's), so load on the shared machine hits them
+alike; a path's total time is the sum of its request times. TTFT: request start (before any load, fetch or trim) to
 the first generated token. kvsnap reports its own (Reply.timings.ttft_s).
 
     python benchmarks/agents.py [--agents 10] [--phases 5] [--max-tokens 16]
@@ -348,7 +348,7 @@ def agent_budget(model, agents: list[dict], tokenizer, cfg: dict) -> tuple[int, 
 
 
 def run(ctx, names: list[str], agents: list[dict], phases: int) -> dict:
-    """Every path through every phase, alternating paths phase by phase."""
+    """Every path through every phase; the paths take turns request by request."""
     state = {n: {"turns": [], "replies": {a["id"]: [] for a in agents}, "error": None} for n in names}
     live = {}
     for n in names:
@@ -358,22 +358,21 @@ def run(ctx, names: list[str], agents: list[dict], phases: int) -> dict:
             state[n]["error"] = traceback.format_exc()
             print(f"{n}: could not start:\n{state[n]['error']}", flush=True)
     for ph in range(phases):
-        for n in list(live):
-            serve, _ = live[n]
-            t0 = time.perf_counter()
-            try:
-                for a in agents:
-                    turn = serve(a["id"], conversation(a, state[n]["replies"][a["id"]], ph))
-                    state[n]["replies"][a["id"]].append(turn.text)
-                    state[n]["turns"].append({"phase": ph + 1, "agent": a["id"], **asdict(turn)})
-            except Exception:  # noqa: BLE001 - a path that fails is reported, the others still run
-                state[n]["error"] = traceback.format_exc()
-                print(f"{n}: failed in phase {ph + 1}:\n{state[n]['error']}", flush=True)
-                del live[n]
-                continue
-            ttfts = [t["ttft_s"] for t in state[n]["turns"] if t["phase"] == ph + 1]
-            print(f"  phase {ph + 1} {n:>10}: {time.perf_counter() - t0:7.1f} s, "
-                  f"TTFT median {statistics.median(ttfts) * 1e3:7.0f} ms", flush=True)
+        for a in agents:
+            for n in list(live):
+                try:
+                    turn = live[n][0](a["id"], conversation(a, state[n]["replies"][a["id"]], ph))
+                except Exception:  # noqa: BLE001 - a path that fails is reported, the others still run
+                    state[n]["error"] = traceback.format_exc()
+                    print(f"{n}: failed in phase {ph + 1}:\n{state[n]['error']}", flush=True)
+                    del live[n]
+                    continue
+                state[n]["replies"][a["id"]].append(turn.text)
+                state[n]["turns"].append({"phase": ph + 1, "agent": a["id"], **asdict(turn)})
+        for n in live:
+            done = [t for t in state[n]["turns"] if t["phase"] == ph + 1]
+            print(f"  phase {ph + 1} {n:>10}: {sum(t['total_s'] for t in done):7.1f} s, TTFT median "
+                  f"{statistics.median(t['ttft_s'] for t in done) * 1e3:7.0f} ms", flush=True)
     for n, (_, finish) in live.items():
         state[n].update(finish())
     return state
@@ -502,8 +501,9 @@ def plot(summary: dict, phases: int, path: Path) -> None:
 
     names = list(summary)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    a.bar(names, [summary[n]["total_s"] for n in names], color=[f"C{i}" for i in range(len(names))])
-    a.set(yscale="log", ylabel="total time of all requests (s)", title="Multi-agent workload: SmolLM2-135M, CPU")
+    bars = a.bar(names, [summary[n]["total_s"] for n in names], color=[f"C{i}" for i in range(len(names))])
+    a.bar_label(bars, fmt="%.0f s", fontsize=8)
+    a.set(ylabel="total time of all requests (s)", title="Multi-agent workload: SmolLM2-135M, CPU")
     a.tick_params(axis="x", labelrotation=20)
     for i, n in enumerate(names):
         med = [t["median_s"] for t in summary[n]["ttft_per_phase"]]
@@ -535,7 +535,8 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
 
-    bench_common.print_machine(machine_info())
+    machine = machine_info(model=MODEL)
+    bench_common.print_machine(machine)
     model, tokenizer = load(MODEL)
     agents, sources, record = build_workload(tokenizer, cfg)
     per_agent, final_context = agent_budget(model, agents, tokenizer, cfg)
@@ -555,7 +556,8 @@ def main() -> None:
     print_report(summary, agree, dvh, checks, cfg["phases"])
 
     result = {
-        "machine": machine_info(model=MODEL, text=record, wall_s=time.perf_counter() - start),
+        "machine": {**machine, "text": record, "wall_s": time.perf_counter() - start,
+                    "load_average_at_end": os.getloadavg()},
         "config": {**cfg, "paths": args.paths, "final_context_tokens": final_context, "budget_bytes": ctx.budget,
                    "budget_all_bytes": ctx.budget_all, "budget_per_agent_bytes": per_agent,
                    "margin_blocks": MARGIN_BLOCKS, "lru_max_size": LRU_MAX_SIZE},

@@ -112,3 +112,12 @@ inline int kv_split_step(int span, int splits, int chunk) {
   int per = (span + splits - 1) / splits;
   return (per + chunk - 1) / chunk * chunk;
 }
+
+// How many parts the keys of one query tile are split into: a function of
+// that tile's own key span only (at least `min_keys` keys a part, at most
+// `max_splits` parts), never of the batch around it, so a sequence's output
+// is the same bits whether it is attended alone or in any batch.
+inline int kv_splits_for(int span, int min_keys, int max_splits) {
+  int n = span / min_keys;
+  return n < 1 ? 1 : (n > max_splits ? max_splits : n);
+}

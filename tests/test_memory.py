@@ -123,7 +123,7 @@ def test_evict_restore_and_restart_give_the_same_tokens(smollm, tmp_path):
         return r1, r2, memory
 
     m = AgentMemory(model, tokenizer, path=tmp_path / "hot", budget="256MB")
-    hot1, hot2, m = conversation(m, lambda m: m)
+    _hot1, hot2, m = conversation(m, lambda m: m)
     assert hot2.source == "hot"
     m.close()
 
@@ -135,7 +135,7 @@ def test_evict_restore_and_restart_give_the_same_tokens(smollm, tmp_path):
         assert m.stats()["bytes_in_use"] == 0
         return m
 
-    ev1, ev2, m = conversation(m, evict)
+    _ev1, ev2, m = conversation(m, evict)
     assert ev2.source == "disk" and ev2.tokens == hot2.tokens
     assert ev2.usage.computed_tokens == hot2.usage.computed_tokens
     m.close()
@@ -149,7 +149,7 @@ def test_evict_restore_and_restart_give_the_same_tokens(smollm, tmp_path):
         assert m2.agents() == ["a"] and not m2.info("a").resident
         return m2
 
-    rs1, rs2, m = conversation(m, restart)
+    _rs1, rs2, m = conversation(m, restart)
     assert rs2.source == "disk" and rs2.tokens == hot2.tokens
     # After a restart the reply's last token has no K/V on disk: at most one more token.
     assert rs2.usage.computed_tokens <= hot2.usage.computed_tokens + 1
@@ -213,19 +213,19 @@ def test_bad_input_is_refused_with_memory_unchanged(memory):
     memory.generate("ok", text(0, 50), max_tokens=2)
     before = memory.info("ok")
     cases = [
-        (dict(agent_id="../etc", prompt="hi", max_tokens=2), InvalidAgentIdError),
-        (dict(agent_id="", prompt="hi", max_tokens=2), InvalidAgentIdError),
-        (dict(agent_id="ok", prompt="", max_tokens=2), InvalidArgumentError),
-        (dict(agent_id="ok", prompt=[], max_tokens=2), InvalidArgumentError),
-        (dict(agent_id="ok", prompt=[1, -5], max_tokens=2), InvalidArgumentError),
-        (dict(agent_id="ok", prompt=[{"role": "user"}], max_tokens=2), InvalidArgumentError),
-        (dict(agent_id="ok", prompt="hi", max_tokens=0), InvalidArgumentError),
-        (dict(agent_id="ok", prompt="hi", max_tokens=-3), InvalidArgumentError),
-        (dict(agent_id="ok", prompt="hi", max_tokens=2, temperature=-1), InvalidArgumentError),
-        (dict(agent_id="ok", prompt="hi", max_tokens=2, top_p=0), InvalidArgumentError),
-        (dict(agent_id="ok", prompt="hi", max_tokens=2, stop=[""]), InvalidArgumentError),
-        (dict(agent_id="ok", prompt=[5] * 9000, max_tokens=2), InvalidArgumentError),  # context is 8192
-        (dict(agent_id="ok", prompt=12, max_tokens=2), InvalidArgumentError),
+        ({"agent_id": "../etc", "prompt": "hi", "max_tokens": 2}, InvalidAgentIdError),
+        ({"agent_id": "", "prompt": "hi", "max_tokens": 2}, InvalidAgentIdError),
+        ({"agent_id": "ok", "prompt": "", "max_tokens": 2}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": [], "max_tokens": 2}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": [1, -5], "max_tokens": 2}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": [{"role": "user"}], "max_tokens": 2}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": "hi", "max_tokens": 0}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": "hi", "max_tokens": -3}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": "hi", "max_tokens": 2, "temperature": -1}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": "hi", "max_tokens": 2, "top_p": 0}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": "hi", "max_tokens": 2, "stop": [""]}, InvalidArgumentError),
+        ({"agent_id": "ok", "prompt": [5] * 9000, "max_tokens": 2}, InvalidArgumentError),  # context is 8192
+        ({"agent_id": "ok", "prompt": 12, "max_tokens": 2}, InvalidArgumentError),
     ]
     for kwargs, error in cases:
         with pytest.raises(error) as e:
@@ -247,7 +247,7 @@ def test_one_request_per_agent_and_many_agents_in_threads(memory):
     def run(a):
         try:
             got[a] = memory.generate(a, prompt + a, max_tokens=6).tokens
-        except Exception as e:  # reported below
+        except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
     threads = [threading.Thread(target=run, args=(a,)) for a in ("t1", "t2")]

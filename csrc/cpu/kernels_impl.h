@@ -33,6 +33,8 @@ using namespace simd;
 
 constexpr int kChunk = 32; // keys per softmax update
 constexpr int kMaxRows = 32; // query rows per tile
+constexpr int kSplitKeys = 512; // at least this many keys per part of a split tile
+constexpr int kMaxSplits = 16; // at most this many parts
 constexpr int kMaxDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -360,6 +362,8 @@ struct Tile {
   int first; // first row: index into the (l, g) rows of (b, h)
   int R;
   int t0, t1; // union of the rows' key ranges
+  int splits = 1; // parts the keys are cut into (kv_splits_for: from t1 - t0 alone)
+  int first_task = 0; // index of its first part among all tasks
 };
 
 template <int KB, int VB, DType SD>
@@ -432,47 +436,30 @@ void attention_impl(const AttentionArgs& a) {
     }
   }
 
-  // Split each tile's keys when there are too few tiles to feed the threads.
-  const int threads = num_threads();
-  const int want = 8 * threads;
-  int splits = 1;
-  if (int(tiles.size()) < want) {
-    int longest = 0;
-    for (auto& t : tiles) {
-      longest = std::max(longest, t.t1 - t.t0);
+  // Long key ranges are split into parts run as separate tasks and merged.
+  // The split depends on each tile's own span, not on the batch, so a
+  // sequence gets the same bits alone or batched (kvsnap.batch relies on it).
+  size_t n_tasks = 0;
+  for (auto& t : tiles) {
+    t.splits = kv_splits_for(t.t1 - t.t0, kSplitKeys, kMaxSplits);
+    t.first_task = int(n_tasks);
+    n_tasks += t.splits;
+  }
+  std::vector<int> task_tile(n_tasks);
+  for (int i = 0; i < int(tiles.size()); ++i) {
+    for (int s = 0; s < tiles[i].splits; ++s) {
+      task_tile[tiles[i].first_task + s] = i;
     }
-    splits = std::min(
-        (want + int(tiles.size()) - 1) / int(tiles.size()),
-        std::max(1, longest / 512));
   }
 
-  if (splits == 1) {
-    parallel_for(int(tiles.size()), [&](int i) {
-      const Tile& t = tiles[i];
-      Row rows[kMaxRows];
-      for (int r = 0; r < t.R; ++r) {
-        rows[r] = make_row(t.b, t.h, t.first + r);
-      }
-      float m[kMaxRows], l[kMaxRows];
-      std::vector<float> acc(size_t(t.R) * D);
-      attend_range<KB, VB, SD>(
-          a, t.b, t.h, rows, t.R, t.t0, t.t1, m, l, acc.data());
-      for (int r = 0; r < t.R; ++r) {
-        store_out(a, out_row(t.b, t.h, t.first + r), &acc[size_t(r) * D], l[r]);
-      }
-    });
-    return;
-  }
-
-  // Partial results of task (tile i, split s) at slot i * splits + s.
-  const size_t n_tasks = tiles.size() * splits;
+  // Partial results of task (tile i, part s) at slot tiles[i].first_task + s.
   std::vector<float> part_m(n_tasks * kMaxRows), part_l(n_tasks * kMaxRows);
   std::vector<float> part_acc(n_tasks * kMaxRows * D);
   parallel_for(int(n_tasks), [&](int task) {
-    const Tile& t = tiles[task / splits];
-    int s = task % splits;
+    const Tile& t = tiles[task_tile[task]];
+    int s = task - t.first_task;
     int span = t.t1 - t.t0;
-    int step = kv_split_step(span, splits, kChunk);
+    int step = kv_split_step(span, t.splits, kChunk);
     int lo = std::min(t.t1, t.t0 + s * step);
     int hi = std::min(t.t1, lo + step);
     Row rows[kMaxRows];
@@ -496,14 +483,14 @@ void attention_impl(const AttentionArgs& a) {
     alignas(64) float merged[kMaxDim];
     for (int r = 0; r < t.R; ++r) {
       float m_all = kNegInf;
-      for (int s = 0; s < splits; ++s) {
-        m_all = std::max(m_all, part_m[(size_t(i) * splits + s) * kMaxRows + r]);
+      for (int s = 0; s < t.splits; ++s) {
+        m_all = std::max(m_all, part_m[(size_t(t.first_task) + s) * kMaxRows + r]);
       }
       std::fill(merged, merged + D, 0.f);
       float l_all = 0.f;
       if (m_all != kNegInf) {
-        for (int s = 0; s < splits; ++s) {
-          size_t task = size_t(i) * splits + s;
+        for (int s = 0; s < t.splits; ++s) {
+          size_t task = size_t(t.first_task) + s;
           float ms = part_m[task * kMaxRows + r];
           if (ms == kNegInf) {
             continue;

@@ -238,20 +238,11 @@ class BatchLayerCache:
         after = [c._read for c in caches if c._read is not None]
         table = group.table()
         layer = caches[0].layer
-        if all(n == L for n in counts):
-            writes = [ops.kv_write(group.arena, layer, *stored, table, offsets, after=after)]
-        else:  # ragged rows: each row writes its real tokens only
-            writes = [
-                ops.kv_write(group.arena, layer, stored[0][b : b + 1, :, :n], stored[1][b : b + 1, :, :n],
-                             table[b : b + 1], [offsets[b]], after=after)
-                for b, n in enumerate(counts) if n > 0
-            ]
-        write = writes[0] if len(writes) == 1 else mx.depends(writes[0], writes[1:]) if writes else None
+        write = ops.kv_write(group.arena, layer, *stored, table, offsets, counts=counts, after=after)
         self._lengths = [o + L for o in offsets]
         for c, n in zip(caches, counts):
             c.offset += n
-            if write is not None:
-                c._write = write
+            c._write = write
         self._write = write
         return keys, values
 
