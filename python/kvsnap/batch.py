@@ -188,7 +188,7 @@ def share(cache: PromptCache) -> PromptCache:
     layers = []
     for c in cache:
         if isinstance(c, KVSnapCache):
-            twin = KVSnapCache(seqs[id(c.seq)], c.layer, window=c.window)
+            twin = type(c)(seqs[id(c.seq)], c.layer, window=c.window)
             twin.offset = c.offset
             layers.append(twin)
         else:

@@ -19,10 +19,22 @@ module(s) to a function that sends calls whose cache is a kvsnap cache to the
 fused kernel and every other call to mlx-lm's function, unchanged. Importing
 kvsnap changes nothing; only the modules of models given to ``make_cache`` are
 touched.
+
+The rest of mlx-lm's prompt-cache contract: ``make_mask`` makes the masks
+``KVCache`` makes; ``copy.deepcopy(cache)`` and ``cache.copy()`` share the full
+blocks (copy-on-write), so mlx-lm's ``LRUPromptCache`` can hold kvsnap caches;
+``update_and_fetch`` returns only the new keys and values (``make_cache``
+refuses models whose attention code needs more, see ``kvsnap.model_audit``).
+mlx-lm's ``save_prompt_cache`` writes each layer's ``state`` under the name of
+its class and ``load_prompt_cache`` finds that class in mlx-lm's own module:
+layers whose K/V an mlx-lm class can hold are of a kvsnap class named after it
+(``QuantizedKVCache``, ``RotatingKVCache`` below) and load as mlx-lm's; saving
+any other layer is refused before anything is written.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 import weakref
 from collections.abc import Sequence
@@ -32,7 +44,7 @@ import numpy as np
 from mlx_lm.models import base as mlx_base
 from mlx_lm.models import cache as mlx_cache
 
-from kvsnap import ops
+from kvsnap import model_audit, ops
 from kvsnap._ext import Arena, Budget
 from kvsnap.errors import InvalidArgumentError, SlotError, UnsupportedModelError
 
@@ -75,6 +87,8 @@ class BlockSequence:
         self.siblings: list[BlockSequence] = [self]
         self.owner = None  # weak reference to the PromptCache holding this sequence
         self.version = 0  # bumped whenever the block table changes
+        # Array masks the model made from this group's layers (make_mask), by window.
+        self.masks: dict[int | None, tuple[mx.array, int, int]] = {}
         self._table: np.ndarray | None = None  # built once per change, not per layer
 
     @property
@@ -86,7 +100,9 @@ class BlockSequence:
         self.version += 1
 
     def __del__(self):
-        # A dropped cache gives its blocks back (pending kernels pin their slots).
+        # A sequence dropped without release() (a copy mlx-lm's LRUPromptCache
+        # evicted, a batch's row) gives its references back; pending ops keep
+        # their slots pinned.
         try:
             for slot in self.blocks:
                 if slot >= 0:
@@ -291,9 +307,57 @@ class BlockSequence:
         """The live slots this sequence holds."""
         return [b for b in self.blocks if b >= 0]
 
+    def fork(self, n_tokens: int) -> BlockSequence:
+        """A new sequence holding positions [0, n_tokens) of this one: its full
+        blocks shared (one more reference each), a partial last block copied
+        (written again by whichever side goes on). Settle pending writes first.
+        All or nothing: on ArenaFullError nothing is held."""
+        out = BlockSequence(self.arena, window=self.window, rotate=self.rotate)
+        out.index = self.index
+        keep = self.blocks_for(n_tokens)
+        try:
+            for b, slot in enumerate(self.blocks[:keep]):
+                if slot >= 0 and b == keep - 1 and n_tokens % self.block_tokens:
+                    tail = self.arena.alloc()
+                    out.blocks.append(tail)
+                    for dst, src in zip(self.arena.block_views(tail), self.arena.block_views(slot)):
+                        dst[...] = src
+                elif slot >= 0:
+                    self.arena.incref(slot)
+                    out.blocks.append(slot)
+                else:
+                    out.blocks.append(-1)
+        except BaseException:
+            out.release()
+            raise
+        return out
+
 
 class KVSnapCache:
-    """One layer's cache: quantized K/V in arena blocks, attended in place."""
+    """One layer's cache: quantized K/V in arena blocks, attended in place.
+
+    What mlx-lm's model code gets from it:
+
+    - ``update_and_fetch(keys, values)`` writes the new tokens' K/V into the
+      blocks and returns them as given: the NEW keys and values only, where
+      mlx-lm's ``KVCache`` returns the whole history. The attention call that
+      follows (``scaled_dot_product_attention(..., cache=self)``) reads the
+      history from the blocks and ignores them. The families kvsnap serves
+      (llama/mistral, qwen2, qwen3, gemma3) pass the returned arrays to that
+      call and use them for nothing else; ``make_cache`` refuses a model whose
+      attention code uses them otherwise (``kvsnap.model_audit``).
+    - ``make_mask`` returns what ``KVCache.make_mask`` returns at the same
+      offset. The kernel masks by position (and window) itself, so attention
+      takes ``None``, ``"causal"`` or an array this cache's layers made for
+      the step; any other mask array is refused.
+    - ``state`` is what mlx-lm evaluates after each prefill chunk and what its
+      ``save_prompt_cache`` writes. Here it finishes the pending writes and
+      makes ``save_prompt_cache`` raise (this class: rotated K/V or keys and
+      values of different bit widths, which no mlx-lm class holds); the
+      subclasses ``QuantizedKVCache`` and ``RotatingKVCache`` give mlx-lm's
+      state instead.
+    - A layer is copied only with its whole prompt cache (``PromptCache.copy``).
+    """
 
     def __init__(self, seq: BlockSequence, layer: int, window: int | None = None):
         self.seq = seq
@@ -315,6 +379,8 @@ class KVSnapCache:
         return self.seq.arena.group_size
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
+        """Write the new tokens' keys/values [1, n_kv_heads, n_new, head_dim]
+        after the ones held; returns them unchanged (not the history)."""
         if keys.ndim != 4 or keys.shape[0] != 1:
             raise InvalidArgumentError(
                 f"keys: kvsnap's drop-in cache holds one sequence (batch 1), got shape {keys.shape}; "
@@ -341,13 +407,9 @@ class KVSnapCache:
 
     def attend(self, queries: mx.array, *, scale: float, mask) -> mx.array:
         """The model's attention for the queries of the last update."""
-        if mask is not None and not isinstance(mask, str):
-            raise InvalidArgumentError(
-                "mask: kvsnap caches apply causal and sliding-window masking themselves; "
-                "an explicit mask array is not supported",
-                "mask",
-            )
-        if isinstance(mask, str) and mask != "causal":
+        if isinstance(mask, mx.array):
+            self._check_mask(mask, queries.shape[2])
+        elif mask is not None and not (isinstance(mask, str) and mask == "causal"):
             raise InvalidArgumentError(f"mask: unknown mask {mask!r}", "mask")
         after = [] if self._write is None else [self._write]
         rotate = self.seq.rotate
@@ -366,8 +428,32 @@ class KVSnapCache:
         return hadamard(out) if rotate else out
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
-        # The kernel masks by position (and window) itself.
-        return None if n == 1 else "causal"
+        """The mask ``KVCache.make_mask`` makes for ``n`` queries at this offset:
+        None, "causal" or a bool array [n, offset + n] (always one with a window)."""
+        mask = mlx_cache.create_attention_mask(
+            n, offset=self.offset, return_array=return_array, window_size=window_size
+        )
+        if isinstance(mask, mx.array):
+            self.seq.masks[window_size] = (mask, self.offset, n)
+        return mask
+
+    def _check_mask(self, mask: mx.array, n: int) -> None:
+        """Accept a mask array only if this cache's make_mask made it for this
+        step, with this layer's window: it then says what the kernel does."""
+        made = [(w, rec) for s in self.seq.siblings for w, rec in s.masks.items() if rec[0] is mask]
+        if not made:
+            raise InvalidArgumentError(
+                "mask: kvsnap caches mask by position (causal, sliding window) in the kernel; "
+                "an attention mask array other than the one their make_mask made is not supported",
+                "mask",
+            )
+        window, (_, offset, n_made) = made[0]
+        if window != self.window or n_made != n or offset + n != self.offset:
+            raise InvalidArgumentError(
+                f"mask: made for {n_made} queries at position {offset} with window {window}; this "
+                f"layer attends {n} queries at position {self.offset - n} with window {self.window}",
+                "mask",
+            )
 
     def merge(self, caches):
         """mlx-lm's batching: one batch cache layer over these per-sequence
@@ -376,17 +462,20 @@ class KVSnapCache:
 
         return merge_layer(caches)
 
-    # mlx-lm evaluates `state` to force prefill work: it depends on the writes.
     @property
     def state(self):
-        return () if self._write is None else (self._write,)
+        # mx.eval(state) finishes the writes (mlx-lm's generate runs it after
+        # each prefill chunk); save_prompt_cache is refused (_NotSavable).
+        pending = () if self._write is None else (self._write,)
+        return (*pending, _NotSavable(self))
 
     @state.setter
     def state(self, value):
-        raise InvalidArgumentError(
-            "state: a kvsnap cache cannot be rebuilt from mlx-lm state; use kvsnap.cache.from_mlx",
-            "state",
-        )
+        _refuse_state()
+
+    @classmethod
+    def from_state(cls, state):
+        _refuse_state()
 
     @property
     def meta_state(self):
@@ -424,6 +513,90 @@ class KVSnapCache:
         scales = 2 * 2 * (a.head_dim // a.group_size)  # float16 scale and bias per group
         per_token = a.n_kv_heads * (a.head_dim * (a.key_bits + a.bits) // 8 + 2 * scales)
         return per_token * self.offset
+
+    def __deepcopy__(self, memo):
+        raise InvalidArgumentError(
+            "cache: a kvsnap layer cache shares its blocks with the other layers of its group; "
+            "copy the whole prompt cache: copy.deepcopy(prompt_cache) or prompt_cache.copy()",
+            "cache",
+        )
+
+
+class QuantizedKVCache(KVSnapCache):
+    """A full-attention layer whose K/V mlx-lm's ``QuantizedKVCache`` can hold as
+    stored (not rotated; keys and values of one bit width), named after it.
+
+    ``state`` is that mlx-lm class's state holding this layer's bytes as they
+    are, so ``save_prompt_cache`` writes it whole under this name and
+    ``load_prompt_cache`` returns mlx-lm's ``QuantizedKVCache``, bit-exact
+    (``from_mlx`` makes a kvsnap cache of it again). Reading ``state`` copies
+    the layer's K/V out of the arena; mlx-lm's generate does once per prefill
+    chunk (benchmarks/RESULTS.md).
+    """
+
+    @property
+    def state(self):
+        return _mlx_layer(self, quantized=True).state
+
+    @state.setter
+    def state(self, value):
+        _refuse_state()
+
+
+class RotatingKVCache(KVSnapCache):
+    """A sliding-window layer, named after mlx-lm's ``RotatingKVCache``.
+
+    ``state`` is that mlx-lm class's state holding the window, dequantized to
+    float32 (and rotated back when stored rotated), so ``load_prompt_cache``
+    returns mlx-lm's ``RotatingKVCache`` attending the same keys and values.
+    """
+
+    @property
+    def state(self):
+        return _mlx_layer(self, quantized=True).state
+
+    @state.setter
+    def state(self, value):
+        _refuse_state()
+
+
+def _refuse_state():
+    raise InvalidArgumentError(
+        "state: a kvsnap cache is not rebuilt from a state; mlx-lm's load_prompt_cache returns "
+        "mlx-lm caches, which kvsnap.cache.from_mlx(model, caches) turns into a kvsnap cache",
+        "state",
+    )
+
+
+class _NotSavable:
+    """Stands in the ``state`` of a layer no mlx-lm cache class can hold.
+
+    ``mx.eval`` skips it. mlx-lm's ``save_prompt_cache`` refuses any state entry
+    that is not an array or a scalar and formats it into its ValueError, before
+    writing anything; formatting this one raises kvsnap's error instead.
+    """
+
+    def __init__(self, layer: KVSnapCache):
+        a = layer.seq.arena
+        if layer.seq.rotate:
+            self.reason = "its layers hold keys and values in a Hadamard-rotated basis"
+            self.export = "kvsnap.store.export_mlx(cache, path) (rotated back and re-quantized)"
+        else:
+            self.reason = f"its layers hold {a.key_bits}-bit keys with {a.bits}-bit values"
+            self.export = "kvsnap.store.export_mlx(cache, path, quantized=False) (float K/V)"
+
+    def __repr__(self) -> str:
+        return f"<kvsnap layer state mlx-lm cannot hold: {self.reason}>"
+
+    def __format__(self, spec: str) -> str:
+        raise InvalidArgumentError(
+            f"cache: mlx-lm's save_prompt_cache cannot save this kvsnap cache: {self.reason}, "
+            "which no mlx-lm cache class holds. Save it with "
+            "kvsnap.save(cache, path, tokens=ids, model=model) (bit-exact; kvsnap.load reads it "
+            f"back) or write an mlx-lm file with {self.export}; caches made with "
+            "make_cache(..., rotate=False) and one bit width save through mlx-lm",
+            "cache",
+        )
 
 
 class PromptCache(list):
@@ -488,6 +661,41 @@ class PromptCache(list):
         pending = [x for c in self if isinstance(c, KVSnapCache) for x in (c._write, c._read) if x is not None]
         if pending:
             mx.eval(pending)
+
+    def copy(self) -> PromptCache:
+        """An independent cache holding the same tokens, cheaply: each group's
+        full blocks are shared (one more reference) and its partial last block
+        is copied, so the copy costs at most one block per layer group. Writes
+        to either cache never show in the other: a shared block is never
+        written (a trim into one copies it first). Layers left to mlx-lm are
+        deep-copied. ``copy.deepcopy(cache)`` does the same.
+        """
+        self._settle()
+        forks = []
+        try:
+            for s in self.sequences:
+                forks.append(s.fork(max((c.offset for c in s.layers), default=0)))
+        except BaseException:
+            for f in forks:
+                f.release()
+            raise
+        fork_of = {id(s): f for s, f in zip(self.sequences, forks)}
+        layers = []
+        for c in self:
+            if isinstance(c, KVSnapCache):
+                twin = type(c)(fork_of[id(c.seq)], c.layer, window=c.window)
+                twin.offset = c.offset
+                layers.append(twin)
+            else:
+                layers.append(copy.deepcopy(c))
+        out = PromptCache(layers, forks, self.foreign_layers)
+        out.tokens = list(self.tokens)
+        return out
+
+    def __deepcopy__(self, memo) -> PromptCache:
+        out = self.copy()
+        memo[id(self)] = out
+        return out
 
     def release(self) -> None:
         """Return every block to its arena (the cache is empty afterwards)."""
@@ -615,6 +823,7 @@ def make_cache(
     kinds = layer_kinds(model)
     attn = _attention_modules(model)
     route_attention(model)
+    model_audit.check_history_unused(model, [attn[i] for i, (k, _) in enumerate(kinds) if k != "foreign"])
 
     def geometry(indices):
         shapes = {_kv_geometry(attn[i]) for i in indices}
@@ -658,8 +867,10 @@ def make_cache(
             _check_arena(arena, len(full), n_kv_heads, head_dim, bits, key_bits, group_size)
         seq = BlockSequence(arena, rotate=rotation(head_dim))
         sequences.append(seq)
+        # Layers mlx-lm's QuantizedKVCache can hold are saved by mlx-lm as one.
+        layer_cls = KVSnapCache if seq.rotate or key_bits != bits else QuantizedKVCache
         for j, i in enumerate(full):
-            layers[i] = KVSnapCache(seq, j)
+            layers[i] = layer_cls(seq, j)
     if windowed:
         windows = {kinds[i][1] for i in windowed}
         if len(windows) != 1:
@@ -673,7 +884,7 @@ def make_cache(
         seq = BlockSequence(window_arena, window=window, rotate=rotation(head_dim))
         sequences.append(seq)
         for j, i in enumerate(windowed):
-            layers[i] = KVSnapCache(seq, j, window=window)
+            layers[i] = RotatingKVCache(seq, j, window=window)
     if foreign:
         mlx_caches = model.make_cache() if hasattr(model, "make_cache") else None
         for i in foreign:
@@ -729,41 +940,41 @@ def to_mlx(prompt_cache: PromptCache, *, quantized: bool = True) -> list:
             "this cache's differ: use quantized=False",
             "quantized",
         )
-    out = []
-    for c in prompt_cache:
-        if not isinstance(c, KVSnapCache):
-            out.append(c)
-            continue
-        seq, a = c.seq, c.seq.arena
-        if c.offset == 0:
-            out.append(mlx_cache.QuantizedKVCache(a.group_size, a.bits) if quantized else mlx_cache.KVCache())
-            continue
-        start = 0 if c.window is None else max(0, c.offset - c.window)
-        kp, ks, kb, vp, vs, vb = _layer_arrays(seq, c.layer, start, c.offset)
-        if c.window is None and quantized and not seq.rotate:
-            q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
-            q.keys, q.values, q.offset = (kp, ks, kb), (vp, vs, vb), c.offset
-            out.append(q)
-            continue
-        keys = mx.dequantize(kp, ks.astype(mx.float32), kb.astype(mx.float32), group_size=a.group_size, bits=a.key_bits)
-        values = mx.dequantize(vp, vs.astype(mx.float32), vb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
-        if seq.rotate:
-            keys, values = hadamard(keys), hadamard(values)
-        if c.window is None and quantized:
-            q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
-            q.keys = mx.quantize(keys, group_size=a.group_size, bits=a.bits)
-            q.values = mx.quantize(values, group_size=a.group_size, bits=a.bits)
-            q.offset = c.offset
-            out.append(q)
-        elif c.window is None:
-            f = mlx_cache.KVCache()
-            f.state = (keys, values, c.offset)
-            out.append(f)
-        else:
-            r = mlx_cache.RotatingKVCache(max_size=c.window)
-            r.state = (keys, values, c.offset, 0, c.window, keys.shape[2])
-            out.append(r)
-    return out
+    return [_mlx_layer(c, quantized) if isinstance(c, KVSnapCache) else c for c in prompt_cache]
+
+
+def _mlx_layer(c: KVSnapCache, quantized: bool):
+    """The mlx-lm cache holding what layer ``c`` holds (see ``to_mlx``)."""
+    if c._write is not None:
+        mx.eval(c._write)  # the layer's writes, each ordered after the one before
+    seq, a = c.seq, c.seq.arena
+    if c.offset == 0:
+        if c.window is not None:
+            return mlx_cache.RotatingKVCache(max_size=c.window)
+        return mlx_cache.QuantizedKVCache(a.group_size, a.bits) if quantized else mlx_cache.KVCache()
+    start = 0 if c.window is None else max(0, c.offset - c.window)
+    kp, ks, kb, vp, vs, vb = _layer_arrays(seq, c.layer, start, c.offset)
+    if c.window is None and quantized and not seq.rotate:
+        q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
+        q.keys, q.values, q.offset = (kp, ks, kb), (vp, vs, vb), c.offset
+        return q
+    keys = mx.dequantize(kp, ks.astype(mx.float32), kb.astype(mx.float32), group_size=a.group_size, bits=a.key_bits)
+    values = mx.dequantize(vp, vs.astype(mx.float32), vb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
+    if seq.rotate:
+        keys, values = hadamard(keys), hadamard(values)
+    if c.window is None and quantized:
+        q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
+        q.keys = mx.quantize(keys, group_size=a.group_size, bits=a.bits)
+        q.values = mx.quantize(values, group_size=a.group_size, bits=a.bits)
+        q.offset = c.offset
+        return q
+    if c.window is None:
+        f = mlx_cache.KVCache()
+        f.state = (keys, values, c.offset)
+        return f
+    r = mlx_cache.RotatingKVCache(max_size=c.window)
+    r.state = (keys, values, c.offset, 0, c.window, keys.shape[2])
+    return r
 
 
 def from_mlx(
