@@ -29,26 +29,20 @@ prefill chunk, next to one 512-token prefill chunk at that context.
 The cache is prefilled once per model in chunks of 512: 4000 tokens (a
 partial last block), then 96 more (4096: none).
 
-    python benchmarks/copy.py [--quick] [--out DIR]
+    python benchmarks/copies.py [--quick] [--out DIR]
 
-Writes DIR/copy.json (DIR: benchmarks/out).
+Writes DIR/copies.json (DIR: benchmarks/out).
 """
 
 from __future__ import annotations
-
-import os
-import sys
-
-# This file is named copy.py, and Python puts its folder first on sys.path,
-# where it would shadow the standard library's copy module: move it last.
-sys.path.remove(os.path.dirname(os.path.abspath(__file__)))
-sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import copy
 import gc
 import json
+import os
 import statistics
+import sys
 import time
 
 import bench_common
@@ -235,7 +229,7 @@ def main() -> None:
         "rows": rows,
         "targets": [{"target": n, "met": ok, "value": v} for n, ok, v in checks],
     }
-    (args.out / "copy.json").write_text(json.dumps(result, indent=2))
+    (args.out / "copies.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
