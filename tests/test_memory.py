@@ -187,17 +187,20 @@ def test_budget_is_held_and_lru_agents_are_evicted(smollm, tmp_path):
     probe.close()
     budget = int(one * 2.5)
 
+    steps = []
+
     class Checked(AgentMemory):
-        def _step(self, cache, tokens):
-            out = super()._step(cache, tokens)
+        def _reserve(self, cache, n_tokens):  # before every forward pass, after its blocks are taken
+            super()._reserve(cache, n_tokens)
+            steps.append(self.budget.used)
             assert self.budget.used <= self.budget.limit
-            return out
 
     m = Checked(model, tokenizer, path=tmp_path / "b", budget=budget)
     for i, a in enumerate(("p", "q", "r", "s")):
         m.generate(a, text(1000 + 600 * i, 450), max_tokens=3)
         assert m.budget.used <= budget
     stats = m.stats()
+    assert len(steps) >= 4 * 3 and max(steps) <= budget
     assert stats["evictions"] >= 1 and stats["agents_on_disk"] == 4
     assert not m.info("p").resident and m.info("s").resident  # least recently used went first
     # A request that cannot fit even alone is refused up front; nothing changes.
