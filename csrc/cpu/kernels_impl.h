@@ -35,6 +35,7 @@ constexpr int kChunk = 32; // keys per softmax update
 constexpr int kMaxRows = 32; // query rows per tile
 constexpr int kSplitKeys = 512; // at least this many keys per part of a split tile
 constexpr int kMaxSplits = 16; // at most this many parts
+constexpr int kMaxSplitRows = 8; // tiles of more query rows are not split
 constexpr int kMaxDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -441,7 +442,9 @@ void attention_impl(const AttentionArgs& a) {
   // sequence gets the same bits alone or batched (kvsnap.batch relies on it).
   size_t n_tasks = 0;
   for (auto& t : tiles) {
-    t.splits = kv_splits_for(t.t1 - t.t0, kSplitKeys, kMaxSplits);
+    // Tiles of many query rows (prefill chunks) have work enough per key: only
+    // decode-like tiles (a few rows) are split. Both inputs belong to the tile.
+    t.splits = t.R > kMaxSplitRows ? 1 : kv_splits_for(t.t1 - t.t0, kSplitKeys, kMaxSplits);
     t.first_task = int(n_tasks);
     n_tasks += t.splits;
   }
