@@ -33,6 +33,7 @@ step loop.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 import threading
@@ -444,6 +445,7 @@ class AgentMemory:
         agent.cache.release()
         agent.cache = None
         self._evictions += 1
+        _trim_heap()
 
     def _new_cache(self, agent: _Agent) -> PromptCache:
         cache = make_cache(self.model, arena=self.arena, window_arena=self.window_arena, **self._format)
@@ -724,6 +726,25 @@ def _check_sampling(max_tokens, temperature, top_p, seed, stop) -> list[str]:
     if not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
         raise InvalidArgumentError("stop: must be a non-empty string or a list of up to 16 of them", "stop")
     return stops
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS. The arena's slots are madvised
+    when freed; what else a turn allocated (MLX buffers, numpy copies) stays in
+    glibc's per-thread heaps (the model thread's among them) until trimmed."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _context_length(model) -> int:
