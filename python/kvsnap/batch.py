@@ -184,18 +184,7 @@ class _Batch:
 def share(cache: PromptCache) -> PromptCache:
     """A prompt cache holding the same tokens as ``cache``, sharing its blocks
     by reference count (writes to either copy the block first)."""
-    seqs = {id(s): s.share() for s in cache.sequences}
-    layers = []
-    for c in cache:
-        if isinstance(c, KVSnapCache):
-            twin = type(c)(seqs[id(c.seq)], c.layer, window=c.window)
-            twin.offset = c.offset
-            layers.append(twin)
-        else:
-            layers.append(copy.deepcopy(c))
-    out = PromptCache(layers, [seqs[id(s)] for s in cache.sequences], cache.foreign_layers)
-    out.tokens = list(cache.tokens)
-    return out
+    return cache.over([s.share() for s in cache.sequences])
 
 
 class BatchLayerCache:

@@ -679,16 +679,21 @@ class PromptCache(list):
             for f in forks:
                 f.release()
             raise
-        fork_of = {id(s): f for s, f in zip(self.sequences, forks)}
+        return self.over(forks)
+
+    def over(self, sequences: Sequence[BlockSequence]) -> PromptCache:
+        """A cache of the same layers and tokens over other block sequences
+        (one per group, in order: forks or shares of this cache's own)."""
+        seq_of = {id(s): t for s, t in zip(self.sequences, sequences)}
         layers = []
         for c in self:
             if isinstance(c, KVSnapCache):
-                twin = type(c)(fork_of[id(c.seq)], c.layer, window=c.window)
+                twin = type(c)(seq_of[id(c.seq)], c.layer, window=c.window)
                 twin.offset = c.offset
                 layers.append(twin)
             else:
                 layers.append(copy.deepcopy(c))
-        out = PromptCache(layers, forks, self.foreign_layers)
+        out = PromptCache(layers, list(sequences), self.foreign_layers)
         out.tokens = list(self.tokens)
         return out
 
