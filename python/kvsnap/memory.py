@@ -38,7 +38,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,9 +55,10 @@ from kvsnap.errors import (
     InvalidArgumentError,
 )
 from kvsnap.scheduler import DONE, Request, Sampler, Scheduler
-from kvsnap.store import GroupFormat, Store, block_hashes, check_agent_id
+from kvsnap.store import GroupFormat, Store, _open_single_file, block_hashes, check_agent_id
 
 SOURCES = ("hot", "disk", "shared", "none")
+EPHEMERAL_KEPT = 4  # stateless requests' caches kept resident for sharing
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -131,6 +132,7 @@ class _Agent:
     busy: bool = False
     dirty: bool = False  # resident state the store does not have yet
     target_bytes: int = 0  # admitted request: bytes it may hold by its end
+    ephemeral: bool = False  # a request without an agent id: never persisted
 
     @property
     def resident(self) -> bool:
@@ -215,6 +217,7 @@ class AgentMemory:
         self._hits = dict.fromkeys(SOURCES, 0)
         self._computed = self._reused = 0
         self._evictions = self._restores = 0
+        self._ephemeral_count = 0
         if any(k == "foreign" for k, _ in layer_kinds(model)):
             raise InvalidArgumentError(
                 "model: some layers keep mlx-lm caches kvsnap cannot persist; AgentMemory needs "
@@ -224,13 +227,15 @@ class AgentMemory:
 
     # ------------------------------------------------------------------ requests
 
-    def generate(self, agent_id: str, prompt, *, max_tokens: int, temperature: float = 0.0,
+    def generate(self, agent_id: str | None, prompt, *, max_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, stop=None, wait: bool = True) -> Reply:
         """Continue agent ``agent_id`` with ``prompt`` and return its reply.
 
         ``prompt``: a list of chat messages (the tokenizer's chat template is
         applied), a string, or token ids: the WHOLE conversation so far; what
         the agent already holds is reused, only the new suffix is computed.
+        ``agent_id=None``: a stateless request. Nothing is persisted; it reuses
+        full blocks resident agents (and recent stateless requests) hold.
         ``wait=False``: raise AgentBusyError instead of waiting while the
         agent serves another request.
         """
@@ -241,21 +246,29 @@ class AgentMemory:
                 reply = piece
         return reply
 
-    def stream(self, agent_id: str, prompt, *, max_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None, stop=None,
-               wait: bool = True) -> Iterator[str | Reply]:
-        """As ``generate``, yielding text pieces as they are decoded, then the Reply."""
-        check_agent_id(agent_id)
+    def stream(self, agent_id: str | None, prompt, *, max_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None, stop=None, wait: bool = True,
+               on_start: Callable[[str, Usage], None] | None = None) -> Iterator[str | Reply]:
+        """As ``generate``, yielding text pieces as they are decoded, then the Reply.
+
+        ``on_start(source, usage)``: called once the request is admitted and
+        its reuse is known (before its prefill), with the source of the
+        reused tokens and the prompt's usage (no completion tokens yet)."""
+        if agent_id is not None:
+            check_agent_id(agent_id)
         stops = _check_sampling(max_tokens, temperature, top_p, seed, stop)
         t0 = time.perf_counter()
-        agent = self._acquire(agent_id, wait)
+        agent = self._acquire_ephemeral() if agent_id is None else self._acquire(agent_id, wait)
         try:
-            yield from self._serve(agent, prompt, max_tokens, temperature, top_p, seed, stops, t0)
+            yield from self._serve(agent, prompt, max_tokens, temperature, top_p, seed, stops, t0, on_start)
         finally:
             self._release(agent)
 
-    def _serve(self, agent: _Agent, prompt, max_tokens, temperature, top_p, seed, stops, t0):
-        history = agent.history if agent.resident or agent.history else self._disk_tokens(agent.agent_id)
+    def _serve(self, agent: _Agent, prompt, max_tokens, temperature, top_p, seed, stops, t0, on_start=None):
+        if agent.resident or agent.history or agent.ephemeral:
+            history = agent.history
+        else:
+            history = self._disk_tokens(agent.agent_id)
         ids = self._prompt_ids(prompt, history)
         if len(ids) >= self.context_length:
             raise InvalidArgumentError(
@@ -267,7 +280,7 @@ class AgentMemory:
         self._admit(agent, final)
         agent.last_used = time.time()
         source, restore_s = "hot" if agent.resident else "none", 0.0
-        if not agent.resident and self._on_disk(agent.agent_id):
+        if not agent.resident and not agent.ephemeral and self._on_disk(agent.agent_id):
             t = time.perf_counter()
             self._restore(agent)
             restore_s, source = time.perf_counter() - t, "disk"
@@ -284,6 +297,8 @@ class AgentMemory:
             self._hits[source] += 1
             self._computed += computed
             self._reused += reused
+        if on_start is not None:
+            on_start(source, Usage(len(ids), reused, computed, 0))
 
         request = Request(cache, ids, max_tokens=max_tokens, sampler=Sampler(temperature, top_p, seed),
                           stops=stops, eos_ids=self.eos_ids, tokenizer=self.tokenizer)
@@ -379,11 +394,26 @@ class AgentMemory:
             agent.busy = True
             return agent
 
+    def _acquire_ephemeral(self) -> _Agent:
+        with self._lock:
+            self._ephemeral_count += 1
+            agent_id = f"~stateless-{self._ephemeral_count}"  # '~' is not allowed in agent ids
+            agent = self._agents[agent_id] = _Agent(agent_id, busy=True, ephemeral=True)
+            return agent
+
     def _release(self, agent: _Agent) -> None:
         with self._lock:
             agent.busy = False
             agent.target_bytes = 0
-            if not agent.resident and not agent.history and not self._on_disk(agent.agent_id):
+            if agent.ephemeral:
+                # Kept resident (evictable, never saved) so that later stateless
+                # requests can share its full blocks; only the newest few.
+                kept = [a for a in self._agents.values() if a.ephemeral and not a.busy and a.resident]
+                for old in sorted(kept, key=lambda a: a.last_used)[: max(0, len(kept) - EPHEMERAL_KEPT)]:
+                    self._evict(old)
+                if not agent.resident:
+                    self._agents.pop(agent.agent_id, None)
+            elif not agent.resident and not agent.history and not self._on_disk(agent.agent_id):
                 self._agents.pop(agent.agent_id, None)  # a request that failed before any state
             self._changed.notify_all()
 
@@ -436,14 +466,17 @@ class AgentMemory:
 
     def _lru_idle(self, exclude: _Agent) -> _Agent | None:
         idle = [a for a in self._agents.values() if a.resident and not a.busy and a is not exclude]
-        return min(idle, key=lambda a: a.last_used, default=None)
+        # Stateless requests' caches go first: they are not saved, only kept for sharing.
+        return min(idle, key=lambda a: (not a.ephemeral, a.last_used), default=None)
 
     def _evict(self, agent: _Agent) -> None:
         """Free an idle agent's memory (its state is on disk already)."""
-        if agent.dirty:
+        if agent.dirty and not agent.ephemeral:
             self._persist(agent)
         agent.cache.release()
         agent.cache = None
+        if agent.ephemeral:
+            self._agents.pop(agent.agent_id, None)
         self._evictions += 1
         _trim_heap()
 
@@ -558,7 +591,8 @@ class AgentMemory:
 
     def _finish_turn(self, agent: _Agent) -> None:
         self._register(agent.cache)
-        self._persist(agent)
+        if not agent.ephemeral:
+            self._persist(agent)
 
     def _persist(self, agent: _Agent) -> None:
         cache = agent.cache
@@ -606,10 +640,55 @@ class AgentMemory:
                 raise AgentNotFoundError(f"no agent {agent_id!r} in memory or in {self.store.path}")
         return self._acquire(agent_id, wait)
 
+    def count_tokens(self, prompt) -> int:
+        """Tokens of a prompt (chat messages, a string or ids), as a request would see them."""
+        return len(self._prompt_ids(prompt, []))
+
+    def history(self, agent_id: str) -> list[int]:
+        """The token ids whose K/V the agent holds (its prompts and replies so far)."""
+        check_agent_id(agent_id)
+        with self._lock:
+            agent = self._agents.get(agent_id)
+            if agent is not None and agent.resident:
+                return list(agent.cache.tokens)
+        return self.store.agent_tokens(agent_id).tolist()
+
+    def export(self, agent_id: str, path: str | os.PathLike, *, wait: bool = True) -> int:
+        """Write the agent as one verified single-file snapshot; returns its bytes."""
+        agent = self._acquire_existing(agent_id, wait)
+        try:
+            with self._lock:
+                if agent.resident and agent.dirty:
+                    self._persist(agent)
+            return self.store.export_agent(agent_id, path)
+        finally:
+            self._release(agent)
+
+    def import_agent(self, path: str | os.PathLike, agent_id: str | None = None, *, wait: bool = True) -> str:
+        """Add the agent of a single-file snapshot (``export``, ``kvsnap.save``)
+        as ``agent_id`` (default: the id it was saved under), replacing an agent
+        of that id. Refused (ModelMismatchError) if made with another model."""
+        snapshot = _open_single_file(path)
+        with snapshot.file:
+            snapshot.check_model(self.model, self.tokenizer)
+            agent_id = check_agent_id(snapshot.agent_id if agent_id is None else agent_id)
+        agent = self._acquire(agent_id, wait)
+        try:
+            with self._lock:
+                if agent.resident:
+                    agent.cache.release()
+                    agent.cache = None
+                agent.history = []
+                agent.dirty = False
+                self.store.import_agent(path, agent_id)
+            return agent_id
+        finally:
+            self._release(agent)
+
     def agents(self) -> list[str]:
         """Every agent, resident or on disk."""
         with self._lock:
-            hot = {a.agent_id for a in self._agents.values() if a.resident}
+            hot = {a.agent_id for a in self._agents.values() if a.resident and not a.ephemeral}
         return sorted(hot | set(self.store.list_agents()))
 
     def info(self, agent_id: str) -> AgentInfo:
@@ -637,7 +716,7 @@ class AgentMemory:
         """Agents resident and on disk, budget and bytes in use, shared blocks,
         disk bytes, hits per source, tokens computed vs reused."""
         with self._lock:
-            hot = sorted(a.agent_id for a in self._agents.values() if a.resident)
+            hot = sorted(a.agent_id for a in self._agents.values() if a.resident and not a.ephemeral)
             arenas = [a for a in (self.arena, self.window_arena) if a is not None]
             shared = self.arena.stats()["slots_shared"] if self.arena is not None else 0
             disk_agents = self.store.list_agents()
@@ -657,6 +736,8 @@ class AgentMemory:
                 "tokens_reused": self._reused,
                 "evictions": self._evictions,
                 "restores": self._restores,
+                "decode_steps": self._scheduler.steps,
+                "batch_size_mean": float(np.mean(sizes)) if (sizes := self._scheduler.batch_sizes) else 0.0,
             }
 
     def close(self) -> None:
