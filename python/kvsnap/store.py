@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,6 +151,12 @@ class AgentInfo:
     created_at: str
     updated_at: str
     path: Path
+    blocks: tuple[str, ...] = ()  # hashes of its full blocks, in order
+    model_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""  # "" when the snapshot was saved without a tokenizer
+    groups: tuple[GroupFormat, ...] = ()  # its layer groups' formats
+    inline: bool = False  # blocks in the file itself (a single file), not in a store
+    file_bytes: int = 0  # size of the manifest or single file
 
 
 @dataclass(frozen=True)
@@ -345,8 +352,18 @@ class _AgentFile:
 
     def info(self) -> AgentInfo:
         return AgentInfo(
-            self.agent_id, self.n_tokens, len(self.blocks), self.created_at, self.updated_at, self.file.path
+            self.agent_id, self.n_tokens, len(self.blocks), self.created_at, self.updated_at, self.file.path,
+            blocks=tuple(self.blocks), model_fingerprint=self.model_fp, tokenizer_fingerprint=self.tokenizer_fp,
+            groups=tuple(self.groups), inline=self.inline, file_bytes=self.file.size,
         )
+
+    def verify_inline(self) -> None:
+        """Re-hash every tensor of a single file and check its blocks' hashes
+        against its tokens, model and format (what ``import_agent`` checks)."""
+        self.file.verify()
+        hashes = block_hashes(self.tokens(), self.model_fp, self.full) if self.full else []
+        if hashes != self.blocks:
+            raise self.file.corrupt("its block hashes do not match its tokens, model and format")
 
     def check_model(self, model, tokenizer) -> None:
         if self.model_fp != model_fingerprint(model):
@@ -525,6 +542,26 @@ def load(path: str | os.PathLike, *, model, tokenizer=None, arena: Arena | None 
         return _restore(agent, model, tokenizer, arena, lambda b, h: (f, f"blocks.{b}.", False))
 
 
+def file_info(path: str | os.PathLike) -> AgentInfo:
+    """What an agent file says about its agent: a single file (``save``,
+    ``export_agent``) or a store's manifest. Reads the header only."""
+    path = Path(path).expanduser()
+    try:
+        f = TensorFile(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no such file", path) from None
+    with f:
+        return _AgentFile(f).info()
+
+
+def verify_file(path: str | os.PathLike) -> None:
+    """Re-read and re-hash a single-file snapshot; raises ``StoreError`` (or a
+    subclass) naming the fault. A store manifest is checked by ``Store.verify``."""
+    agent = _open_single_file(path)
+    with agent.file:
+        agent.verify_inline()
+
+
 def _open_single_file(path: str | os.PathLike) -> _AgentFile:
     """A validated single-file snapshot (an agent file with its blocks inline)."""
     path = Path(path).expanduser()
@@ -552,16 +589,29 @@ class Store:
     ``agents/<agent id>.safetensors``. Writers hold a shared lock on ``lock``;
     ``gc`` and the cleanup of a killed writer's temporary files hold it
     exclusively, so they never touch a file another process is writing.
+
+    ``create=False``: the store must exist already (no folder is made).
+    ``read_only=True``: open an existing store without writing anything (no
+    lock file, no cleanup); the methods that write raise ``StoreError``.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, read_only: bool = False):
         self._lock_fd = -1
+        self.read_only = read_only
         self.path = Path(path).expanduser()
         self.blocks_dir = self.path / "blocks"
         self.agents_dir = self.path / "agents"
         marker = self.path / "kvsnap-store.json"
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"{self.path}: not a folder", self.path)
+        if read_only or not create:
+            if not self.path.exists():
+                raise StoreError(f"{self.path}: no such store (the folder does not exist)", self.path)
+            if not marker.exists():
+                raise StoreError(f"{self.path}: not a kvsnap store (no kvsnap-store.json)", self.path)
+        if read_only:
+            self._check_marker(marker)
+            return
         if self.path.is_dir() and not marker.exists() and not self._is_unfinished_store():
             raise StoreError(f"{self.path}: not a kvsnap store (no kvsnap-store.json) and not empty", self.path)
         for d in (self.path, self.blocks_dir, self.agents_dir):
@@ -620,6 +670,8 @@ class Store:
 
     # -- locking
     def _lock(self, exclusive: bool, wait: bool = True) -> bool:
+        if self.read_only:
+            raise StoreError(f"{self.path}: the store was opened read-only", self.path)
         op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
         try:
             fcntl.flock(self._lock_fd, op | (0 if wait else fcntl.LOCK_NB))
@@ -819,6 +871,17 @@ class Store:
         with agent.file:
             return agent.info()
 
+    def block_bytes(self) -> dict[str, int]:
+        """The size in bytes of every block file in the store, by hash."""
+        out = {}
+        for p in self.blocks_dir.glob(f"*{SUFFIX}"):
+            if not p.name.startswith("."):
+                try:
+                    out[p.name[: -len(SUFFIX)]] = p.stat().st_size
+                except FileNotFoundError:  # removed by a concurrent gc
+                    pass
+        return out
+
     def list_agents(self) -> list[str]:
         return sorted(
             p.name[: -len(SUFFIX)]
@@ -864,27 +927,40 @@ class Store:
             self._unlock()
         return removed, freed
 
-    def verify(self) -> list[tuple[Path, str]]:
-        """Re-read and re-hash every file; returns (path, fault) for each bad one."""
+    def verify(
+        self, agent_ids: list[str] | None = None, progress: Callable[[int, int], None] | None = None
+    ) -> list[tuple[Path, str]]:
+        """Re-read and re-hash every file; returns (path, fault) for each bad one.
+
+        ``agent_ids``: only these agents' manifests and the block files they
+        reference (default: every file of the store). ``progress(done, total)``
+        is called as the files are checked."""
+        if agent_ids is None:
+            agent_ids = self.list_agents()
+            block_files = sorted(self.blocks_dir.glob(f"*{SUFFIX}"))
+        else:
+            wanted: set[str] = set()
+            for agent_id in agent_ids:
+                try:
+                    agent = self._open_agent(agent_id)
+                except StoreError:
+                    continue  # reported below
+                with agent.file:
+                    wanted.update(agent.blocks)
+            block_files = sorted(p for p in map(self.block_path, wanted) if p.exists())
         problems: list[tuple[Path, str]] = []
         good_blocks: set[str] = set()
-        for p in sorted(self.blocks_dir.glob(f"*{SUFFIX}")):
+        total = len(block_files) + len(agent_ids)
+        for done, p in enumerate(block_files):
+            if progress is not None:
+                progress(done, total)
             try:
-                with TensorFile(p) as f:
-                    f.verify()
-                    meta = f.metadata
-                    if meta.get("format") != BLOCK_FORMAT:
-                        raise f.corrupt("not a block file")
-                    _check_version(f, meta.get("format_version"))
-                    group = GroupFormat.from_json(meta.get("group", ""), f)
-                    tokens = f.read("tokens", dtype="I32", shape=(group.block_tokens,))
-                    h = block_hash(meta.get("parent_hash", ""), tokens, meta.get("model_fingerprint", ""), group)
-                    if h != meta.get("block_hash") or p.name != f"{h}{SUFFIX}":
-                        raise f.corrupt("content hash does not match the file name")
-                    good_blocks.add(h)
+                good_blocks.add(self._verify_block_file(p))
             except StoreError as e:
                 problems.append((p, str(e)))
-        for agent_id in self.list_agents():
+        for done, agent_id in enumerate(agent_ids, len(block_files)):
+            if progress is not None:
+                progress(done, total)
             p = self.agent_path(agent_id)
             try:
                 agent = self._open_agent(agent_id)
@@ -897,7 +973,24 @@ class Store:
                         )
             except StoreError as e:
                 problems.append((p, str(e)))
+        if progress is not None:
+            progress(total, total)
         return problems
+
+    def _verify_block_file(self, p: Path) -> str:
+        """Re-hash block file p and check its content address; returns its hash."""
+        with TensorFile(p) as f:
+            f.verify()
+            meta = f.metadata
+            if meta.get("format") != BLOCK_FORMAT:
+                raise f.corrupt("not a block file")
+            _check_version(f, meta.get("format_version"))
+            group = GroupFormat.from_json(meta.get("group", ""), f)
+            tokens = f.read("tokens", dtype="I32", shape=(group.block_tokens,))
+            h = block_hash(meta.get("parent_hash", ""), tokens, meta.get("model_fingerprint", ""), group)
+            if h != meta.get("block_hash") or p.name != f"{h}{SUFFIX}":
+                raise f.corrupt("content hash does not match the file name")
+            return h
 
 
 # ---- mlx-lm prompt cache files ------------------------------------------------------
@@ -951,5 +1044,5 @@ def import_mlx(path: str | os.PathLike, *, model, **make_cache_args) -> PromptCa
 
 __all__ = [
     "AgentInfo", "GroupFormat", "SaveResult", "Store", "block_hash", "block_hashes", "check_agent_id",
-    "export_mlx", "import_mlx", "load", "save",
+    "export_mlx", "file_info", "import_mlx", "load", "save", "verify_file",
 ]
