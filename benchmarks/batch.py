@@ -110,6 +110,7 @@ def arrival_latency(model, tokenizer, ids, chunk: int) -> dict:
         arrival["end"] = time.perf_counter()
         for t in threads:
             t.join()
+        chunks = memory._scheduler.chunk_sizes
         memory.close()
     steady, during = [], []
     for s in stamps.values():
@@ -121,12 +122,14 @@ def arrival_latency(model, tokenizer, ids, chunk: int) -> dict:
     step = statistics.median(steady) if steady else None
     p95 = float(np.percentile(during, 95)) if during else None
     return {"chunk": chunk, "steady_step_s": step, "p95_during_arrival_s": p95,
-            "ratio": p95 / step if step and p95 else None, "arrival_prefill_s": arrival["end"] - arrival["start"]}
+            "ratio": p95 / step if step and p95 else None, "arrival_prefill_s": arrival["end"] - arrival["start"],
+            "chunk_tokens_min": min(chunks), "chunk_tokens_median": statistics.median(chunks)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--contexts", type=int, nargs="*", default=[2048, 8192],
+                        help="context lengths of the throughput rows (none: skip them)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--quick", action="store_true", help="512-token contexts, batches 1 and 4")
     parser.add_argument("--no-latency", action="store_true")
@@ -145,6 +148,7 @@ def main() -> None:
         prefill(model, ids[:context], base)
         base_float = make_prompt_cache(model)
         prefill(model, ids[:context], base_float)
+        kvsnap_rate(model, base, 1, together=True)  # warm-up: the first steps of a process run slower
         alone = kvsnap_rate(model, base, 1, together=True)
         for batch in args.batches:
             row = {
@@ -167,13 +171,16 @@ def main() -> None:
     latency = [] if args.no_latency else [arrival_latency(model, tokenizer, ids, c) for c in (256, 64)]
     for r in latency:
         print(
-            f"arrival of a 2K prompt (chunks of {r['chunk']}): steady step {fmt(r['steady_step_s'], '.3f')} s, "
+            f"arrival of a 2K prompt (chunks of up to {r['chunk']}): steady step {fmt(r['steady_step_s'], '.3f')} s, "
             f"p95 during arrival {fmt(r['p95_during_arrival_s'], '.3f')} s, ratio {fmt(r['ratio'], '.2f')}x, "
-            f"its prefill {r['arrival_prefill_s']:.1f} s"
+            f"its prefill {r['arrival_prefill_s']:.1f} s (median chunk {r['chunk_tokens_median']:.0f} tokens)"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine, "text": source, "steps": STEPS, "throughput": rows, "arrival": latency}
     (args.out / "batch.json").write_text(json.dumps(result, indent=2))
+    if not rows:
+        print(f"wrote {args.out / 'batch.json'}")
+        return
     try:
         import matplotlib
 

@@ -31,13 +31,13 @@ def prompt(i: int, n_words: int) -> str:
     return " ".join(WORDS[i * 150 :][:n_words]) + " To summarize:"
 
 
-def run_threads(memory, jobs, stagger=0.0):
+def run_threads(memory, jobs, stagger=0.0, max_tokens=6):
     """jobs: {agent: prompt}; all start together (or staggered); returns replies."""
     replies, errors = {}, []
 
     def run(agent, text):
         try:
-            replies[agent] = memory.generate(agent, text, max_tokens=6)
+            replies[agent] = memory.generate(agent, text, max_tokens=max_tokens)
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append((agent, e))
 
@@ -66,14 +66,14 @@ def test_concurrent_agents_decode_in_one_batch_and_match_one_at_a_time(smollm, t
     model, tokenizer = smollm
     jobs = {f"a{i}": prompt(i, n) for i, n in enumerate((60, 400, 150, 900, 250))}
     alone = AgentMemory(model, tokenizer, path=tmp_path / "alone", budget="512MB", bits=8)
-    want = {a: alone.generate(a, text, max_tokens=6).tokens for a, text in jobs.items()}
+    want = {a: alone.generate(a, text, max_tokens=24).tokens for a, text in jobs.items()}
     assert max(alone._scheduler.batch_sizes) == 1
     alone.close()
 
     together = AgentMemory(model, tokenizer, path=tmp_path / "together", budget="512MB", bits=8)
     # Staggered arrivals: later agents join a batch that is already decoding,
     # their prefill chunks interleaved with its steps.
-    got = run_threads(together, jobs, stagger=0.3)
+    got = run_threads(together, jobs, stagger=0.3, max_tokens=24)
     assert max(together._scheduler.batch_sizes) >= 2
     for a, text in jobs.items():
         assert same_or_near_tie(model, tokenizer, text, want[a], got[a].tokens), (a, want[a], got[a].tokens)

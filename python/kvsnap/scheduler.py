@@ -3,7 +3,8 @@
 Requests from many threads are queued to it. Each turn of the loop runs at
 most one prefill chunk (of the oldest request still prefilling: a long
 prompt is cut into chunks that end on block boundaries, so it never stalls
-the others for long), then ONE decode step for every request that is
+the others for long: while others decode, the chunk is halved until it takes
+at most STALL decode steps, as measured so far, down to MIN_CHUNK tokens), then ONE decode step for every request that is
 generating — a ragged batch (kvsnap.batch): each sequence at its own
 length, the model's weights read once per step for all of them. Requests
 join the batch when their prefill is done and leave when they finish.
@@ -28,6 +29,9 @@ from kvsnap.batch import batch_cache
 from kvsnap.cache import PromptCache
 
 DONE = object()  # the last event of a request
+MIN_CHUNK = 16  # the smallest prefill chunk while others decode (tokens)
+STALL = 1.5  # a prefill chunk may delay the others' next token by this many of their steps
+EMA = 0.3  # weight of the newest timing in the running estimates
 
 
 class Sampler:
@@ -125,6 +129,9 @@ class Scheduler:
         self._stop = False
         self.steps = 0  # decode steps run
         self.batch_sizes: list[int] = []  # requests per decode step (recent)
+        self.chunk_sizes: list[int] = []  # tokens per prefill chunk (recent)
+        self._token_s: float | None = None  # prefill seconds per token (running estimate)
+        self._step_s: float | None = None  # seconds per decode step (running estimate)
 
     def submit(self, request: Request) -> None:
         with self._cv:
@@ -160,17 +167,32 @@ class Scheduler:
         for r in [r for r in self._active if r.cancelled]:
             self._end(r)
         prefilling = [r for r in self._active if r.prefilling]
+        decoding = [r for r in self._active if not r.prefilling and r.finish is None and r.generated]
         if prefilling:
-            self._guarded([prefilling[0]], self._prefill_chunk)
+            self._guarded([prefilling[0]], self._prefill_chunk, self._chunk_tokens(bool(decoding)))
         decoding = [r for r in self._active if not r.prefilling and r.finish is None and r.generated]
         if decoding:
             self._guarded(decoding, self._decode_step)
         for r in [r for r in self._active if r.finish is not None]:
             self._end(r)
 
-    def _guarded(self, requests: list[Request], step) -> None:
+    def _chunk_tokens(self, others_decoding: bool) -> int:
+        """The next prefill chunk: the full chunk when no one waits on it;
+        while others decode, halved until it costs at most STALL of their steps."""
+        chunk = self.chunk_tokens
+        if not others_decoding or self._token_s is None or self._step_s is None:
+            return chunk
+        while chunk > MIN_CHUNK and chunk % 2 == 0 and chunk * self._token_s > STALL * self._step_s:
+            chunk //= 2
+        return chunk
+
+    @staticmethod
+    def _ema(old: float | None, new: float) -> float:
+        return new if old is None else (1 - EMA) * old + EMA * new
+
+    def _guarded(self, requests: list[Request], step, *args) -> None:
         try:
-            step(requests)
+            step(requests, *args)
         except Exception as e:  # noqa: BLE001 (handed to the requests' threads)
             for r in requests:
                 r.events.put(e)
@@ -180,26 +202,31 @@ class Scheduler:
         self._active.remove(r)
         r.events.put(DONE)
 
-    def _prefill_chunk(self, requests: list[Request]) -> None:
+    def _prefill_chunk(self, requests: list[Request], chunk: int) -> None:
         (r,) = requests
+        t = time.perf_counter()
         if r.t_prefill is None:
-            r.t_prefill = time.perf_counter()
+            r.t_prefill = t
         pos = r.cache.offset
-        end = min(len(r.ids), (pos // self.chunk_tokens + 1) * self.chunk_tokens)
+        end = min(len(r.ids), (pos // chunk + 1) * chunk)  # chunk divides block_tokens: ends on block edges
         self.reserve(r.cache, end)
         logits = self.model(mx.array([r.ids[pos:end]]), cache=r.cache)[:, -1, :]
         mx.eval(logits)
+        self._token_s = self._ema(self._token_s, (time.perf_counter() - t) / (end - pos))
+        self.chunk_sizes = (self.chunk_sizes + [end - pos])[-1000:]
         r.cache.tokens = list(r.ids[:end])
         if end == len(r.ids):
             r.on_token(r.sampler(logits))
 
     def _decode_step(self, requests: list[Request]) -> None:
+        t = time.perf_counter()
         for r in requests:
             self.reserve(r.cache, r.cache.offset + 1)
         tokens = mx.array([[r.generated[-1]] for r in requests])
         cache = requests[0].cache if len(requests) == 1 else batch_cache([r.cache for r in requests])
         logits = self.model(tokens, cache=cache)[:, -1, :]
         mx.eval(logits)
+        self._step_s = self._ema(self._step_s, time.perf_counter() - t)
         self.steps += 1
         self.batch_sizes = (self.batch_sizes + [len(requests)])[-1000:]
         for b, r in enumerate(requests):
