@@ -23,10 +23,16 @@ def pytest_configure(config):
     # Debian's OpenBLAS seconds. Run the session with it preloaded, as the
     # kvsnap command does (KVSNAP_NO_PRELOAD=1 turns this off). Output
     # capturing is stopped first so the new process writes to the terminal.
+    # When no re-exec happens after all (KVSNAP_NO_PRELOAD, or the loader
+    # refused the library), capturing is started again: pytest's own hooks
+    # read the capture and fail with an INTERNALERROR if it is gone.
     capture = config.pluginmanager.getplugin("capturemanager")
-    if capture is not None and cli.openblas_path() and not cli.openblas_loaded(cli.openblas_path()):
+    stopped = capture is not None and cli.openblas_path() and not cli.openblas_loaded(cli.openblas_path())
+    if stopped:
         capture.stop_global_capturing()
     cli.reexec_with_openblas(["-m", "pytest", *sys.argv[1:]])
+    if stopped:
+        capture.start_global_capturing()
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

@@ -248,8 +248,10 @@ def test_the_cases_cover_the_issue():
     assert max(max(c.lengths) for c in cases) >= 4 * 256  # several flash-decoding splits
 
 
+@pytest.mark.skipif(
+    metal.kernels_built(), reason="assumes a build without GPU kernels; this build has the Metal kernels"
+)
 def test_builds_without_metal_refuse_gpu_streams():
-    assert not metal.kernels_built()  # Linux builds have no Metal kernels
     arena = kvsnap.Arena(1, 1, 64, block_tokens=16, budget_bytes=1 << 20)
     q = mx.zeros((1, 1, 1, 64))
     with pytest.raises(kvsnap.errors.DeviceUnsupportedError, match="no GPU kernels"):
