@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import time
 from pathlib import Path
 
 import kvsnap
@@ -131,13 +132,16 @@ def test_longer_conversation_writes_only_new_blocks_and_prefixes_are_shared(llam
     cache, tokens = filled(llama, 40)  # 2 full blocks + tail of 8
     first = store.save_agent("a", cache, tokens=tokens, model=llama)
     assert (first.n_tokens, first.new_blocks, len(first.blocks)) == (40, 2, 2)
+    created = store.agent_info("a").created_at
+    time.sleep(1.05)  # timestamps have whole seconds: the next save's updated_at differs
     more = prompt(30, seed=1).tolist()
     run(llama, more, cache)
     second = store.save_agent("a", cache, tokens=tokens + more, model=llama)
     assert second.new_blocks == 2 and second.blocks[:2] == first.blocks  # 70 tokens: 4 blocks
     assert len(list(store.blocks_dir.iterdir())) == 4
     assert store.agent_info("a").n_tokens == 70
-    assert store.agent_info("a").created_at == store.agent_info("a").created_at
+    assert store.agent_info("a").created_at == created  # kept across saves
+    assert store.agent_info("a").updated_at > created
 
     other, _ = filled(llama, 40)  # same 40-token prefix: shares both blocks
     assert store.save_agent("b", other, tokens=tokens, model=llama).new_blocks == 0

@@ -82,6 +82,22 @@ class StoreError(KvsnapError):
         self.path = None if path is None else str(path)
 
 
+class StoreWriteError(StoreError):
+    """The operating system refused a write, fsync or rename of a snapshot file.
+
+    ``errno`` is the OS error number (``errno.ENOSPC``, ``errno.EIO``, ...);
+    the previous snapshot of every agent is untouched.
+    """
+
+    def __init__(self, message: str, path=None, errno: int | None = None):
+        super().__init__(message, path)
+        self.errno = errno
+
+
+class StoreFullError(StoreWriteError):
+    """The disk holding the store is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
+
+
 class CorruptSnapshotError(StoreError):
     """A snapshot file is truncated, malformed or fails its checksums."""
 

@@ -17,21 +17,30 @@ The reader reads tensors straight into caller-given buffers (arena slots) with
 one ``preadv`` per run of consecutive tensors and verifies them in place. The
 writer writes to a temporary name, fsyncs and renames (crash-safe); the caller
 fsyncs the folder once per batch. docs/FORMAT.md is the reference.
+
+Every OS call of the writer goes through ``OS_CALLS``; ``os_calls(...)``
+replaces some for a ``with`` block, which is how the tests inject faults (a
+short write then ENOSPC, EIO, a failing fsync or rename). A failed write
+raises ``StoreWriteError`` (``StoreFullError`` for a full disk) naming the
+file, with the OS error number, and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 import xxhash
 
-from kvsnap.errors import CorruptSnapshotError, StoreError
+from kvsnap.errors import CorruptSnapshotError, StoreError, StoreFullError, StoreWriteError
 
 DTYPES = {"U32": np.dtype("<u4"), "F16": np.dtype("<f2"), "I32": np.dtype("<i4")}
 DTYPE_CODES = {v: k for k, v in DTYPES.items()}
@@ -90,10 +99,37 @@ def _bytes_view(array: np.ndarray) -> memoryview:
     return memoryview(array).cast("B") if array.nbytes else memoryview(b"")
 
 
+# The OS calls the writer makes: the fault-injection point (see os_calls).
+OS_CALLS = SimpleNamespace(open=os.open, writev=os.writev, fsync=os.fsync, replace=os.replace)
+
+
+@contextmanager
+def os_calls(**replacements) -> Iterator[None]:
+    """Replace some of the writer's OS calls (``open``, ``writev``, ``fsync``,
+    ``replace``) inside a ``with`` block: the hook tests inject faults with."""
+    unknown = set(replacements) - set(vars(OS_CALLS))
+    if unknown:
+        raise ValueError(f"no OS call {sorted(unknown)} to replace")
+    saved = {name: getattr(OS_CALLS, name) for name in replacements}
+    vars(OS_CALLS).update(replacements)
+    try:
+        yield
+    finally:
+        vars(OS_CALLS).update(saved)
+
+
+def write_error(path: Path, doing: str, e: OSError) -> StoreWriteError:
+    """The kvsnap error for an OS error while writing ``path``."""
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    hint = "; free space on that disk (the previous snapshots are intact)" if full else ""
+    cls = StoreFullError if full else StoreWriteError
+    return cls(f"{path}: cannot {doing}: {e.strerror or e}{hint}", path, e.errno)
+
+
 def _writev_all(fd: int, buffers: list[memoryview]) -> None:
     views = [b for b in buffers if len(b)]
     while views:
-        n = os.writev(fd, views[:_IOV_MAX])
+        n = OS_CALLS.writev(fd, views[:_IOV_MAX])
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
@@ -111,26 +147,38 @@ def write_file(path: Path, tensors: Sequence[tuple[str, np.ndarray]], metadata: 
     """
     header = encode_header(tensors, metadata)
     tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{path.name}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fd = OS_CALLS.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise write_error(path, "create a temporary file beside it", e) from e
+    doing = "write"
     try:
         try:
             _writev_all(fd, [memoryview(header), *(_bytes_view(a) for _, a in tensors)])
-            os.fsync(fd)
+            doing = "fsync"
+            OS_CALLS.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
+        doing = "rename its temporary file into place"
+        OS_CALLS.replace(tmp, path)
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise write_error(path, doing, e) from e
         raise
     return len(header) + sum(a.nbytes for _, a in tensors)
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Make the renames in folder ``path`` durable (StoreWriteError if the OS refuses)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            OS_CALLS.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        raise write_error(path, "fsync the folder", e) from e
 
 
 class TensorFile:
@@ -142,17 +190,26 @@ class TensorFile:
     bytes are checked against their checksums as they are read.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, follow_symlinks: bool = True):
         self.path = Path(path)
+        flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self._fd = os.open(self.path, flags)
         except FileNotFoundError:
             raise
         except OSError as e:
+            if e.errno == errno.ELOOP and not follow_symlinks:
+                raise StoreError(
+                    f"{self.path}: is a symbolic link; a store holds only its own files (remove the link)",
+                    self.path,
+                ) from None
             raise StoreError(f"{self.path}: cannot open: {e.strerror}", self.path) from e
         try:
             self.size = os.fstat(self._fd).st_size
             self.metadata, self.tensors = self._read_header()
+        except OSError as e:
+            os.close(self._fd)
+            raise StoreError(f"{self.path}: cannot read: {e.strerror or e}", self.path) from e
         except BaseException:
             os.close(self._fd)
             raise
@@ -302,8 +359,11 @@ class TensorFile:
                 runs.append((info.start, [out]))
             end = info.end
             checks.append((name, out))
-        for start, buffers in runs:
-            self._preadv_all(buffers, start)
+        try:
+            for start, buffers in runs:
+                self._preadv_all(buffers, start)
+        except OSError as e:
+            raise StoreError(f"{self.path}: cannot read: {e.strerror or e}", self.path) from e
         metadata = self.metadata
         for name, out in checks:
             if checksum(out) != metadata[f"xxh3.{name}"]:
