@@ -13,7 +13,7 @@ import sys
 import pytest
 
 # The command under test (becomes [sys.executable, "-m", "kvsnap.cli", "demo"] once wired).
-DEMO = [sys.executable, "-m", "kvsnap.demo"]
+DEMO = [sys.executable, "-m", "kvsnap.cli", "demo"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

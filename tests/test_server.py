@@ -153,6 +153,19 @@ def test_the_user_field_names_the_agent_and_no_name_is_stateless(server):
     assert {a["id"] for a in httpx.get(server.url + "/v1/agents").json()["data"]} == before
 
 
+def test_stateless_requests_share_the_blocks_of_a_long_common_prompt(server):
+    client = server.openai()
+    long_system = " ".join(["Each step of the plan names its owner, its deadline and its budget."] * 40)
+    first = [{"role": "system", "content": long_system}, {"role": "user", "content": "Plan a fair."}]
+    _, usage1, _ = chat(client, None, first, max_tokens=2)
+    assert usage1.prompt_tokens > 300
+    second = [{"role": "system", "content": long_system}, {"role": "user", "content": "Plan a concert."}]
+    _, usage2, headers = chat(client, None, second, max_tokens=2)
+    assert headers["x-kvsnap-cache-source"] == "shared"
+    assert usage2.prompt_tokens_details.cached_tokens >= 256  # the whole blocks of the common prompt
+    assert usage2.prompt_tokens_details.cached_tokens < usage2.prompt_tokens
+
+
 # ---------------------------------------------------------------- Anthropic
 
 
