@@ -142,7 +142,7 @@ def openai_request(body: dict, context: int) -> ChatRequest:
         if not isinstance(m, dict):
             raise invalid(f"{where}: must be an object with role and content", "messages")
         role = m.get("role")
-        if role not in OPENAI_ROLES:
+        if not isinstance(role, str) or role not in OPENAI_ROLES:  # (a list or dict role is unhashable)
             raise invalid(f"{where}.role: must be one of {', '.join(OPENAI_ROLES)}, got {role!r}", "messages")
         messages.append({"role": OPENAI_ROLES[role],
                          "content": _text(m.get("content"), f"{where}.content", allow_empty=role == "assistant")})

@@ -22,6 +22,13 @@ and sliding-window layers alike. A request for an agent:
 5. registers its full blocks in the resident index (an identical block held
    by another agent is shared, its own copy freed) and persists the new
    blocks and manifest to the store: eviction later only frees memory.
+   The save happens before the Reply is handed out, so a turn whose Reply
+   was received is on disk. If the save fails (a full disk, an I/O error),
+   the request raises that error instead of yielding the Reply (the Reply
+   rides on the exception as ``e.reply``); the turn is not lost: the agent
+   keeps it in memory, stays resident (eviction skips an agent it cannot
+   save) and is saved by its next turn, ``evict`` or ``close``. The store
+   still holds the previous turn. ``stats()["save_errors"]`` counts these.
 
 Each agent serves one request at a time; requests for different agents, from
 any threads, are queued to one model thread (kvsnap.scheduler) that decodes
@@ -53,6 +60,7 @@ from kvsnap.errors import (
     AgentNotFoundError,
     BudgetExceededError,
     InvalidArgumentError,
+    KvsnapError,
 )
 from kvsnap.scheduler import DONE, Request, Sampler, Scheduler
 from kvsnap.store import GroupFormat, Store, _open_single_file, block_hashes, check_agent_id
@@ -216,7 +224,7 @@ class AgentMemory:
         self._scheduler = Scheduler(model, chunk_tokens=self.prefill_chunk, reserve=self._reserve)
         self._hits = dict.fromkeys(SOURCES, 0)
         self._computed = self._reused = 0
-        self._evictions = self._restores = 0
+        self._evictions = self._restores = self._save_errors = 0
         self._ephemeral_count = 0
         if any(k == "foreign" for k, _ in layer_kinds(model)):
             raise InvalidArgumentError(
@@ -321,11 +329,10 @@ class AgentMemory:
             agent.dirty = agent.resident
         if rest := request.unsent():
             yield rest
-        self._finish_turn(agent)
         t_first = request.t_first or time.perf_counter()
         decode_s = time.perf_counter() - t_first
         n = len(request.generated)
-        yield Reply(
+        reply = Reply(
             agent_id=agent.agent_id,
             text=request.text(),
             tokens=list(request.generated),
@@ -339,6 +346,16 @@ class AgentMemory:
                 restore_s=restore_s,
             ),
         )
+        try:
+            self._finish_turn(agent)
+        except (KvsnapError, OSError) as e:
+            # Not on disk: the agent keeps the turn in memory (dirty) and saves it later.
+            with self._lock:
+                self._save_errors += 1
+                agent.dirty = agent.resident
+            e.reply = reply
+            raise
+        yield reply
 
     # ------------------------------------------------------------- prompt ids
 
@@ -369,6 +386,12 @@ class AgentMemory:
             )
         if not text:
             raise InvalidArgumentError("prompt: is empty", "prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate (JSON allows "\ud800"); the tokenizer cannot take it
+            raise InvalidArgumentError(
+                f"prompt: is not valid Unicode text ({e.reason} at character {e.start})", "prompt"
+            ) from None
         if history:
             known = self.tokenizer.decode(history, skip_special_tokens=False)
             if known and text.startswith(known) and "\ufffd" not in known[-1:]:
@@ -444,19 +467,27 @@ class AgentMemory:
                 "budget or lower max_tokens",
                 need=need, budget=self.budget.limit,
             )
+        unsaved: set[str] = set()  # idle agents whose save failed: kept resident
         with self._lock:
             while True:
                 extra = max(0, need - agent.held_bytes())
                 if self.budget.used + self._outstanding() + extra <= self.budget.limit:
                     agent.target_bytes = need
                     return
-                victim = self._lru_idle(exclude=agent)
+                victim = self._lru_idle(exclude=agent, skip=unsaved)
                 if victim is not None:
-                    self._evict(victim)
+                    try:
+                        self._evict(victim)
+                    except (KvsnapError, OSError) as e:
+                        self._save_errors += 1
+                        unsaved.add(victim.agent_id)
+                        save_error = e
                     continue
                 if any(a.busy and a is not agent for a in self._agents.values()):
                     self._changed.wait()  # an admitted request always finishes
                     continue
+                if unsaved:
+                    raise save_error  # memory is held by agents the store cannot take now
                 raise BudgetExceededError(
                     f"agent {agent.agent_id!r}: needs {extra} more bytes of KV blocks but only "
                     f"{self.budget.limit - self.budget.used} of the {self.budget.limit}-byte budget are free "
@@ -464,8 +495,9 @@ class AgentMemory:
                     need=need, budget=self.budget.limit,
                 )
 
-    def _lru_idle(self, exclude: _Agent) -> _Agent | None:
-        idle = [a for a in self._agents.values() if a.resident and not a.busy and a is not exclude]
+    def _lru_idle(self, exclude: _Agent, skip: set[str] = frozenset()) -> _Agent | None:
+        idle = [a for a in self._agents.values()
+                if a.resident and not a.busy and a is not exclude and a.agent_id not in skip]
         # Stateless requests' caches go first: they are not saved, only kept for sharing.
         return min(idle, key=lambda a: (not a.ephemeral, a.last_used), default=None)
 
@@ -736,18 +768,28 @@ class AgentMemory:
                 "tokens_reused": self._reused,
                 "evictions": self._evictions,
                 "restores": self._restores,
+                "save_errors": self._save_errors,
                 "decode_steps": self._scheduler.steps,
                 "batch_size_mean": float(np.mean(sizes)) if (sizes := self._scheduler.batch_sizes) else 0.0,
             }
 
     def close(self) -> None:
-        """Persist what is not on disk yet and release every agent's memory."""
+        """Persist what is not on disk yet and release every agent's memory.
+        An agent that cannot be saved does not keep the others from being
+        saved; the first such error is raised at the end."""
         self._scheduler.close()
+        errors = []
         with self._lock:
             for agent in list(self._agents.values()):
                 if agent.resident and not agent.busy:
-                    self._evict(agent)
+                    try:
+                        self._evict(agent)
+                    except (KvsnapError, OSError) as e:
+                        self._save_errors += 1
+                        errors.append(e)
             self.store.close()
+        if errors:
+            raise errors[0]
 
     def __enter__(self):
         return self

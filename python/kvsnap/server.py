@@ -12,7 +12,13 @@ Anthropic's ``metadata.user_id``): its KV memory persists across requests and
 restarts, and each request computes only what the agent does not hold yet.
 Without a name a request is stateless (it still shares resident blocks).
 Requests of different agents decode together (kvsnap.scheduler); one agent's
-requests are served one at a time. Each request runs AgentMemory.stream on a
+requests are served one at a time.
+
+API keys: with ``--api-key`` given once, every client holding the key sees
+every agent. Given several times, each key owns its own agents: the server
+stores them under a namespace derived from the key (``k<16 hex digits>.`` in
+front of the id, never shown to clients), and a client of one key gets a 404
+for any agent of another, as for an agent that does not exist. Each request runs AgentMemory.stream on a
 thread of its own; its events cross to the event loop through a queue.
 """
 
@@ -22,10 +28,12 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import hashlib
 import hmac
 import json
 import logging
 import os
+import re
 import tempfile
 import threading
 import time
@@ -65,6 +73,25 @@ log = logging.getLogger("kvsnap.server")
 MAX_BODY = 8 << 20  # bytes of a JSON request
 MAX_IMPORT = 4 << 30  # bytes of an imported snapshot
 AGENT_HEADER = "x-agent-id"
+NAMESPACE = re.compile(r"k[0-9a-f]{16}\.")  # a key's namespace, in front of its agents' ids
+MAX_AGENT_ID = 128
+
+
+def key_namespace(key: str) -> str:
+    """The prefix of the agent ids a key owns (stable across restarts and key order)."""
+    return "k" + hashlib.sha256(b"kvsnap agent namespace\0" + key.encode()).hexdigest()[:16] + "."
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind e (itself, or what it was raised from), if any."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def to_api_error(e: BaseException) -> APIError:
@@ -83,8 +110,9 @@ def to_api_error(e: BaseException) -> APIError:
         return APIError(409, str(e), code="model_mismatch")
     if isinstance(e, (CorruptSnapshotError, FormatMismatchError, UnsupportedVersionError)):
         return APIError(422, str(e), code="bad_snapshot")
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return APIError(507, f"the store's disk is full: {e}", kind="api_error", code="disk_full")
+    if _disk_full(e) is not None:
+        return APIError(507, f"the store's disk is full; the agent keeps this turn in memory and saves it "
+                             f"with its next one: {e}", kind="api_error", code="disk_full")
     if isinstance(e, StoreError):
         return APIError(500, str(e), kind="api_error", code="store_error")
     if isinstance(e, KvsnapError):
@@ -148,6 +176,8 @@ class Metrics:
         yield tokens
         yield CounterMetricFamily("kvsnap_evictions", "Agents evicted to disk", value=s["evictions"])
         yield CounterMetricFamily("kvsnap_restores", "Agents restored from disk", value=s["restores"])
+        yield CounterMetricFamily("kvsnap_save_errors", "Saves that failed (the agent kept its turn in memory)",
+                                  value=s["save_errors"])
         yield CounterMetricFamily("kvsnap_decode_steps", "Batched decode steps run", value=s["decode_steps"])
 
     def finished(self, reply: Reply) -> None:
@@ -230,6 +260,8 @@ class Server:
         self.model_names = {model_name, Path(model_name).name}
         self.model_name = model_name
         self.api_keys = [k.encode() for k in api_keys or []]
+        # One key (or none): one namespace, the plain ids. Several: one namespace per key.
+        self.namespaces = [key_namespace(k) if len(self.api_keys) > 1 else "" for k in api_keys or []]
         self.max_body, self.max_import = max_body, max_import
         self.default_max_tokens = default_max_tokens
         self.metrics = Metrics(memory)
@@ -237,16 +269,23 @@ class Server:
 
     # -------------------------------------------------------------- plumbing
 
-    def check_key(self, request: Request) -> None:
+    def check_key(self, request: Request) -> str:
+        """The namespace of the request's key ("" for the plain ids); 401 without a valid key."""
         if not self.api_keys:
-            return
+            return ""
         given = request.headers.get("x-api-key")
         auth = request.headers.get("authorization", "")
         if given is None and auth[:7].lower() == "bearer ":
             given = auth[7:].strip()
-        if given is None or not any(hmac.compare_digest(given.encode(), k) for k in self.api_keys):
+        found = None
+        if given is not None:
+            for key, namespace in zip(self.api_keys, self.namespaces):
+                if hmac.compare_digest(given.encode(), key):  # every key compared: no early exit
+                    found = namespace
+        if found is None:
             raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY or x-api-key: KEY)",
                            kind="authentication_error", code="invalid_api_key")
+        return found
 
     async def read_body(self, request: Request, limit: int) -> bytes:
         length = request.headers.get("content-length")
@@ -278,42 +317,51 @@ class Server:
             raise APIError(404, f"model: {name!r} is not served here; this server serves {self.model_name!r}",
                            kind="invalid_request_error", param="model", code="model_not_found")
 
-    def agent_id(self, request: Request, from_body: str | None) -> str | None:
+    def agent_id(self, request: Request, from_body: str | None, namespace: str) -> str | None:
+        """The internal id of the agent a generation request names (None: stateless)."""
         agent_id = request.headers.get(AGENT_HEADER) or from_body
-        if agent_id is None:
-            return None
-        try:
-            return check_agent_id(agent_id)
-        except InvalidArgumentError as e:
-            raise APIError(400, str(e)[:300], param="agent_id") from None
+        return None if agent_id is None else self._internal(agent_id, namespace)
 
-    def path_agent(self, request: Request) -> str:
-        agent_id = request.path_params["agent_id"]
+    def path_agent(self, request: Request, namespace: str) -> str:
+        return self._internal(request.path_params["agent_id"], namespace)
+
+    @staticmethod
+    def _internal(agent_id: str, namespace: str) -> str:
         try:
-            return check_agent_id(agent_id)
+            check_agent_id(agent_id)
         except InvalidArgumentError as e:
             raise APIError(400, str(e)[:300], param="agent_id") from None
+        if len(namespace) + len(agent_id) > MAX_AGENT_ID:
+            raise APIError(400, f"agent_id: at most {MAX_AGENT_ID - len(namespace)} characters on this server, "
+                                f"got {len(agent_id)}", param="agent_id")
+        return namespace + agent_id
+
+    def public(self, e: APIError) -> APIError:
+        """The error as a client may see it: no key namespace in its message."""
+        if len(self.api_keys) > 1:
+            e.message = NAMESPACE.sub("", e.message)
+        return e
 
     # ------------------------------------------------------------ generation
 
     async def generate(self, request: Request, style: str) -> Response:
-        self.check_key(request)
+        namespace = self.check_key(request)
         body = await self.read_json(request)
         context = self.memory.context_length
         chat = api.openai_request(body, context) if style == "openai" else api.anthropic_request(body, context)
         self.check_model(chat.model)
-        agent_id = self.agent_id(request, chat.agent_id)
+        agent_id = self.agent_id(request, chat.agent_id, namespace)
         max_tokens = chat.max_tokens or min(self.default_max_tokens, context)
         run = Generation(self.memory, self.metrics, agent_id, chat, max_tokens)
         kind, *rest = await run.first()
         if kind == "error":
-            e = to_api_error(rest[0])
+            e = self.public(to_api_error(rest[0]))
             self.metrics.requests.labels(style, str(e.status)).inc()
             raise e
         source, usage = rest
         headers = {"x-kvsnap-cache-source": source, "x-kvsnap-cached-tokens": str(usage.cached_tokens)}
         if agent_id is not None:
-            headers["x-kvsnap-agent-id"] = agent_id
+            headers["x-kvsnap-agent-id"] = agent_id[len(namespace):]
         if chat.stream:
             self.metrics.requests.labels(style, "200").inc()
             events = self._openai_events(run, chat) if style == "openai" else self._anthropic_events(run, chat, usage)
@@ -322,7 +370,7 @@ class Server:
             reply = None
             async for kind, *rest in run.rest():
                 if kind == "error":
-                    raise to_api_error(rest[0])
+                    raise self.public(to_api_error(rest[0]))
                 if kind == "reply":
                     reply = rest[0]
         except APIError as e:
@@ -347,7 +395,7 @@ class Server:
                 elif kind == "reply":
                     chunks = stream.end(rest[0])
                 else:
-                    chunks = [api.openai_error(to_api_error(rest[0]))]
+                    chunks = [api.openai_error(self.public(to_api_error(rest[0])))]
                 for chunk in chunks:
                     yield {"data": json.dumps(chunk)}
             yield {"data": "[DONE]"}
@@ -365,7 +413,7 @@ class Server:
                 elif kind == "reply":
                     events = stream.end(rest[0])
                 else:
-                    events = [("error", api.anthropic_error(to_api_error(rest[0])))]
+                    events = [("error", api.anthropic_error(self.public(to_api_error(rest[0]))))]
                 for event, data in events:
                     yield {"event": event, "data": json.dumps(data)}
         finally:
@@ -394,9 +442,9 @@ class Server:
 
     # ---------------------------------------------------------------- agents
 
-    def _agent_json(self, agent_id: str, history: bool = False) -> dict:
+    def _agent_json(self, agent_id: str, namespace: str, history: bool = False) -> dict:
         out = asdict(self.memory.info(agent_id))
-        out["id"] = out.pop("agent_id")
+        out["id"] = out.pop("agent_id")[len(namespace):]
         out["object"] = "agent"
         if history:
             tokens = self.memory.history(agent_id)
@@ -405,41 +453,44 @@ class Server:
         return out
 
     async def list_agents(self, request: Request) -> Response:
-        self.check_key(request)
+        namespace = self.check_key(request)
 
         def listing():
             out = []
             for agent_id in self.memory.agents():
+                if not agent_id.startswith(namespace):
+                    continue  # another key's agent
                 with contextlib.suppress(AgentNotFoundError):  # deleted meanwhile
-                    out.append(self._agent_json(agent_id))
+                    out.append(self._agent_json(agent_id, namespace))
             return out
 
         return JSONResponse({"object": "list", "data": await run_in_threadpool(listing)})
 
     async def get_agent(self, request: Request) -> Response:
-        self.check_key(request)
-        agent_id = self.path_agent(request)
+        namespace = self.check_key(request)
+        agent_id = self.path_agent(request, namespace)
         history = request.query_params.get("history", "false").lower() in ("1", "true", "yes")
-        return JSONResponse(await run_in_threadpool(self._agent_json, agent_id, history))
+        return JSONResponse(await run_in_threadpool(self._agent_json, agent_id, namespace, history))
 
     async def delete_agent(self, request: Request) -> Response:
-        self.check_key(request)
-        agent_id = self.path_agent(request)
+        namespace = self.check_key(request)
+        agent_id = self.path_agent(request, namespace)
+        name = agent_id[len(namespace):]
         evict_only = request.query_params.get("evict_only", "false").lower()
         if evict_only not in ("true", "false", "1", "0"):
             raise APIError(400, f"evict_only: must be true or false, got {evict_only!r}", param="evict_only")
         if evict_only in ("true", "1"):
             await run_in_threadpool(self.memory.evict, agent_id)
-            return JSONResponse({"id": agent_id, "object": "agent", "evicted": True,
-                                 **{k: v for k, v in self._agent_json(agent_id).items() if k != "id"}})
+            return JSONResponse({"id": name, "object": "agent", "evicted": True,
+                                 **{k: v for k, v in self._agent_json(agent_id, namespace).items() if k != "id"}})
         await run_in_threadpool(self.memory.forget, agent_id)
-        return JSONResponse({"id": agent_id, "object": "agent", "deleted": True})
+        return JSONResponse({"id": name, "object": "agent", "deleted": True})
 
     async def export_agent(self, request: Request) -> Response:
-        self.check_key(request)
-        agent_id = self.path_agent(request)
+        namespace = self.check_key(request)
+        agent_id = self.path_agent(request, namespace)
         folder = tempfile.mkdtemp(prefix="kvsnap-export-")
-        path = Path(folder) / f"{agent_id}.safetensors"
+        path = Path(folder) / f"{agent_id[len(namespace):]}.safetensors"
 
         def cleanup():
             path.unlink(missing_ok=True)
@@ -454,8 +505,8 @@ class Server:
                             background=BackgroundTask(cleanup))
 
     async def import_agent(self, request: Request) -> Response:
-        self.check_key(request)
-        agent_id = self.path_agent(request)
+        namespace = self.check_key(request)
+        agent_id = self.path_agent(request, namespace)
         fd, name = tempfile.mkstemp(prefix="kvsnap-import-", suffix=".safetensors")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -471,7 +522,7 @@ class Server:
             await run_in_threadpool(self.memory.import_agent, name, agent_id)
         finally:
             Path(name).unlink(missing_ok=True)
-        return JSONResponse(await run_in_threadpool(self._agent_json, agent_id), status_code=201)
+        return JSONResponse(await run_in_threadpool(self._agent_json, agent_id, namespace), status_code=201)
 
     # ----------------------------------------------------------------- health
 
@@ -491,7 +542,7 @@ class Server:
                 try:
                     return await endpoint(request)
                 except Exception as e:  # noqa: BLE001 (every error becomes an HTTP error body)
-                    return error_response(request, to_api_error(e))
+                    return error_response(request, self.public(to_api_error(e)))
             return run
 
         async def http_error(request: Request, e: HTTPException) -> Response:
