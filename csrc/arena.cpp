@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <string>
 
 #include "errors.h"
@@ -98,6 +99,76 @@ void Budget::release(int64_t bytes) {
   used_.fetch_sub(bytes);
 }
 
+namespace {
+
+#ifdef __linux__
+// The first number in a file (a cgroup limit or usage), or -1.
+int64_t read_number(const std::string& path) {
+  std::ifstream in(path);
+  int64_t v = -1;
+  return in >> v ? v : -1;
+}
+
+// "MemAvailable: 123 kB" and "SwapFree:" of /proc/meminfo, in bytes.
+int64_t meminfo_available() {
+  std::ifstream in("/proc/meminfo");
+  std::string key, unit;
+  int64_t kb = 0, total = 0;
+  while (in >> key >> kb) {
+    std::getline(in, unit);
+    if (key == "MemAvailable:" || key == "SwapFree:") {
+      total += kb * 1024;
+    }
+  }
+  return total > 0 ? total : -1;
+}
+
+// Room left in this process's memory cgroup (v1 or v2), or -1 if unlimited.
+int64_t cgroup_room() {
+  std::ifstream in("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) {
+      continue;
+    }
+    const std::string controllers = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    std::string limit, usage;
+    if (controllers == "memory") {
+      limit = "/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes";
+      usage = "/sys/fs/cgroup/memory" + path + "/memory.usage_in_bytes";
+    } else if (controllers.empty()) {
+      limit = "/sys/fs/cgroup" + path + "/memory.max"; // "max" reads as -1
+      usage = "/sys/fs/cgroup" + path + "/memory.current";
+    } else {
+      continue;
+    }
+    const int64_t l = read_number(limit), u = read_number(usage);
+    if (l > 0 && u >= 0 && l < (int64_t(1) << 60)) {
+      return std::max<int64_t>(0, l - u);
+    }
+  }
+  return -1;
+}
+#endif
+
+// Memory this process can still get: available RAM and free swap, within
+// its memory cgroup's limit; -1 when unknown (not Linux).
+int64_t usable_memory() {
+#ifdef __linux__
+  int64_t room = meminfo_available();
+  const int64_t cg = cgroup_room();
+  if (cg >= 0 && (room < 0 || cg < room)) {
+    room = cg;
+  }
+  return room;
+#else
+  return -1;
+#endif
+}
+
+} // namespace
+
 Arena::Arena(
     const ArenaGeometry& geometry,
     std::optional<int64_t> budget_bytes,
@@ -133,6 +204,20 @@ Arena::Arena(
         budget_bytes ? "budget_bytes" : "budget",
         std::to_string(cap) + " bytes is less than one slot (" +
             std::to_string(slot_bytes_) + " bytes for this geometry)");
+  }
+  // The mapping below reserves no memory (MAP_NORESERVE), so a budget the
+  // machine cannot back would only fail later, as the OOM killer at some
+  // kernel's write. Refuse it here, while the error can still say why.
+  // With a shared budget, what its other arenas hold is already in memory:
+  // only the rest of it must fit.
+  const int64_t need = budget_ ? std::min(cap, budget_->limit() - budget_->used()) : cap;
+  if (const int64_t room = usable_memory(); room >= 0 && need > room) {
+    throw InvalidArgument(
+        budget_bytes ? "budget_bytes" : "budget",
+        std::to_string(need) + " bytes of budget is more memory than this process can get (" +
+            std::to_string(room) +
+            " bytes: available RAM and free swap, within its memory cgroup's limit); lower the budget "
+            "or free memory");
   }
   if (!budget_) {
     budget_ = std::make_shared<Budget>(*budget_bytes);

@@ -7,7 +7,9 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include <atomic>
 #include <cstring>
+#include <stdexcept>
 
 #include "arena.h"
 #include "attention.h"
@@ -319,4 +321,23 @@ NB_MODULE(_ext, m) {
   }, "Whether this build has the Metal kernels (macOS builds with Xcode's metal compiler).");
   m.def("isa", &kvsnap::cpu::isa, "The CPU kernel set in use: 'avx2' or 'generic'.");
   m.def("num_threads", &kvsnap::cpu::num_threads, "Threads the CPU kernels use.");
+  m.def(
+      "_parallel_for_failing_at",
+      [](int n, int fail_at) {
+        // Each task sums its index; task fail_at throws. Tests that an
+        // exception inside a pool task reaches Python (RuntimeError) and
+        // that the pool keeps working afterwards.
+        std::atomic<int64_t> sum{0};
+        {
+          nb::gil_scoped_release release;
+          kvsnap::cpu::parallel_for(n, [&](int i) {
+            if (i == fail_at) {
+              throw std::runtime_error("task " + std::to_string(i) + " failed (test hook)");
+            }
+            sum += i;
+          });
+        }
+        return int64_t(sum);
+      },
+      "n"_a, "fail_at"_a, "Test hook: run n thread-pool tasks of which task fail_at throws.");
 }

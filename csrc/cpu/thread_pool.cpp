@@ -4,8 +4,10 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace kvsnap::cpu {
@@ -50,19 +52,41 @@ class ThreadPool {
       n_ = n;
       next_ = 0;
       pending_ = int(workers_.size());
+      error_ = nullptr;
       ++generation_;
     }
     wake_.notify_all();
     drain();
-    std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    std::exception_ptr error;
+    {
+      // Every worker is out of f before it goes out of scope, even when a
+      // task threw: only then is the first exception rethrown to the caller.
+      std::unique_lock<std::mutex> lock(mu_);
+      done_.wait(lock, [this] { return pending_ == 0; });
+      job_ = nullptr;
+      error = std::exchange(error_, nullptr);
+    }
+    if (error) {
+      std::rethrow_exception(error);
+    }
   }
 
  private:
+  // Runs tasks until none is left. A task that throws (on a worker thread an
+  // escaping exception would be std::terminate) is caught: the first
+  // exception is kept for run() to rethrow and the remaining tasks are skipped.
   void drain() {
     for (int i = next_.fetch_add(1); i < n_; i = next_.fetch_add(1)) {
-      (*job_)(i);
+      try {
+        (*job_)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!error_) {
+          error_ = std::current_exception();
+        }
+        next_ = n_;
+        return;
+      }
     }
   }
 
@@ -91,6 +115,7 @@ class ThreadPool {
   std::condition_variable wake_;
   std::condition_variable done_;
   const std::function<void(int)>* job_ = nullptr;
+  std::exception_ptr error_; // the first exception a task threw (guarded by mu_)
   std::atomic<int> next_{0};
   int n_ = 0;
   int pending_ = 0;
