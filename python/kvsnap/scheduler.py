@@ -3,8 +3,10 @@
 Requests from many threads are queued to it. Each turn of the loop runs at
 most one prefill chunk (of the oldest request still prefilling: a long
 prompt is cut into chunks that end on block boundaries, so it never stalls
-the others for long: while others decode, the chunk is halved until it takes
-at most STALL decode steps, as measured so far, down to MIN_CHUNK tokens), then ONE decode step for every request that is
+the others for long: while more requests decode than wait for their prefill,
+the chunk is halved until it takes at most STALL decode steps, as measured so
+far, down to MIN_CHUNK tokens; with more prompts waiting than requests
+decoding, full chunks serve the many first tokens sooner), then ONE decode step for every request that is
 generating — a ragged batch (kvsnap.batch): each sequence at its own
 length, the model's weights read once per step for all of them. Requests
 join the batch when their prefill is done and leave when they finish.
@@ -169,18 +171,19 @@ class Scheduler:
         prefilling = [r for r in self._active if r.prefilling]
         decoding = [r for r in self._active if not r.prefilling and r.finish is None and r.generated]
         if prefilling:
-            self._guarded([prefilling[0]], self._prefill_chunk, self._chunk_tokens(bool(decoding)))
+            protect = len(decoding) > len(prefilling)  # the decoding batch outnumbers the waiting prompts
+            self._guarded([prefilling[0]], self._prefill_chunk, self._chunk_tokens(protect))
         decoding = [r for r in self._active if not r.prefilling and r.finish is None and r.generated]
         if decoding:
             self._guarded(decoding, self._decode_step)
         for r in [r for r in self._active if r.finish is not None]:
             self._end(r)
 
-    def _chunk_tokens(self, others_decoding: bool) -> int:
-        """The next prefill chunk: the full chunk when no one waits on it;
-        while others decode, halved until it costs at most STALL of their steps."""
+    def _chunk_tokens(self, protect_decoding: bool) -> int:
+        """The next prefill chunk: the full chunk, or, to protect a decoding
+        batch's inter-token latency, halved until it costs at most STALL of its steps."""
         chunk = self.chunk_tokens
-        if not others_decoding or self._token_s is None or self._step_s is None:
+        if not protect_decoding or self._token_s is None or self._step_s is None:
             return chunk
         while chunk > MIN_CHUNK and chunk % 2 == 0 and chunk * self._token_s > STALL * self._step_s:
             chunk //= 2
