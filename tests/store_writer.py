@@ -13,12 +13,12 @@ MAX_TOKENS it saves the same snapshots again, never ending on its own.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
 import mlx.core as mx
 import numpy as np
+from kvsnap import tensorfile
 from kvsnap.cache import make_cache
 from kvsnap.store import Store
 from small_models import VOCAB, small_model
@@ -46,7 +46,7 @@ def feed(model, cache, tokens: list[int]) -> mx.array:
 def main() -> None:
     path, mode = sys.argv[1], sys.argv[2]
     if mode == "pause":
-        real_replace = os.replace
+        real_replace = tensorfile.OS_CALLS.replace
 
         def announced_replace(src, dst):
             print(f"rename {dst}", flush=True)
@@ -55,7 +55,7 @@ def main() -> None:
             print(f"renamed {dst}", flush=True)
             time.sleep(0.2)
 
-        os.replace = announced_replace
+        tensorfile.OS_CALLS.replace = announced_replace  # the writer's renames go through it
     model = small_model("llama")
     store = Store(path)
     caches = {a: make_cache(model, block_tokens=BLOCK_TOKENS) for a in AGENTS}

@@ -215,6 +215,7 @@ def test_a_full_disk_fails_saves_cleanly(llama, small_disk):
     assert full is not None, "4 MB did not fill up"
     assert full.errno == errno.ENOSPC and "No space left on device" in str(full)
     assert len(saved) >= 5
+    print(f"\nthe 4 MB disk was full after {len(saved)} agents")
     assert temporaries(small_disk) == []
     assert store.verify() == []
     for a, t in saved.items():

@@ -29,7 +29,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +56,7 @@ from kvsnap.errors import (
     UnsupportedVersionError,
 )
 from kvsnap.models import model_fingerprint, tokenizer_fingerprint
-from kvsnap.tensorfile import TMP_PREFIX, TensorFile, fsync_dir, write_file
+from kvsnap.tensorfile import OS_CALLS, TMP_PREFIX, TensorFile, fsync_dir, write_error, write_file
 
 FORMAT_VERSION = "1"
 BLOCK_FORMAT = "kvsnap.block"
@@ -295,6 +297,10 @@ def _empty(c) -> bool:
     return c.empty() if hasattr(c, "empty") else getattr(c, "offset", 0) == 0
 
 
+def _vocab_size(model) -> int:
+    return getattr(getattr(model, "args", None), "vocab_size", None) or (1 << 31)
+
+
 def _token_array(tokens, model) -> np.ndarray:
     try:
         arr = np.asarray(tokens.tolist() if isinstance(tokens, mx.array) else tokens)
@@ -302,7 +308,7 @@ def _token_array(tokens, model) -> np.ndarray:
         raise InvalidArgumentError("tokens: must be a sequence of token ids", "tokens") from None
     if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
         raise InvalidArgumentError(f"tokens: must be a 1-D sequence of integer ids, got shape {arr.shape}", "tokens")
-    vocab = getattr(getattr(model, "args", None), "vocab_size", None) or (1 << 31)
+    vocab = _vocab_size(model)
     if arr.size and (arr.min() < 0 or arr.max() >= vocab):
         raise InvalidArgumentError(f"tokens: ids must lie in [0, {vocab})", "tokens")
     return np.ascontiguousarray(arr, dtype="<i4")
@@ -414,6 +420,11 @@ def _restore(
     of read."""
     agent.check_model(model, tokenizer)
     tokens = agent.tokens()
+    vocab = _vocab_size(model)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        raise agent.file.corrupt(
+            f"token ids outside the model's vocabulary [0, {vocab}) (min {tokens.min()}, max {tokens.max()})"
+        )
     if not agent.groups:
         raise agent.file.corrupt("agent file has no layer groups")
     lead = agent.full or agent.groups[0]
@@ -586,9 +597,15 @@ class Store:
     """A folder of content-addressed block files and agent manifests.
 
     Layout: ``kvsnap-store.json`` (format marker), ``lock``, ``blocks/<hash>.safetensors``,
-    ``agents/<agent id>.safetensors``. Writers hold a shared lock on ``lock``;
-    ``gc`` and the cleanup of a killed writer's temporary files hold it
-    exclusively, so they never touch a file another process is writing.
+    ``agents/<agent id>.safetensors``. Readers and writers hold a shared lock
+    on ``lock``; ``gc`` and the cleanup of a killed writer's temporary files
+    hold it exclusively, so they never remove a file another process is
+    writing or reading. Each operation locks through its own descriptor, so
+    threads of one process exclude each other as processes do.
+
+    The store reads and writes only inside its folder: ``blocks``, ``agents``
+    and the files in them must not be symbolic links (refused with
+    ``StoreError``). Folders are mode 0700, files 0600.
 
     ``create=False``: the store must exist already (no folder is made).
     ``read_only=True``: open an existing store without writing anything (no
@@ -596,8 +613,8 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True, read_only: bool = False):
-        self._lock_fd = -1
         self.read_only = read_only
+        self._verified: dict[str, tuple[int, int, int]] = {}  # block hash -> (inode, size, mtime) checked
         self.path = Path(path).expanduser()
         self.blocks_dir = self.path / "blocks"
         self.agents_dir = self.path / "agents"
@@ -610,17 +627,46 @@ class Store:
             if not marker.exists():
                 raise StoreError(f"{self.path}: not a kvsnap store (no kvsnap-store.json)", self.path)
         if read_only:
+            self._check_layout()
             self._check_marker(marker)
             return
         if self.path.is_dir() and not marker.exists() and not self._is_unfinished_store():
             raise StoreError(f"{self.path}: not a kvsnap store (no kvsnap-store.json) and not empty", self.path)
         for d in (self.path, self.blocks_dir, self.agents_dir):
-            d.mkdir(mode=0o700, exist_ok=True)
-        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                d.mkdir(mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise write_error(d, "create the folder", e) from e
+        self._check_layout()
+        for d in (self.path, self.blocks_dir, self.agents_dir):
+            if stat.S_IMODE(d.stat().st_mode) != 0o700:
+                try:
+                    d.chmod(0o700)  # snapshots are private to their user
+                except OSError as e:
+                    raise write_error(d, "make the folder private (mode 0700)", e) from e
+        try:
+            os.close(os.open(self.path / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
+        except OSError as e:
+            raise write_error(self.path / "lock", "create the lock file", e) from e
         if not marker.exists():
             self._write_marker(marker)
         self._check_marker(marker)
         self._clean_temporaries()
+
+    def _check_layout(self) -> None:
+        """Refuse a store whose ``blocks`` or ``agents`` (or ``lock``) is a symbolic
+        link: kvsnap would read and write outside the store's folder."""
+        for p in (self.blocks_dir, self.agents_dir, self.path / "lock"):
+            try:
+                mode = p.lstat().st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(mode):
+                raise StoreError(
+                    f"{p}: is a symbolic link; a kvsnap store keeps its own files inside its folder "
+                    "(replace the link by the folder or file it points to)",
+                    p,
+                )
 
     def _is_unfinished_store(self) -> bool:
         """Empty, or what a Store() killed before writing its marker leaves."""
@@ -633,12 +679,16 @@ class Store:
 
     def _write_marker(self, marker: Path) -> None:
         tmp = marker.with_name(f"{TMP_PREFIX}{os.getpid()}-marker")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump({"format": STORE_FORMAT, "format_version": FORMAT_VERSION}, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, marker)
+        try:
+            fd = OS_CALLS.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as out:
+                json.dump({"format": STORE_FORMAT, "format_version": FORMAT_VERSION}, out)
+                out.flush()
+                OS_CALLS.fsync(out.fileno())
+            OS_CALLS.replace(tmp, marker)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise write_error(marker, "write the store marker", e) from e
         fsync_dir(self.path)
 
     def _check_marker(self, marker: Path) -> None:
@@ -655,9 +705,8 @@ class Store:
             )
 
     def close(self) -> None:
-        if self._lock_fd >= 0:
-            os.close(self._lock_fd)
-            self._lock_fd = -1
+        """Nothing to release (each operation takes and drops its own lock);
+        kept so a Store can be used in ``with``."""
 
     def __enter__(self):
         return self
@@ -665,33 +714,46 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def __del__(self):
-        self.close()
-
     # -- locking
-    def _lock(self, exclusive: bool, wait: bool = True) -> bool:
-        if self.read_only:
-            raise StoreError(f"{self.path}: the store was opened read-only", self.path)
-        op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-        try:
-            fcntl.flock(self._lock_fd, op | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            return False
-        return True
+    @contextmanager
+    def _locked(self, exclusive: bool = False, *, write: bool = False, wait: bool = True) -> Iterator[bool]:
+        """Hold the store's lock (shared: readers and writers; exclusive: gc,
+        cleanup) for a ``with`` block; yields False if ``wait=False`` and it is taken.
 
-    def _unlock(self) -> None:
-        fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        A read-only store locks only when it can open the lock file (a store
+        on read-only media, or another user's, has no writer of ours to exclude)."""
+        if write and self.read_only:
+            raise StoreError(f"{self.path}: the store was opened read-only", self.path)
+        self._check_layout()
+        try:
+            fd = os.open(self.path / "lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except (FileNotFoundError, PermissionError) as e:
+            if not self.read_only:
+                raise StoreError(f"{self.path / 'lock'}: cannot open the store's lock file: {e.strerror}",
+                                 self.path) from None
+            fd = -1  # a read-only store without a lock it may take: nothing to exclude
+        except OSError as e:
+            raise StoreError(f"{self.path / 'lock'}: cannot open the lock file: {e.strerror}", self.path) from e
+        try:
+            held = True
+            if fd >= 0:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
+                except BlockingIOError:
+                    held = False
+            yield held
+        finally:
+            if fd >= 0:
+                os.close(fd)  # releases the lock
 
     def _clean_temporaries(self) -> None:
-        """Remove what killed writers left (only when no writer is active)."""
-        if not self._lock(exclusive=True, wait=False):
-            return
-        try:
+        """Remove what killed writers left (only when no reader or writer is active)."""
+        with self._locked(exclusive=True, write=True, wait=False) as held:
+            if not held:
+                return
             for d in (self.path, self.blocks_dir, self.agents_dir):
                 for p in d.glob(f"{TMP_PREFIX}*"):
                     p.unlink(missing_ok=True)
-        finally:
-            self._unlock()
 
     # -- paths
     def agent_path(self, agent_id: str) -> Path:
@@ -703,11 +765,9 @@ class Store:
     # -- writing
     def put_blocks(self, cache: PromptCache, *, tokens=None, model) -> list[str]:
         """Store the cache's full blocks that the store lacks; returns all their hashes."""
-        self._lock(exclusive=False)
-        try:
-            hashes, _, _ = self._put_blocks(_Snapshot(cache, tokens, model))
-        finally:
-            self._unlock()
+        snap = _Snapshot(cache, tokens, model)
+        with self._locked(write=True):
+            hashes, _, _ = self._put_blocks(snap)
         return hashes
 
     def _put_blocks(self, snap: _Snapshot) -> tuple[list[str], int, int]:
@@ -723,10 +783,28 @@ class Store:
                 fsync_dir(self.blocks_dir)
         return hashes, written, nbytes
 
+    def _has_good_block(self, h: str, path: Path) -> bool:
+        """Whether block file ``path`` exists and verifies (header, checksums,
+        content hash). A file is re-checked when it changed since this Store
+        last checked or wrote it; a damaged one is rewritten by the caller."""
+        try:
+            st_ = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        key = (st_.st_ino, st_.st_size, st_.st_mtime_ns)
+        if self._verified.get(h) == key:
+            return True
+        try:
+            self._verify_block_file(path)
+        except StoreError:
+            return False
+        self._verified[h] = key
+        return True
+
     def _write_block(self, hashes, b, tokens, model_fp, group, arrays) -> int:
-        """Write block b's file unless the store has it; returns the bytes written."""
+        """Write block b's file unless the store has a good one; returns the bytes written."""
         path = self.block_path(hashes[b])
-        if path.exists():
+        if self._has_good_block(hashes[b], path):
             return 0
         t = group.block_tokens
         meta = {
@@ -738,7 +816,10 @@ class Store:
             "group": group.to_json(),
             "first_position": str(b * t),
         }
-        return write_file(path, [("tokens", tokens[b * t : (b + 1) * t]), *arrays()], meta)
+        size = write_file(path, [("tokens", tokens[b * t : (b + 1) * t]), *arrays()], meta)
+        st_ = os.lstat(path)
+        self._verified[hashes[b]] = (st_.st_ino, st_.st_size, st_.st_mtime_ns)
+        return size
 
     def save_agent(self, agent_id: str, cache: PromptCache, *, tokens=None, model, tokenizer=None) -> SaveResult:
         """Snapshot an agent's cache: its new blocks, then a new manifest.
@@ -749,20 +830,17 @@ class Store:
         """
         path = self.agent_path(agent_id)
         snap = _Snapshot(cache, tokens, model)
-        self._lock(exclusive=False)
-        try:
+        with self._locked(write=True):
             hashes, written, nbytes = self._put_blocks(snap)
             created = self._created_at(path)
             tensors, meta = snap.agent_file(agent_id, tokenizer, created, inline=False)
             nbytes += write_file(path, tensors, meta)
             fsync_dir(self.agents_dir)
-        finally:
-            self._unlock()
         return SaveResult(agent_id, snap.n_tokens, tuple(hashes), written, nbytes)
 
     def _created_at(self, path: Path) -> str | None:
         try:
-            with TensorFile(path) as f:
+            with TensorFile(path, follow_symlinks=False) as f:
                 return f.metadata.get("created_at")
         except (FileNotFoundError, StoreError):
             return None
@@ -771,7 +849,7 @@ class Store:
     def _open_agent(self, agent_id: str) -> _AgentFile:
         path = self.agent_path(agent_id)
         try:
-            f = TensorFile(path)
+            f = TensorFile(path, follow_symlinks=False)
         except FileNotFoundError:
             raise AgentNotFoundError(f"{path}: the store has no agent {agent_id!r}", path) from None
         try:
@@ -793,21 +871,23 @@ class Store:
         blocks go (as in ``make_cache``). ``resident(hash)``: the slot in
         ``arena`` of an identical block already resident, shared instead of read.
         """
-        agent = self._open_agent(agent_id)
-        with agent.file:
-            _prefetch(self.block_path(h) for h in agent.blocks if resident is None or resident(h) is None)
-            return _restore(agent, model, tokenizer, arena, self._open_block, window_arena, resident)
+        with self._locked():
+            agent = self._open_agent(agent_id)
+            with agent.file:
+                _prefetch(self.block_path(h) for h in agent.blocks if resident is None or resident(h) is None)
+                return _restore(agent, model, tokenizer, arena, self._open_block, window_arena, resident)
 
     def agent_tokens(self, agent_id: str) -> np.ndarray:
         """The token ids an agent's snapshot holds (int32)."""
-        agent = self._open_agent(agent_id)
-        with agent.file:
-            return agent.tokens()
+        with self._locked():
+            agent = self._open_agent(agent_id)
+            with agent.file:
+                return agent.tokens()
 
     def _open_block(self, b: int, h: str):
         path = self.block_path(h)
         try:
-            return TensorFile(path), "", True
+            return TensorFile(path, follow_symlinks=False), "", True
         except FileNotFoundError:
             raise MissingBlockError(f"{path}: block {b} of the agent is missing from the store", path) from None
 
@@ -815,6 +895,13 @@ class Store:
         """Write an agent as ONE self-contained file (what ``kvsnap.save`` writes),
         file to file, every byte verified; returns its size. No model needed."""
         path = Path(path).expanduser()
+        with self._locked():
+            tensors, meta = self._export_parts(agent_id)
+        size = write_file(path, tensors, {**meta, "blocks_inline": "1"})
+        fsync_dir(path.parent)
+        return size
+
+    def _export_parts(self, agent_id: str):
         agent = self._open_agent(agent_id)
         with agent.file:
             tokens = agent.tokens()
@@ -826,9 +913,7 @@ class Store:
                     _check_block_file(f, h, agent, agent.full, tokens[b * t : (b + 1) * t])
                     tensors += [(f"blocks.{b}.{name}", f.read(name)) for name in ARRAYS]
             meta = {k: v for k, v in agent.file.metadata.items() if not k.startswith("xxh3.")}
-        size = write_file(path, tensors, {**meta, "blocks_inline": "1"})
-        fsync_dir(path.parent)
-        return size
+        return tensors, meta
 
     def import_agent(self, path: str | os.PathLike, agent_id: str | None = None) -> SaveResult:
         """Add the agent of a single file (``kvsnap.save``, ``export_agent``) to the
@@ -845,8 +930,7 @@ class Store:
             manifest = [(name, f.read(name)) for name in f.tensors if name not in inline]
             meta = {k: v for k, v in f.metadata.items() if not k.startswith("xxh3.")}
             meta.update(agent_id=agent_id, blocks_inline="0", updated_at=_now())
-            self._lock(exclusive=False)
-            try:
+            with self._locked(write=True):
                 written = nbytes = 0
                 for b in range(len(hashes)):
                     n = self._write_block(
@@ -862,27 +946,31 @@ class Store:
                     fsync_dir(self.blocks_dir)
                 nbytes += write_file(self.agent_path(agent_id), manifest, meta)
                 fsync_dir(self.agents_dir)
-            finally:
-                self._unlock()
         return SaveResult(agent_id, agent.n_tokens, tuple(hashes), written, nbytes)
 
     def agent_info(self, agent_id: str) -> AgentInfo:
-        agent = self._open_agent(agent_id)
-        with agent.file:
-            return agent.info()
+        with self._locked():
+            agent = self._open_agent(agent_id)
+            with agent.file:
+                return agent.info()
 
     def block_bytes(self) -> dict[str, int]:
         """The size in bytes of every block file in the store, by hash."""
         out = {}
-        for p in self.blocks_dir.glob(f"*{SUFFIX}"):
-            if not p.name.startswith("."):
-                try:
-                    out[p.name[: -len(SUFFIX)]] = p.stat().st_size
-                except FileNotFoundError:  # removed by a concurrent gc
-                    pass
+        with self._locked():
+            for p in self.blocks_dir.glob(f"*{SUFFIX}"):
+                if not p.name.startswith("."):
+                    try:
+                        out[p.name[: -len(SUFFIX)]] = p.lstat().st_size
+                    except FileNotFoundError:
+                        pass
         return out
 
     def list_agents(self) -> list[str]:
+        with self._locked():
+            return self._list_agents()
+
+    def _list_agents(self) -> list[str]:
         return sorted(
             p.name[: -len(SUFFIX)]
             for p in self.agents_dir.glob(f"*{SUFFIX}")
@@ -892,15 +980,12 @@ class Store:
     def delete_agent(self, agent_id: str) -> None:
         """Remove an agent's manifest (its blocks go at the next ``gc``)."""
         path = self.agent_path(agent_id)
-        self._lock(exclusive=False)
-        try:
+        with self._locked(write=True):
             try:
                 path.unlink()
             except FileNotFoundError:
                 raise AgentNotFoundError(f"{path}: the store has no agent {agent_id!r}", path) from None
             fsync_dir(self.agents_dir)
-        finally:
-            self._unlock()
 
     def gc(self) -> tuple[int, int]:
         """Delete block files no manifest references; returns (files, bytes) removed.
@@ -908,23 +993,20 @@ class Store:
         Refuses (CorruptSnapshotError) when a manifest cannot be read, since the
         blocks it references are unknown.
         """
-        self._lock(exclusive=True)
-        try:
+        with self._locked(exclusive=True, write=True):
             live: set[str] = set()
-            for agent_id in self.list_agents():
+            for agent_id in self._list_agents():
                 agent = self._open_agent(agent_id)
                 with agent.file:
                     live.update(agent.blocks)
             removed = freed = 0
             for p in self.blocks_dir.iterdir():
                 if p.name.startswith(TMP_PREFIX) or (p.name.endswith(SUFFIX) and p.name[: -len(SUFFIX)] not in live):
-                    freed += p.stat().st_size
+                    freed += p.lstat().st_size
                     p.unlink()
                     removed += 1
             if removed:
                 fsync_dir(self.blocks_dir)
-        finally:
-            self._unlock()
         return removed, freed
 
     def verify(
@@ -935,8 +1017,12 @@ class Store:
         ``agent_ids``: only these agents' manifests and the block files they
         reference (default: every file of the store). ``progress(done, total)``
         is called as the files are checked."""
+        with self._locked():
+            return self._verify(agent_ids, progress)
+
+    def _verify(self, agent_ids, progress) -> list[tuple[Path, str]]:
         if agent_ids is None:
-            agent_ids = self.list_agents()
+            agent_ids = self._list_agents()
             block_files = sorted(self.blocks_dir.glob(f"*{SUFFIX}"))
         else:
             wanted: set[str] = set()
@@ -979,7 +1065,7 @@ class Store:
 
     def _verify_block_file(self, p: Path) -> str:
         """Re-hash block file p and check its content address; returns its hash."""
-        with TensorFile(p) as f:
+        with TensorFile(p, follow_symlinks=False) as f:
             f.verify()
             meta = f.metadata
             if meta.get("format") != BLOCK_FORMAT:
