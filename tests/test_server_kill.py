@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import mlx.core as mx
 import pytest
 from kvsnap.memory import AgentMemory
 from kvsnap.models import load
@@ -129,6 +130,20 @@ def check_agent_after_restart(served: Served, agent: Agent) -> str:
     return "in flight"
 
 
+def same_or_near_tie(model, prompt_ids: list[int], a: list[int], b: list[int]) -> bool:
+    """The served reply's tokens ``a`` (without its last, which has no K/V
+    yet) and the replay's ``b`` (all): equal greedy tokens, or the first difference is at a near tie of the
+    model (top-two logits within 0.5). The replay computes the conversation in
+    one go, the served agent turn by turn: the K/V of the same tokens are
+    rounded in other chunks, and at 4 bits a rounding can move a code by one
+    step (README, "Batching and rounding")."""
+    j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if j is None:
+        return len(b) == len(a) + 1  # as many tokens, all those held equal
+    logits = model(mx.array([prompt_ids + a[:j]]))[0, -1]
+    return abs(float(logits[a[j]] - logits[b[j]])) < 0.5
+
+
 def probe(served: Served, replay: AgentMemory, model: str, agent: Agent, from_disk: bool = True) -> None:
     """A new message: the restored agent's greedy reply is the reply of a
     replay, a fresh agent in another AgentMemory given the same conversation
@@ -145,8 +160,8 @@ def probe(served: Served, replay: AgentMemory, model: str, agent: Agent, from_di
     held = httpx.get(f"{served.url}/v1/agents/{agent.name}", params={"history": "true"}, timeout=60).json()
     prompt_ids = held["tokens"][: usage["prompt_tokens"]]
     want = replay.generate(None, prompt_ids, max_tokens=8)
-    assert got == want.text, (agent.name, got, want.text)
-    assert held["tokens"][usage["prompt_tokens"]:] == want.tokens[:-1]
+    served_tokens = held["tokens"][usage["prompt_tokens"]:]  # the reply (its last token has no K/V yet)
+    assert same_or_near_tie(replay.model, prompt_ids, served_tokens, want.tokens), (agent.name, got, want.text)
     agent.messages = agent.completed = [*sent, {"role": "assistant", "content": got}]
     agent.turns += 1
     agent.usage, agent.in_flight = usage, None
