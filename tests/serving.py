@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import anthropic
 import httpx
 import mlx.core as mx
+import openai
 from kvsnap import models
 from mlx.utils import tree_flatten
 from mlx_lm.models import llama
@@ -90,6 +92,12 @@ class Served:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 raise AssertionError("the server did not stop within 60 s") from None
+
+    def openai(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+    def anthropic(self, **kw) -> anthropic.Anthropic:
+        return anthropic.Anthropic(base_url=self.url, api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown, no save; only what is on disk survives."""

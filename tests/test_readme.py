@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serving import Served
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 
 
@@ -31,9 +33,6 @@ def test_the_library_examples_run(tmp_path):
 
 
 def test_the_server_examples_run(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_server import Served
-
     served = Served(tmp_path / "store")
     try:
         text = section("The server")

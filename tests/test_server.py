@@ -9,68 +9,20 @@ restart or an export/import.
 from __future__ import annotations
 
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import anthropic
 import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serving import SMOLLM as MODEL
+from serving import Served
 
-MODEL = "smollm2-135m"
 SYSTEM = (
     "You are the planner of a small team. You read the task, split it into steps and hand each step "
     "to the right specialist. Keep answers short."
 )
-
-
-class Served:
-    """One `kvsnap serve` process."""
-
-    def __init__(self, store: Path, *extra: str):
-        self.store = store
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = store.parent / f"server-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kvsnap.cli", "serve", "--model", MODEL, "--store", str(store),
-             "--port", str(self.port), "--budget", "256MB", "--log-level", "warning", *extra],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server exited: {self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        self.stop()
-        raise AssertionError(f"the server did not start: {self.log.read_text()}")
-
-    def stop(self) -> None:
-        """SIGTERM: uvicorn shuts down and the memory is closed (saved)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                raise AssertionError("the server did not stop within 60 s") from None
-
-    def openai(self, **kw) -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
-
-    def anthropic(self, **kw) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=self.url, api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
 
 
 @pytest.fixture(scope="module")

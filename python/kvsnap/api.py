@@ -11,6 +11,7 @@ computed (reused from memory, disk or another agent's blocks); Anthropic's
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -175,7 +176,9 @@ def openai_usage(usage: Usage) -> dict:
 
 
 class OpenAIStream:
-    """The chunks of one streamed chat completion."""
+    """The server-sent events of one streamed chat completion (dicts for
+    sse-starlette): ``start()``, ``text(piece)`` per piece, then ``end(reply)``
+    or ``error(e)``."""
 
     def __init__(self, model: str, include_usage: bool):
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -187,17 +190,26 @@ class OpenAIStream:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
     def start(self) -> list[dict]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return _sse([self._chunk({"role": "assistant", "content": ""})])
 
     def text(self, piece: str) -> list[dict]:
-        return [self._chunk({"content": piece})]
+        return _sse([self._chunk({"content": piece})])
 
     def end(self, reply: Reply) -> list[dict]:
         out = [self._chunk({}, reply.finish_reason)]
         if self.include_usage:
             out.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                         "model": self.model, "choices": [], "usage": openai_usage(reply.usage)})
-        return out
+        return [*_sse(out), {"data": "[DONE]"}]
+
+    def error(self, e: APIError) -> list[dict]:
+        return [*_sse([openai_error(e)]), {"data": "[DONE]"}]
+
+
+def _sse(items) -> list[dict]:
+    """Server-sent events: a JSON object each, or (event name, JSON object) pairs."""
+    return [{"event": i[0], "data": json.dumps(i[1])} if isinstance(i, tuple) else {"data": json.dumps(i)}
+            for i in items]
 
 
 def openai_response(model: str, reply: Reply) -> dict:
@@ -296,37 +308,39 @@ def anthropic_response(model: str, reply: Reply, stops, tokenizer, eos_ids) -> d
 
 
 class AnthropicStream:
-    """The (event, data) pairs of one streamed message."""
+    """The server-sent events of one streamed message, as OpenAIStream's.
+    ``usage``: the prompt's (known once the request is admitted)."""
 
-    def __init__(self, model: str, stops: list[str], tokenizer, eos_ids: set[int]):
+    def __init__(self, model: str, usage: Usage, stops: list[str], tokenizer, eos_ids: set[int]):
         self.id = f"msg_{uuid.uuid4().hex}"
-        self.model, self.stops, self.tokenizer, self.eos_ids = model, stops, tokenizer, eos_ids
+        self.model, self.usage, self.stops, self.tokenizer, self.eos_ids = model, usage, stops, tokenizer, eos_ids
 
-    def start(self, usage: Usage) -> list[tuple[str, dict]]:
+    def start(self) -> list[dict]:
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None,
-                   "usage": anthropic_usage(Usage(usage.prompt_tokens, usage.cached_tokens,
-                                                  usage.computed_tokens, 0))}
-        return [
+                   "stop_reason": None, "stop_sequence": None, "usage": anthropic_usage(self.usage)}
+        return _sse([
             ("message_start", {"type": "message_start", "message": message}),
             ("content_block_start", {"type": "content_block_start", "index": 0,
                                      "content_block": {"type": "text", "text": ""}}),
             ("ping", {"type": "ping"}),
-        ]
+        ])
 
-    def text(self, piece: str) -> list[tuple[str, dict]]:
-        return [("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                         "delta": {"type": "text_delta", "text": piece}})]
+    def text(self, piece: str) -> list[dict]:
+        return _sse([("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                              "delta": {"type": "text_delta", "text": piece}})])
 
-    def end(self, reply: Reply) -> list[tuple[str, dict]]:
+    def end(self, reply: Reply) -> list[dict]:
         reason, sequence = _stop_reason(reply, self.stops, self.tokenizer, self.eos_ids)
-        return [
+        return _sse([
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ("message_delta", {"type": "message_delta",
                                "delta": {"stop_reason": reason, "stop_sequence": sequence},
                                "usage": {"output_tokens": reply.usage.completion_tokens}}),
             ("message_stop", {"type": "message_stop"}),
-        ]
+        ])
+
+    def error(self, e: APIError) -> list[dict]:
+        return _sse([("error", anthropic_error(e))])
 
 
 def anthropic_error(e: APIError) -> dict:

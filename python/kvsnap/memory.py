@@ -598,7 +598,8 @@ class AgentMemory:
             cache.reserve(n_tokens)
 
     def _drop_memory(self, agent: _Agent) -> None:
-        """Forget an agent's resident state (after a failed forward pass)."""
+        """Forget an agent's resident state (after a failed forward pass, or
+        before it is deleted or replaced by an import)."""
         with self._lock:
             if agent.cache is not None:
                 agent.cache.release()
@@ -650,11 +651,7 @@ class AgentMemory:
         agent = self._acquire_existing(agent_id, wait)
         try:
             with self._lock:
-                if agent.resident:
-                    agent.cache.release()
-                    agent.cache = None
-                agent.history = []
-                agent.dirty = False
+                self._drop_memory(agent)
                 if self._on_disk(agent_id):
                     self.store.delete_agent(agent_id)
                     self.store.gc()
@@ -707,11 +704,7 @@ class AgentMemory:
         agent = self._acquire(agent_id, wait)
         try:
             with self._lock:
-                if agent.resident:
-                    agent.cache.release()
-                    agent.cache = None
-                agent.history = []
-                agent.dirty = False
+                self._drop_memory(agent)
                 self.store.import_agent(path, agent_id)
             return agent_id
         finally:

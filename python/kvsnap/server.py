@@ -65,7 +65,7 @@ from kvsnap.errors import (
     StoreError,
     UnsupportedVersionError,
 )
-from kvsnap.memory import AgentMemory, Reply, Usage
+from kvsnap.memory import AgentMemory, Reply
 from kvsnap.store import check_agent_id
 
 log = logging.getLogger("kvsnap.server")
@@ -364,7 +364,10 @@ class Server:
             headers["x-kvsnap-agent-id"] = agent_id[len(namespace):]
         if chat.stream:
             self.metrics.requests.labels(style, "200").inc()
-            events = self._openai_events(run, chat) if style == "openai" else self._anthropic_events(run, chat, usage)
+            stream = (api.OpenAIStream(self.model_name, chat.include_usage) if style == "openai" else
+                      api.AnthropicStream(self.model_name, usage, chat.stop, self.memory.tokenizer,
+                                          self.memory.eos_ids))
+            events = self._events(run, stream)
             return EventSourceResponse(events, headers=headers, ping=15)
         try:
             reply = None
@@ -384,40 +387,21 @@ class Server:
                else api.anthropic_response(self.model_name, reply, chat.stop, tokenizer, eos))
         return JSONResponse(out, headers=headers)
 
-    async def _openai_events(self, run: Generation, chat: api.ChatRequest):
-        stream = api.OpenAIStream(self.model_name, chat.include_usage)
+    async def _events(self, run: Generation, stream: api.OpenAIStream | api.AnthropicStream):
         try:
-            for chunk in stream.start():
-                yield {"data": json.dumps(chunk)}
-            async for kind, *rest in run.rest():
-                if kind == "text":
-                    chunks = stream.text(rest[0])
-                elif kind == "reply":
-                    chunks = stream.end(rest[0])
-                else:
-                    chunks = [api.openai_error(self.public(to_api_error(rest[0])))]
-                for chunk in chunks:
-                    yield {"data": json.dumps(chunk)}
-            yield {"data": "[DONE]"}
-        finally:
-            run.cancel()  # the client went away (or the stream ended): free its place in the batch
-
-    async def _anthropic_events(self, run: Generation, chat: api.ChatRequest, usage: Usage):
-        stream = api.AnthropicStream(self.model_name, chat.stop, self.memory.tokenizer, self.memory.eos_ids)
-        try:
-            for event, data in stream.start(usage):
-                yield {"event": event, "data": json.dumps(data)}
+            for event in stream.start():
+                yield event
             async for kind, *rest in run.rest():
                 if kind == "text":
                     events = stream.text(rest[0])
                 elif kind == "reply":
                     events = stream.end(rest[0])
                 else:
-                    events = [("error", api.anthropic_error(self.public(to_api_error(rest[0]))))]
-                for event, data in events:
-                    yield {"event": event, "data": json.dumps(data)}
+                    events = stream.error(self.public(to_api_error(rest[0])))
+                for event in events:
+                    yield event
         finally:
-            run.cancel()
+            run.cancel()  # the client went away (or the stream ended): free its place in the batch
 
     async def chat_completions(self, request: Request) -> Response:
         return await self.generate(request, "openai")
