@@ -17,7 +17,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving import SMOLLM as MODEL
-from serving import Served
+from serving import Served, tiny_model_dir
 
 SYSTEM = (
     "You are the planner of a small team. You read the task, split it into steps and hand each step "
@@ -222,6 +222,21 @@ def test_export_from_one_server_and_import_into_another(server, tmp_path):
         assert "imported" in httpx.get(other.url + "/v1/agents/imported").json()["id"]
     finally:
         other.stop()
+
+
+def test_a_snapshot_of_another_model_is_refused_on_import(server, tmp_path):
+    tiny = Served(tmp_path / "tiny-store", model=str(tiny_model_dir(tmp_path / "tiny-model")))
+    try:
+        body = {"model": "tiny-model", "messages": [{"role": "user", "content": "Hello there."}], "max_tokens": 2}
+        assert httpx.post(tiny.url + "/v1/chat/completions", json=body, headers={"X-Agent-Id": "stranger"},
+                          timeout=60).status_code == 200
+        exported = httpx.get(tiny.url + "/v1/agents/stranger/export").content
+    finally:
+        tiny.stop()
+    r = httpx.put(server.url + "/v1/agents/stranger", content=exported)
+    assert r.status_code == 409, r.text
+    assert "another model" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/agents/stranger").status_code == 404  # nothing was imported
 
 
 def test_delete_forgets_the_agent(server):
