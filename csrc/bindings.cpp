@@ -123,6 +123,8 @@ struct ArenaHandle {
 
 NB_MODULE(_ext, m) {
   m.doc() = "kvsnap C++ core: block arena, kv_write and fused quantized attention";
+  // Resolve KVSNAP_ISA now: a bad value fails the import, naming the choices.
+  kvsnap::cpu::isa();
 
   nb::module_ errors = nb::module_::import_("kvsnap.errors");
   g_errors.invalid_argument = nb::object(errors.attr("InvalidArgumentError")).release().ptr();
@@ -319,7 +321,14 @@ NB_MODULE(_ext, m) {
     return false;
 #endif
   }, "Whether this build has the Metal kernels (macOS builds with Xcode's metal compiler).");
-  m.def("isa", &kvsnap::cpu::isa, "The CPU kernel set in use: 'avx2' or 'generic'.");
+  m.def("isa", &kvsnap::cpu::isa,
+        "The CPU kernel set in use: 'generic', 'avx2' or 'avx512-vnni'.");
+  m.def("available_isas", &kvsnap::cpu::available_isas,
+        "The CPU kernel sets this build and CPU can run, baseline first.");
+  m.def("set_isa", [](const std::string& name) { kvsnap::cpu::set_isa(name.c_str()); },
+        "name"_a,
+        "Use CPU kernel set `name` from now on (as KVSNAP_ISA=name at import); "
+        "ValueError if this build or CPU cannot run it.");
   m.def("num_threads", &kvsnap::cpu::num_threads, "Threads the CPU kernels use.");
   m.def(
       "_parallel_for_failing_at",

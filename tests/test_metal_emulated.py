@@ -8,8 +8,9 @@ reductions and threadgroup barriers are real exchanges among those threads,
 and grids come from csrc/metal/launch.h, as on a Mac (primitives.cpp).
 
 Each test runs the emulated kernels on small random problems and compares
-them with kvsnap's CPU kernels: kv_write bit for bit, attention within the
-float32 accumulation error (or the output dtype's rounding). What this
+them with kvsnap's CPU kernels (the float ones: kernel_isa.float_isa(), not
+the integer-dot set): kv_write bit for bit, attention within the float32
+accumulation error (or the output dtype's rounding). What this
 cannot show: Apple's compiler, the GPU memory model, real concurrency
 between threadgroups, speed (docs/METAL.md).
 """
@@ -26,12 +27,23 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import TOL, random_quantized, to_mx
+from kernel_isa import float_isa
+from kvsnap import _ext
 
 ROOT = Path(__file__).resolve().parent.parent
 METAL_DIR = ROOT / "csrc" / "metal"
 HARNESS = METAL_DIR / "emu" / "harness.cpp"
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
+
+
+@pytest.fixture(autouse=True)
+def float_cpu_kernels():
+    """The Metal kernels compute in float: compare them with the float CPU kernels."""
+    before = _ext.isa()
+    _ext.set_isa(float_isa())
+    yield
+    _ext.set_isa(before)
 
 
 def build_harness(out: Path, kernels_dir: Path | None = None) -> Path:

@@ -1,6 +1,9 @@
 #include "kernels.h"
 
+#include <atomic>
 #include <cstdlib>
+#include <stdexcept>
+#include <string>
 #include <string_view>
 
 #include "../layout.h"
@@ -9,41 +12,114 @@ namespace kvsnap::cpu {
 
 namespace {
 
-// KVSNAP_ISA=generic forces the baseline kernels (tests cover both sets).
-bool has_avx2() {
-#if defined(KVSNAP_HAVE_AVX2_KERNELS)
-  static const bool yes = __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-      !(std::getenv("KVSNAP_ISA") &&
-        std::string_view(std::getenv("KVSNAP_ISA")) == "generic");
-  return yes;
-#else
-  return false;
+using AttentionFn = void (*)(const AttentionArgs&);
+using WriteFn = void (*)(const WriteArgs&);
+
+struct KernelSet {
+  const char* name;
+  AttentionFn attention;
+  WriteFn kv_write;
+  bool (*supported)();
+};
+
+bool always() {
+  return true;
+}
+
+#if defined(KVSNAP_HAVE_X86_KERNELS)
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c");
+}
+
+bool cpu_has_avx512_vnni() {
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni");
+}
 #endif
+
+// Baseline first, preferred last.
+const KernelSet kSets[] = {
+    {"generic", generic::attention, generic::kv_write, always},
+#if defined(KVSNAP_HAVE_X86_KERNELS)
+    {"avx2", avx2::attention, avx2::kv_write, cpu_has_avx2},
+    // kv_write has no integer form: the AVX2 one (the same bits as before).
+    {"avx512-vnni", avx512_vnni::attention, avx2::kv_write, cpu_has_avx512_vnni},
+#endif
+};
+constexpr int kNumSets = sizeof(kSets) / sizeof(kSets[0]);
+
+int find_set(std::string_view name) {
+  for (int i = 0; i < kNumSets; ++i) {
+    if (name == kSets[i].name && kSets[i].supported()) {
+      return i;
+    }
+  }
+  return -1;
+}
+
+std::string unknown_set_message(std::string_view what) {
+  std::string msg = std::string(what) + ": not a kernel set this build and CPU can run; one of:";
+  for (const auto& name : available_isas()) {
+    msg += " " + name;
+  }
+  return msg;
+}
+
+// The set chosen at the first call: KVSNAP_ISA if set, else the best one.
+int initial_set() {
+  const char* env = std::getenv("KVSNAP_ISA");
+  if (env && *env) {
+    int i = find_set(env);
+    if (i < 0) {
+      throw std::invalid_argument(unknown_set_message(std::string("KVSNAP_ISA=") + env));
+    }
+    return i;
+  }
+  for (int i = kNumSets - 1; i > 0; --i) {
+    if (kSets[i].supported()) {
+      return i;
+    }
+  }
+  return 0;
+}
+
+std::atomic<int>& current() {
+  static std::atomic<int> set{initial_set()};
+  return set;
 }
 
 } // namespace
 
+std::vector<std::string> available_isas() {
+  std::vector<std::string> names;
+  for (const auto& set : kSets) {
+    if (set.supported()) {
+      names.emplace_back(set.name);
+    }
+  }
+  return names;
+}
+
+void set_isa(const char* name) {
+  int i = find_set(name);
+  if (i < 0) {
+    throw std::invalid_argument(unknown_set_message(std::string("'") + name + "'"));
+  }
+  current().store(i);
+}
+
 const char* isa() {
-  return has_avx2() ? "avx2" : "generic";
+  return kSets[current().load()].name;
 }
 
 void attention(const AttentionArgs& args) {
-#if defined(KVSNAP_HAVE_AVX2_KERNELS)
-  if (has_avx2()) {
-    return avx2::attention(args);
-  }
-#endif
-  generic::attention(args);
+  kSets[current().load()].attention(args);
 }
 
 void kv_write(const WriteArgs& args) {
-#if defined(KVSNAP_HAVE_AVX2_KERNELS)
-  if (has_avx2()) {
-    return avx2::kv_write(args);
-  }
-#endif
-  generic::kv_write(args);
+  kSets[current().load()].kv_write(args);
 }
 
 RowRun row_run(const QuantSource& src, int b, int h, int t) {

@@ -1,10 +1,13 @@
 // CPU kernels of kvsnap, free of MLX and Python types. The same source
-// (kernels_impl.h) is compiled once for the baseline target and once for
-// AVX2+FMA+F16C on x86-64; dispatch.cpp picks one at run time.
+// (kernels_impl.h) is compiled once for the baseline target and, on x86-64,
+// once for AVX2+FMA+F16C and once for AVX-512 VNNI (query-key scores in
+// integers); dispatch.cpp picks one at run time.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace kvsnap::cpu {
 
@@ -90,7 +93,7 @@ struct WriteArgs {
 // (l >= counts[b]) are skipped before their block is looked up.
 void kv_write(const WriteArgs& args);
 
-// Per-ISA entry points (namespaces generic / avx2), used by dispatch.cpp.
+// Per-ISA entry points, used by dispatch.cpp.
 namespace generic {
 void attention(const AttentionArgs& args);
 void kv_write(const WriteArgs& args);
@@ -99,8 +102,27 @@ namespace avx2 {
 void attention(const AttentionArgs& args);
 void kv_write(const WriteArgs& args);
 } // namespace avx2
+namespace avx512_vnni {
+void attention(const AttentionArgs& args);
+void kv_write(const WriteArgs& args);
+} // namespace avx512_vnni
 
-// Name of the kernel set chosen for this CPU ("avx2" or "generic").
+// Kernel sets, by name:
+//   "generic"      float kernels for the baseline target (the reference)
+//   "avx2"         float kernels for AVX2+FMA+F16C
+//   "avx512-vnni"  query-key scores in integers (int8 queries times 4/8-bit
+//                  codes, vpdpbusd), the rest as "avx2"
+// The default is the last one this CPU supports; KVSNAP_ISA=<name> in the
+// environment (read at the first kernel call) or set_isa() choose another.
+
+// Name of the kernel set in use.
 const char* isa();
+
+// The kernel sets this build and CPU can run, baseline first.
+std::vector<std::string> available_isas();
+
+// Use kernel set `name` from now on; throws std::invalid_argument naming
+// the sets available if it is not one of them.
+void set_isa(const char* name);
 
 } // namespace kvsnap::cpu

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -91,8 +92,11 @@ inline void scale_row(float alpha, float* y, int D) {
 
 // One query row of a tile: its float query (already multiplied by the
 // softmax scale), the keys it may see [kmin, kmax), and its mask row.
+struct IntQuery; // the int8 form of a query row (int_dot_avx512.h)
+
 struct Row {
   const float* q;
+  const IntQuery* qi; // integer-dot kernel sets only
   int kmin;
   int kmax;
   const void* mask; // element for key t at mask + t * mask_st
@@ -302,7 +306,18 @@ void attend_block(
   }
 }
 
-// Runs a tile of R <= kMaxRows rows in register blocks of 4 or 8 rows.
+} // namespace
+} // namespace kvsnap::cpu::KVSNAP_ISA
+
+#if defined(KVSNAP_INT_DOT)
+#include "int_dot_avx512.h"
+#endif
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+namespace {
+
+// Runs a tile of R <= kMaxRows rows in register blocks of 4 or 8 rows (the
+// integer kernels: all rows at once, each K/V chunk read once for all).
 template <int KB, int VB, DType SD>
 void attend_range(
     const AttentionArgs& a,
@@ -316,6 +331,10 @@ void attend_range(
     float* l,
     float* acc) {
   const int D = a.kv.head_dim;
+#if defined(KVSNAP_INT_DOT)
+  (void)D;
+  attend_rows_int<KB, VB, SD>(a, b, h, rows, R, t0, t1, m, l, acc);
+#else
   if (R <= 4) {
     attend_block<KB, VB, SD, 4>(a, b, h, rows, R, t0, t1, m, l, acc);
     return;
@@ -325,6 +344,7 @@ void attend_range(
         a, b, h, rows + r0, std::min(8, R - r0), t0, t1, m + r0, l + r0,
         acc + size_t(r0) * D);
   }
+#endif
 }
 
 template <DType OT>
@@ -387,6 +407,20 @@ void attention_impl(const AttentionArgs& a) {
       load_queries<DType::bf16>(a, qf.data());
       break;
   }
+#if defined(KVSNAP_INT_DOT)
+  // Each query row in int8, once per call.
+  const size_t n_query_rows = size_t(a.B) * a.Hq * a.L;
+  std::vector<IntQuery> qi(n_query_rows);
+  parallel_for(int((n_query_rows + 63) / 64), [&](int task) {
+    size_t end = std::min(n_query_rows, size_t(task + 1) * 64);
+    for (size_t i = size_t(task) * 64; i < end; ++i) {
+      quantize_query<KB>(qf.data() + i * D, D, src.group_size, qi[i]);
+    }
+  });
+  auto int_query = [&](size_t row) -> const IntQuery* { return &qi[row]; };
+#else
+  auto int_query = [](size_t) -> const IntQuery* { return nullptr; };
+#endif
 
   // Row k of (b, h) is query position l = k / G of head h * G + k % G.
   auto make_row = [&](int b, int h, int k) {
@@ -394,7 +428,9 @@ void attention_impl(const AttentionArgs& a) {
     int hq = h * G + k % G;
     int T = a.kv_len[b];
     Row row;
-    row.q = qf.data() + ((size_t(b) * a.Hq + hq) * a.L + l) * D;
+    size_t q_row = (size_t(b) * a.Hq + hq) * a.L + l;
+    row.q = qf.data() + q_row * D;
+    row.qi = int_query(q_row);
     row.kmin = kv_key_min(T, a.L, l, a.causal, a.window);
     row.kmax = kv_key_max(T, a.L, l, a.causal);
     row.mask = nullptr;

@@ -1,0 +1,520 @@
+// Attention in integers with AVX-512 VNNI (vpdpbusd: unsigned bytes times
+// signed bytes, four products summed into each int32 lane). Included by
+// kernels_impl.h in the translation unit compiled with -mavx512vnni; replaces
+// attend_block there.
+//
+// Query . key:
+// Each query row is quantized once per call to int8 with one scale per key
+// group (qs_g = max |q_g| / 127). For a key with codes c, scales s_g and
+// biases b_g (k_i = s_g c_i + b_g):
+//
+//   q . k  =  sum_g  qs_g s_g (q8_g . c_g)  +  b_g sum(q_g)
+//
+// q8_g . c_g is exact in int32; sum(q_g) is taken on the float query. The only
+// new error is the rounding of q to int8 (|error| <= qs_g / 2 per element).
+//
+// Keys are scored 16 at a time with the keys in the lanes: the 16 packed rows
+// are loaded as 16 x 16 dwords and transposed, so that dword column i holds
+// bytes 4i .. 4i+3 of every key; one vpdpbusd per column and query row then
+// adds four products to each key's running sum, with the query's four bytes
+// broadcast. No horizontal sums: the 16 scores come out in one register.
+//
+// Probabilities . values: for a chunk of keys t with probabilities p_t and
+// value scales/biases s_tg, b_tg (v_ti = s_tg c_ti + b_tg),
+//
+//   sum_t p_t v_ti  =  sum_t (p_t s_tg) c_ti  +  sum_t p_t b_tg
+//
+// The weights w_tg = p_t s_tg of one row are rounded to int8 per group and
+// chunk (step max_t |w_tg| / 127); the codes of 4 consecutive keys are
+// interleaved so that each int32 lane holds one element of 4 keys, and one
+// vpdpbusd per 16 elements adds 4 keys' products. The bias sums stay float.
+// The lanes hold the elements in a permuted order (ValueLayout), put back
+// once at the end of the key range.
+//
+// All the rows of a tile (query heads of one KV head times query positions,
+// up to kMaxRows) go through each chunk of keys together: K and V are read
+// and unpacked once per chunk for all of them.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+
+namespace {
+
+// The int8 form of one query row, laid out like a packed key row's bytes:
+// 4-bit keys hold elements 2j (low nibble) and 2j+1 (high nibble) in byte j,
+// so lo[j] = q8[2j], hi[j] = q8[2j+1]; 8-bit keys hold element j in byte j
+// (lo[j] = q8[j], hi unused).
+struct IntQuery {
+  static constexpr int kMaxBytes = 256; // kMaxDim elements at 8 bits
+  alignas(64) int8_t lo[kMaxBytes];
+  alignas(64) int8_t hi[kMaxBytes / 2];
+  float qs[16]; // per key group: int8 step (0 for an all-zero group)
+  float qsum[16]; // per key group: sum of the float query's elements
+};
+
+template <int KB>
+void quantize_query(const float* q, int D, int gs, IntQuery& out) {
+  for (int g = 0; g < D / gs; ++g) {
+    float amax = 0.f, sum = 0.f;
+    for (int i = g * gs; i < (g + 1) * gs; ++i) {
+      amax = std::max(amax, std::abs(q[i]));
+      sum += q[i];
+    }
+    float step = amax / 127.f;
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    out.qs[g] = step;
+    out.qsum[g] = sum;
+    for (int i = g * gs; i < (g + 1) * gs; ++i) {
+      int8_t v = int8_t(std::lrint(q[i] * inv));
+      if constexpr (KB == 4) {
+        (i % 2 ? out.hi : out.lo)[i / 2] = v;
+      } else {
+        out.lo[i] = v;
+      }
+    }
+  }
+}
+
+// In-register transpose of a 16 x 16 dword tile: c[i] lane k = r[k] lane i.
+inline void transpose16(const __m512i* r, __m512i* c) {
+  __m512i a[16], b[16];
+  for (int k = 0; k < 16; k += 2) {
+    a[k] = _mm512_unpacklo_epi32(r[k], r[k + 1]);
+    a[k + 1] = _mm512_unpackhi_epi32(r[k], r[k + 1]);
+  }
+  // b[4m + j], 128-bit lane L: column 4L + j of keys 4m .. 4m+3.
+  for (int k = 0; k < 16; k += 4) {
+    b[k] = _mm512_unpacklo_epi64(a[k], a[k + 2]);
+    b[k + 1] = _mm512_unpackhi_epi64(a[k], a[k + 2]);
+    b[k + 2] = _mm512_unpacklo_epi64(a[k + 1], a[k + 3]);
+    b[k + 3] = _mm512_unpackhi_epi64(a[k + 1], a[k + 3]);
+  }
+  // 4 x 4 transpose of 128-bit lanes among b[j], b[4 + j], b[8 + j], b[12 + j].
+  for (int j = 0; j < 4; ++j) {
+    __m512i e0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44);
+    __m512i e1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xEE);
+    __m512i e2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44);
+    __m512i e3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xEE);
+    c[j] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+    c[4 + j] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+    c[8 + j] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+    c[12 + j] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+  }
+}
+
+inline __m512i bcast4(const int8_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, 4);
+  return _mm512_set1_epi32(x);
+}
+
+// Scales (or biases) of n <= 16 keys as floats, out[g][u] for group g of key
+// u (keys past n: 0), the first key's at p, key u's at p + u * stride elements.
+template <DType SD>
+void load_meta16(const char* p, int64_t stride, int n_groups, int n, float (*out)[16]) {
+  if constexpr (SD == DType::f16) {
+    if (stride == n_groups && n_groups == 1) {
+      __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
+      _mm512_store_ps(out[0], _mm512_cvtph_ps(h));
+      return;
+    }
+    if (stride == n_groups && n_groups == 2) {
+      __mmask32 m = n == 16 ? ~__mmask32(0) : __mmask32((1u << (2 * n)) - 1);
+      __m512i h = _mm512_maskz_loadu_epi16(m, p);
+      __m512 f0 = _mm512_cvtph_ps(_mm512_castsi512_si256(h)); // keys 0-7, g0 g1 g0 g1 ...
+      __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)); // keys 8-15
+      const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+      _mm512_store_ps(out[0], _mm512_permutex2var_ps(f0, even, f1));
+      _mm512_store_ps(out[1], _mm512_permutex2var_ps(f0, odd, f1));
+      return;
+    }
+  }
+  for (int u = 0; u < 16; ++u) {
+    for (int g = 0; g < n_groups; ++g) {
+      out[g][u] = u < n ? load_elem<SD>(p, u * stride + g) : 0.f;
+    }
+  }
+}
+
+// Scores (before masks) of n <= 16 keys, key u at kp + u * kst words with
+// scales/biases at ks + u * sst, kb + u * bst elements, for the R query rows
+// qi[0..R): out[r * out_st + u]. Keys past n score garbage (the caller
+// ignores them).
+template <int KB, DType SD>
+void int_scores16(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    int R,
+    float* out,
+    int out_st) {
+  const int n_groups = D / gs;
+  const int row_bytes = D * KB / 8;
+  alignas(64) float scale[16][16]; // [group][key]
+  alignas(64) float bias[16][16];
+  load_meta16<SD>(ks, sst, n_groups, n, scale);
+  load_meta16<SD>(kb, bst, n_groups, n, bias);
+  // Bias terms first: score = sum_g b_g qsum_g + ...
+  for (int r = 0; r < R; ++r) {
+    __m512 s = _mm512_setzero_ps();
+    for (int g = 0; g < n_groups; ++g) {
+      s = _mm512_fmadd_ps(_mm512_load_ps(bias[g]), _mm512_set1_ps(qi[r]->qsum[g]), s);
+    }
+    _mm512_storeu_ps(out + r * out_st, s);
+  }
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  // Elements per dword column of packed bytes: 8 at 4 bits, 4 at 8 bits.
+  constexpr int kElemsPerCol = KB == 4 ? 8 : 4;
+  const int cols_per_group = gs / kElemsPerCol;
+  for (int cb = 0; cb < row_bytes; cb += 64) {
+    int w = std::min(64, row_bytes - cb); // bytes of this 64-byte column block
+    __mmask64 m = w == 64 ? ~__mmask64(0) : ((__mmask64(1) << w) - 1);
+    __m512i rows[16], cols[16];
+    for (int u = 0; u < 16; ++u) {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst) + cb;
+      rows[u] = _mm512_maskz_loadu_epi8(m, p);
+    }
+    transpose16(rows, cols);
+    const int n_cols = w / 4;
+    const int col0 = cb / 4; // index of this block's first column in the row
+    __m512i lo[16], hi[16]; // the columns' codes as bytes (4 bits: both nibbles)
+    for (int c = 0; c < n_cols; ++c) {
+      if constexpr (KB == 4) {
+        lo[c] = _mm512_and_si512(cols[c], nib);
+        hi[c] = _mm512_and_si512(_mm512_srli_epi16(cols[c], 4), nib);
+      } else {
+        lo[c] = cols[c];
+      }
+    }
+    // Columns in groups: accumulate a group in int32, then fold its scale.
+    for (int r = 0; r < R; ++r) {
+      const IntQuery& q = *qi[r];
+      __m512 s = _mm512_loadu_ps(out + r * out_st);
+      for (int c = 0; c < n_cols;) {
+        int g = (col0 + c) / cols_per_group;
+        int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
+        __m512i acc = _mm512_setzero_si512();
+        for (; c < c_end; ++c) {
+          int byte = (col0 + c) * 4;
+          acc = _mm512_dpbusd_epi32(acc, lo[c], bcast4(q.lo + byte));
+          if constexpr (KB == 4) {
+            acc = _mm512_dpbusd_epi32(acc, hi[c], bcast4(q.hi + byte));
+          }
+        }
+        __m512 f = _mm512_mul_ps(_mm512_load_ps(scale[g]), _mm512_set1_ps(q.qs[g]));
+        s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, s);
+      }
+      _mm512_storeu_ps(out + r * out_st, s);
+    }
+  }
+}
+
+// Where the elements of a value row sit in the int32 lanes of the P.V
+// accumulators. The codes of 4 keys are interleaved 64 packed bytes at a
+// time (one column block cb; at 4 bits the low and high nibbles are separate
+// planes); vector m of a block holds, in lane 4L + i, byte 16L + 4m + i of
+// the 4 keys. Lanes past the row (head dims not a multiple of 128 / bits)
+// hold zeros.
+struct ValueLayout {
+  int n_vec = 0; // int32 vectors of 16 lanes per row
+  int n_pat = 0; // distinct group patterns among them
+  int pat[16] = {}; // pattern of vector k
+  alignas(64) int32_t group[16][16] = {}; // per pattern: group of each lane
+  int16_t elem[256] = {}; // element of lane k * 16 + x, -1 for padding
+
+  ValueLayout(int D, int gs, int bits) {
+    const int row_bytes = D * bits / 8;
+    const int planes = bits == 4 ? 2 : 1;
+    n_vec = (row_bytes + 63) / 64 * planes * 4;
+    for (int k = 0; k < n_vec; ++k) {
+      int cb = k / (4 * planes), plane = k / 4 % planes, m = k % 4;
+      int32_t g[16];
+      for (int x = 0; x < 16; ++x) {
+        int j = 64 * cb + 16 * (x / 4) + 4 * m + x % 4;
+        int d = j < row_bytes ? (bits == 4 ? 2 * j + plane : j) : -1;
+        elem[k * 16 + x] = int16_t(d);
+        g[x] = d >= 0 ? d / gs : 0;
+      }
+      int p = 0;
+      while (p < n_pat && std::memcmp(group[p], g, sizeof(g)) != 0) {
+        ++p;
+      }
+      if (p == n_pat) {
+        std::memcpy(group[n_pat++], g, sizeof(g));
+      }
+      pat[k] = p;
+    }
+  }
+};
+
+// The codes of 4 value rows (v[0..3]; nullptr: a row of zeros) as
+// ValueLayout's n_vec vectors at x[0 .. n_vec).
+template <int VB>
+void interleave4(const uint8_t* const* v, int row_bytes, __m512i* x) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  int k = 0;
+  for (int cb = 0; cb < row_bytes; cb += 64) {
+    int w = std::min(64, row_bytes - cb);
+    __mmask64 m = w == 64 ? ~__mmask64(0) : ((__mmask64(1) << w) - 1);
+    __m512i r[4];
+    for (int u = 0; u < 4; ++u) {
+      r[u] = v[u] ? _mm512_maskz_loadu_epi8(m, v[u] + cb) : _mm512_setzero_si512();
+    }
+    for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
+      __m512i c[4];
+      for (int u = 0; u < 4; ++u) {
+        if constexpr (VB == 4) {
+          c[u] = plane == 0 ? _mm512_and_si512(r[u], nib)
+                            : _mm512_and_si512(_mm512_srli_epi16(r[u], 4), nib);
+        } else {
+          c[u] = r[u];
+        }
+      }
+      __m512i a01 = _mm512_unpacklo_epi8(c[0], c[1]), b01 = _mm512_unpackhi_epi8(c[0], c[1]);
+      __m512i a23 = _mm512_unpacklo_epi8(c[2], c[3]), b23 = _mm512_unpackhi_epi8(c[2], c[3]);
+      x[k++] = _mm512_unpacklo_epi16(a01, a23);
+      x[k++] = _mm512_unpackhi_epi16(a01, a23);
+      x[k++] = _mm512_unpacklo_epi16(b01, b23);
+      x[k++] = _mm512_unpackhi_epi16(b01, b23);
+    }
+  }
+}
+
+// attend_block's job for all R <= kMaxRows rows of a tile at once, in integers.
+template <int KB, int VB, DType SD>
+void attend_rows_int(
+    const AttentionArgs& a,
+    int b,
+    int h,
+    const Row* rows,
+    int R,
+    int t0,
+    int t1,
+    float* m,
+    float* l,
+    float* acc) {
+  const QuantSource& src = a.kv;
+  const int D = src.head_dim;
+  const int gs = src.group_size;
+  const int n_groups = D / gs;
+  const int v_row_bytes = D * VB / 8;
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  constexpr int kBlocks = kChunk / 4; // blocks of 4 keys in a chunk
+  static_assert(kChunk == 32);
+  const ValueLayout layout(D, gs, VB);
+  const int NV = layout.n_vec;
+
+  alignas(64) float acc_perm[kMaxRows][kMaxDim]; // sum_t w_t c_t, ValueLayout order
+  float bias_sum[kMaxRows][16]; // sum_t p_t b_tg
+  alignas(64) float sc[kMaxRows][kChunk];
+  alignas(64) __m512i xv[kBlocks][16]; // the chunk's value codes, interleaved
+  alignas(64) float v_scale[16][32], v_bias[16][32]; // [group][key of chunk]
+  const IntQuery* qi[kMaxRows];
+  bool active[kMaxRows];
+  for (int r = 0; r < R; ++r) {
+    qi[r] = rows[r].qi;
+    m[r] = kNegInf;
+    l[r] = 0.f;
+    std::fill(acc_perm[r], acc_perm[r] + NV * 16, 0.f);
+    std::fill(bias_sum[r], bias_sum[r] + n_groups, 0.f);
+  }
+
+  for (int t = t0; t < t1;) {
+    RowRun run = row_run(src, b, h, t);
+    int run_end = std::min(t1, t + run.run);
+    for (int c0 = t; c0 < run_end; c0 += kChunk) {
+      int n = std::min(kChunk, run_end - c0);
+      int64_t j0 = c0 - t;
+      bool any = false;
+      for (int r = 0; r < R; ++r) {
+        active[r] = rows[r].kmin < c0 + n && rows[r].kmax > c0;
+        any |= active[r];
+      }
+      if (!any) {
+        continue;
+      }
+      // Scores, then key ranges and masks.
+      for (int j = 0; j < n; j += 16) {
+        int64_t jj = j0 + j;
+        int_scores16<KB, SD>(
+            run.kp + jj * run.st[0],
+            run.st[0],
+            static_cast<const char*>(run.ks) + jj * run.st[1] * kScaleBytes,
+            static_cast<const char*>(run.kb) + jj * run.st[2] * kScaleBytes,
+            run.st[1],
+            run.st[2],
+            std::min(16, n - j),
+            D,
+            gs,
+            qi,
+            R,
+            &sc[0][j],
+            kChunk);
+      }
+      for (int r = 0; r < R; ++r) {
+        const Row& row = rows[r];
+        for (int j = 0; j < kChunk; ++j) {
+          int tok = c0 + j;
+          float score = kNegInf;
+          if (j < n && tok >= row.kmin && tok < row.kmax) {
+            score = sc[r][j];
+            if (row.mask) {
+              int64_t mi = int64_t(tok) * row.mask_st;
+              if (a.mask_is_bool) {
+                if (!static_cast<const uint8_t*>(row.mask)[mi]) {
+                  score = kNegInf;
+                }
+              } else {
+                score += static_cast<const float*>(row.mask)[mi];
+              }
+            }
+          }
+          sc[r][j] = score;
+        }
+      }
+      // Softmax update: sc becomes the chunk's probabilities.
+      for (int r = 0; r < R; ++r) {
+        float cmax = kNegInf;
+        for (int j = 0; j < kChunk; j += 8) {
+          cmax = std::max(cmax, hmax(load(&sc[r][j])));
+        }
+        if (cmax == kNegInf) {
+          active[r] = false;
+          continue;
+        }
+        float m_new = std::max(m[r], cmax);
+        if (m_new != m[r]) {
+          float corr = std::exp(m[r] - m_new);
+          l[r] *= corr;
+          scale_row(corr, acc_perm[r], NV * 16);
+          for (int g = 0; g < n_groups; ++g) {
+            bias_sum[r][g] *= corr;
+          }
+          m[r] = m_new;
+        }
+        v8f sum = splat(0.f);
+        v8f mv = splat(m_new);
+        for (int j = 0; j < kChunk; j += 8) {
+          v8f p = exp_neg(load(&sc[r][j]) - mv);
+          store(&sc[r][j], p);
+          sum += p;
+        }
+        l[r] += hsum(sum);
+      }
+      // Values of the chunk: scales/biases by group, codes interleaved.
+      for (int j = 0; j < kChunk; j += 16) {
+        int64_t jj = j0 + j;
+        int nj = std::max(0, std::min(16, n - j));
+        alignas(64) float tmp_s[16][16], tmp_b[16][16];
+        if (nj > 0) {
+          load_meta16<SD>(
+              static_cast<const char*>(run.vs) + jj * run.st[4] * kScaleBytes,
+              run.st[4], n_groups, nj, tmp_s);
+          load_meta16<SD>(
+              static_cast<const char*>(run.vb) + jj * run.st[5] * kScaleBytes,
+              run.st[5], n_groups, nj, tmp_b);
+        } else {
+          for (int g = 0; g < n_groups; ++g) {
+            std::fill(tmp_s[g], tmp_s[g] + 16, 0.f);
+            std::fill(tmp_b[g], tmp_b[g] + 16, 0.f);
+          }
+        }
+        for (int g = 0; g < n_groups; ++g) {
+          std::memcpy(&v_scale[g][j], tmp_s[g], sizeof(tmp_s[g]));
+          std::memcpy(&v_bias[g][j], tmp_b[g], sizeof(tmp_b[g]));
+        }
+      }
+      for (int blk = 0; blk < kBlocks; ++blk) {
+        const uint8_t* v[4];
+        for (int u = 0; u < 4; ++u) {
+          int j = 4 * blk + u;
+          v[u] = j < n ? reinterpret_cast<const uint8_t*>(run.vp + (j0 + j) * run.st[3]) : nullptr;
+        }
+        interleave4<VB>(v, v_row_bytes, xv[blk]);
+      }
+      const int n_blocks = (n + 3) / 4;
+      for (int r = 0; r < R; ++r) {
+        if (!active[r]) {
+          continue;
+        }
+        // Weights w_tg = p_t s_tg in int8, one step per group; bias sums.
+        alignas(64) int8_t w8[16][kChunk];
+        alignas(64) float step[16] = {};
+        for (int g = 0; g < n_groups; ++g) {
+          __m512 w0 = _mm512_mul_ps(_mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_scale[g][0]));
+          __m512 w1 = _mm512_mul_ps(_mm512_load_ps(&sc[r][16]), _mm512_load_ps(&v_scale[g][16]));
+          __m512 bs = _mm512_mul_ps(_mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_bias[g][0]));
+          bs = _mm512_fmadd_ps(_mm512_load_ps(&sc[r][16]), _mm512_load_ps(&v_bias[g][16]), bs);
+          bias_sum[r][g] += _mm512_reduce_add_ps(bs);
+          float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1)));
+          float inv = amax > 0.f ? 127.f / amax : 0.f;
+          step[g] = amax / 127.f;
+          __m512 vi = _mm512_set1_ps(inv);
+          _mm_store_si128(
+              reinterpret_cast<__m128i*>(&w8[g][0]),
+              _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi))));
+          _mm_store_si128(
+              reinterpret_cast<__m128i*>(&w8[g][16]),
+              _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi))));
+        }
+        // Per block of 4 keys: the weights of every group, then of each lane.
+        alignas(64) int32_t wg[kBlocks][16] = {};
+        for (int blk = 0; blk < n_blocks; ++blk) {
+          for (int g = 0; g < n_groups; ++g) {
+            std::memcpy(&wg[blk][g], &w8[g][4 * blk], 4);
+          }
+        }
+        alignas(64) __m512i wl[kBlocks][16];
+        for (int blk = 0; blk < n_blocks; ++blk) {
+          __m512i wv = _mm512_load_si512(wg[blk]);
+          for (int p = 0; p < layout.n_pat; ++p) {
+            wl[blk][p] = _mm512_permutexvar_epi32(_mm512_load_si512(layout.group[p]), wv);
+          }
+        }
+        __m512 stepv = _mm512_load_ps(step);
+        float* out = acc_perm[r];
+        for (int k = 0; k < NV; ++k) {
+          const int p = layout.pat[k];
+          __m512i s = _mm512_setzero_si512();
+          for (int blk = 0; blk < n_blocks; ++blk) {
+            s = _mm512_dpbusd_epi32(s, xv[blk][k], wl[blk][p]);
+          }
+          __m512 f = _mm512_permutexvar_ps(_mm512_load_si512(layout.group[p]), stepv);
+          _mm512_store_ps(
+              out + 16 * k,
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, _mm512_load_ps(out + 16 * k)));
+        }
+      }
+    }
+    t = run_end;
+  }
+  // Back to element order, bias sums added.
+  for (int r = 0; r < R; ++r) {
+    float* out = acc + size_t(r) * D;
+    for (int x = 0; x < NV * 16; ++x) {
+      int d = layout.elem[x];
+      if (d >= 0) {
+        out[d] = acc_perm[r][x] + bias_sum[r][d / gs];
+      }
+    }
+  }
+}
+
+} // namespace
+
+} // namespace kvsnap::cpu::KVSNAP_ISA

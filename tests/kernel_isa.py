@@ -1,0 +1,33 @@
+"""Tolerances of the CPU kernel sets (kvsnap._ext.isa()) against float64.
+
+The float kernel sets ("generic", "avx2") stay within float32 rounding
+(conftest.TOL). "avx512-vnni" takes the query-key scores in integers: each
+query row is rounded to int8 with one scale per key group (error up to half
+a step, max |q_g| / 254, per element), which moves a score by about 0.5% of
+its spread; outputs then stay within INT_DOT_TOL of max |reference| on the
+tests' random data (worst seen ~1e-2).
+"""
+
+from __future__ import annotations
+
+from conftest import TOL
+from kvsnap import _ext
+
+INTEGER_DOT_ISAS = frozenset({"avx512-vnni"})
+INT_DOT_TOL = 5e-2
+
+
+def integer_dot() -> bool:
+    """Whether the kernel set in use scores queries against keys in integers."""
+    return _ext.isa() in INTEGER_DOT_ISAS
+
+
+def attention_tol(dtype: str = "float32") -> float:
+    """rel_error bound of an attention output in `dtype` for the kernel set in use."""
+    return max(TOL[dtype], INT_DOT_TOL) if integer_dot() else TOL[dtype]
+
+
+def float_isa() -> str:
+    """The fastest float kernel set here: the reference other kernels are compared with."""
+    available = _ext.available_isas()
+    return "avx2" if "avx2" in available else "generic"
