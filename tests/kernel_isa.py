@@ -10,6 +10,7 @@ tests' random data (worst seen ~1e-2).
 
 from __future__ import annotations
 
+import pytest
 from conftest import TOL
 from kvsnap import _ext
 
@@ -31,3 +32,13 @@ def float_isa() -> str:
     """The fastest float kernel set here: the reference other kernels are compared with."""
     available = _ext.available_isas()
     return "avx2" if "avx2" in available else "generic"
+
+
+@pytest.fixture
+def float_kernels():
+    """Run a test on the float CPU kernels: for claims of float32-level
+    agreement (with mlx-lm reading the same bytes, with the Metal kernels)."""
+    before = _ext.isa()
+    _ext.set_isa(float_isa())
+    yield
+    _ext.set_isa(before)

@@ -22,7 +22,12 @@ import kvsnap
 import mlx.core as mx
 import numpy as np
 import pytest
+from kernel_isa import float_kernels  # noqa: F401 (fixture)
 from kvsnap import _ext, metal
+
+# The self-checks compare the Metal kernels (and their fallbacks) with the CPU
+# kernels within float32 error: the float CPU kernels, not the integer ones.
+pytestmark = pytest.mark.usefixtures("float_kernels")
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECK = ROOT / "tools" / "check_metal.py"

@@ -27,23 +27,17 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import TOL, random_quantized, to_mx
-from kernel_isa import float_isa
-from kvsnap import _ext
+from kernel_isa import float_kernels  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 METAL_DIR = ROOT / "csrc" / "metal"
 HARNESS = METAL_DIR / "emu" / "harness.cpp"
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)")
-
-
-@pytest.fixture(autouse=True)
-def float_cpu_kernels():
-    """The Metal kernels compute in float: compare them with the float CPU kernels."""
-    before = _ext.isa()
-    _ext.set_isa(float_isa())
-    yield
-    _ext.set_isa(before)
+# The Metal kernels compute in float: they are compared with the float CPU kernels.
+pytestmark = [
+    pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ (C++20)"),
+    pytest.mark.usefixtures("float_kernels"),
+]
 
 
 def build_harness(out: Path, kernels_dir: Path | None = None) -> Path:

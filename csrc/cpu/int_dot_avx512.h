@@ -12,6 +12,9 @@
 //
 // q8_g . c_g is exact in int32; sum(q_g) is taken on the float query. The only
 // new error is the rounding of q to int8 (|error| <= qs_g / 2 per element).
+// That is well below a 4-bit key's own step, not below an 8-bit key's: with
+// 8-bit keys the residual q - qs_g q8 is rounded to int8 too, in steps of
+// qs_g / 254, and dotted with the same codes (about 15 bits of query).
 //
 // Keys are scored 16 at a time with the keys in the lanes: the 16 packed rows
 // are loaded as 16 x 16 dwords and transposed, so that dword column i holds
@@ -25,7 +28,8 @@
 //   sum_t p_t v_ti  =  sum_t (p_t s_tg) c_ti  +  sum_t p_t b_tg
 //
 // The weights w_tg = p_t s_tg of one row are rounded to int8 per group and
-// chunk (step max_t |w_tg| / 127); the codes of 4 consecutive keys are
+// chunk (step max_t |w_tg| / 127; 8-bit values add a residual plane, as the
+// queries of 8-bit keys); the codes of 4 consecutive keys are
 // interleaved so that each int32 lane holds one element of 4 keys, and one
 // vpdpbusd per 16 elements adds 4 keys' products. The bias sums stay float.
 // The lanes hold the elements in a permuted order (ValueLayout), put back
@@ -55,6 +59,7 @@ struct IntQuery {
   static constexpr int kMaxBytes = 256; // kMaxDim elements at 8 bits
   alignas(64) int8_t lo[kMaxBytes];
   alignas(64) int8_t hi[kMaxBytes / 2];
+  alignas(64) int8_t res[kMaxBytes]; // 8-bit keys: the rounding residual, in steps qs / 254
   float qs[16]; // per key group: int8 step (0 for an all-zero group)
   float qsum[16]; // per key group: sum of the float query's elements
 };
@@ -72,11 +77,13 @@ void quantize_query(const float* q, int D, int gs, IntQuery& out) {
     out.qs[g] = step;
     out.qsum[g] = sum;
     for (int i = g * gs; i < (g + 1) * gs; ++i) {
-      int8_t v = int8_t(std::lrint(q[i] * inv));
+      long v = std::lrint(q[i] * inv);
       if constexpr (KB == 4) {
-        (i % 2 ? out.hi : out.lo)[i / 2] = v;
+        (i % 2 ? out.hi : out.lo)[i / 2] = int8_t(v);
       } else {
-        out.lo[i] = v;
+        out.lo[i] = int8_t(v);
+        long r = std::lrint((q[i] * inv - float(v)) * 254.f);
+        out.res[i] = int8_t(std::clamp(r, -127L, 127L));
       }
     }
   }
@@ -208,16 +215,21 @@ void int_scores16(
       for (int c = 0; c < n_cols;) {
         int g = (col0 + c) / cols_per_group;
         int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
-        __m512i acc = _mm512_setzero_si512();
+        __m512i acc = _mm512_setzero_si512(), acc_res = _mm512_setzero_si512();
         for (; c < c_end; ++c) {
           int byte = (col0 + c) * 4;
           acc = _mm512_dpbusd_epi32(acc, lo[c], bcast4(q.lo + byte));
           if constexpr (KB == 4) {
             acc = _mm512_dpbusd_epi32(acc, hi[c], bcast4(q.hi + byte));
+          } else {
+            acc_res = _mm512_dpbusd_epi32(acc_res, lo[c], bcast4(q.res + byte));
           }
         }
         __m512 f = _mm512_mul_ps(_mm512_load_ps(scale[g]), _mm512_set1_ps(q.qs[g]));
         s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, s);
+        if constexpr (KB == 8) {
+          s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_res), _mm512_mul_ps(f, _mm512_set1_ps(1.f / 254)), s);
+        }
       }
       _mm512_storeu_ps(out + r * out_st, s);
     }
@@ -337,8 +349,11 @@ void attend_rows_int(
   for (int t = t0; t < t1;) {
     RowRun run = row_run(src, b, h, t);
     int run_end = std::min(t1, t + run.run);
-    for (int c0 = t; c0 < run_end; c0 += kChunk) {
-      int n = std::min(kChunk, run_end - c0);
+    // Chunks at multiples of kChunk: a key falls in the same chunk whatever
+    // the tile's other rows (the weights' int8 steps are per chunk), so a
+    // row gets the same bits alone or batched.
+    for (int c0 = t, n = 0; c0 < run_end; c0 += n) {
+      n = std::min((c0 / kChunk + 1) * kChunk, run_end) - c0;
       int64_t j0 = c0 - t;
       bool any = false;
       for (int r = 0; r < R; ++r) {
@@ -454,6 +469,7 @@ void attend_rows_int(
         }
         // Weights w_tg = p_t s_tg in int8, one step per group; bias sums.
         alignas(64) int8_t w8[16][kChunk];
+        alignas(64) int8_t w8_res[16][kChunk]; // 8-bit values: residuals in steps step / 254
         alignas(64) float step[16] = {};
         for (int g = 0; g < n_groups; ++g) {
           __m512 w0 = _mm512_mul_ps(_mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_scale[g][0]));
@@ -465,39 +481,55 @@ void attend_rows_int(
           float inv = amax > 0.f ? 127.f / amax : 0.f;
           step[g] = amax / 127.f;
           __m512 vi = _mm512_set1_ps(inv);
-          _mm_store_si128(
-              reinterpret_cast<__m128i*>(&w8[g][0]),
-              _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi))));
-          _mm_store_si128(
-              reinterpret_cast<__m128i*>(&w8[g][16]),
-              _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi))));
-        }
-        // Per block of 4 keys: the weights of every group, then of each lane.
-        alignas(64) int32_t wg[kBlocks][16] = {};
-        for (int blk = 0; blk < n_blocks; ++blk) {
-          for (int g = 0; g < n_groups; ++g) {
-            std::memcpy(&wg[blk][g], &w8[g][4 * blk], 4);
+          for (int half = 0; half < 2; ++half) {
+            __m512 x = _mm512_mul_ps(half ? w1 : w0, vi);
+            __m512i xi = _mm512_cvtps_epi32(x);
+            _mm_store_si128(reinterpret_cast<__m128i*>(&w8[g][16 * half]), _mm512_cvtepi32_epi8(xi));
+            if constexpr (VB == 8) {
+              __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_cvtepi32_ps(xi)), _mm512_set1_ps(254.f));
+              _mm_store_si128(
+                  reinterpret_cast<__m128i*>(&w8_res[g][16 * half]),
+                  _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+            }
           }
         }
-        alignas(64) __m512i wl[kBlocks][16];
+        // Per block of 4 keys: the weights of every group, then of each lane.
+        constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
+        alignas(64) int32_t wg[WP][kBlocks][16] = {};
         for (int blk = 0; blk < n_blocks; ++blk) {
-          __m512i wv = _mm512_load_si512(wg[blk]);
-          for (int p = 0; p < layout.n_pat; ++p) {
-            wl[blk][p] = _mm512_permutexvar_epi32(_mm512_load_si512(layout.group[p]), wv);
+          for (int g = 0; g < n_groups; ++g) {
+            std::memcpy(&wg[0][blk][g], &w8[g][4 * blk], 4);
+            if constexpr (VB == 8) {
+              std::memcpy(&wg[1][blk][g], &w8_res[g][4 * blk], 4);
+            }
+          }
+        }
+        alignas(64) __m512i wl[WP][kBlocks][16];
+        for (int plane = 0; plane < WP; ++plane) {
+          for (int blk = 0; blk < n_blocks; ++blk) {
+            __m512i wv = _mm512_load_si512(wg[plane][blk]);
+            for (int p = 0; p < layout.n_pat; ++p) {
+              wl[plane][blk][p] = _mm512_permutexvar_epi32(_mm512_load_si512(layout.group[p]), wv);
+            }
           }
         }
         __m512 stepv = _mm512_load_ps(step);
         float* out = acc_perm[r];
         for (int k = 0; k < NV; ++k) {
           const int p = layout.pat[k];
-          __m512i s = _mm512_setzero_si512();
+          __m512i s = _mm512_setzero_si512(), s_res = _mm512_setzero_si512();
           for (int blk = 0; blk < n_blocks; ++blk) {
-            s = _mm512_dpbusd_epi32(s, xv[blk][k], wl[blk][p]);
+            s = _mm512_dpbusd_epi32(s, xv[blk][k], wl[0][blk][p]);
+            if constexpr (VB == 8) {
+              s_res = _mm512_dpbusd_epi32(s_res, xv[blk][k], wl[WP - 1][blk][p]);
+            }
           }
           __m512 f = _mm512_permutexvar_ps(_mm512_load_si512(layout.group[p]), stepv);
-          _mm512_store_ps(
-              out + 16 * k,
-              _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, _mm512_load_ps(out + 16 * k)));
+          __m512 o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), f, _mm512_load_ps(out + 16 * k));
+          if constexpr (VB == 8) {
+            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_res), _mm512_mul_ps(f, _mm512_set1_ps(1.f / 254)), o);
+          }
+          _mm512_store_ps(out + 16 * k, o);
         }
       }
     }
