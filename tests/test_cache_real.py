@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from kernel_isa import float_kernels  # noqa: F401 (fixture)
 from kvsnap import cache as kc
 from kvsnap.models import load
 from mlx_lm import generate, stream_generate
@@ -73,6 +74,7 @@ def float_run(smollm):
     return tokens, ref
 
 
+@pytest.mark.usefixtures("float_kernels")  # float32 error: the float CPU kernels
 def test_q4_reading_the_same_bytes_as_mlx_lm_agrees_to_float32_error(smollm):
     # Hand mlx-lm the exact bytes kvsnap stored (float16 scales): both
     # attention paths then agree to float32 accumulation error. (mlx-lm's own

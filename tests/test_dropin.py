@@ -13,6 +13,7 @@ import gc
 import mlx.core as mx
 import numpy as np
 import pytest
+from kernel_isa import float_kernels  # noqa: F401 (fixture)
 from kvsnap import cache as kc
 from kvsnap import model_audit
 from kvsnap.errors import InvalidArgumentError, UnsupportedModelError
@@ -59,6 +60,7 @@ def same(a: mx.array, b: mx.array) -> None:
 # ---------------------------------------------------------------- save / load
 
 
+@pytest.mark.usefixtures("float_kernels")  # compared with mlx-lm at float32 error
 def test_save_prompt_cache_writes_the_quantized_kv_and_load_prompt_cache_reads_it_back(tmp_path):
     # An unrotated 4-bit cache is saved by mlx-lm itself, metadata included,
     # and loads as mlx-lm's QuantizedKVCache holding the very bytes kvsnap
