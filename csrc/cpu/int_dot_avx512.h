@@ -383,23 +383,24 @@ void attend_rows_int(
       }
       for (int r = 0; r < R; ++r) {
         const Row& row = rows[r];
-        for (int j = 0; j < kChunk; ++j) {
-          int tok = c0 + j;
-          float score = kNegInf;
-          if (j < n && tok >= row.kmin && tok < row.kmax) {
-            score = sc[r][j];
-            if (row.mask) {
-              int64_t mi = int64_t(tok) * row.mask_st;
-              if (a.mask_is_bool) {
-                if (!static_cast<const uint8_t*>(row.mask)[mi]) {
-                  score = kNegInf;
-                }
-              } else {
-                score += static_cast<const float*>(row.mask)[mi];
+        // Keys [lo, hi) of the chunk are in the row's range; the rest -inf.
+        int lo = std::clamp(row.kmin - c0, 0, n), hi = std::clamp(row.kmax - c0, 0, n);
+        uint32_t keep = hi > lo ? uint32_t((uint64_t(1) << hi) - (uint64_t(1) << lo)) : 0u;
+        const __m512 ninf = _mm512_set1_ps(kNegInf);
+        _mm512_store_ps(&sc[r][0], _mm512_mask_mov_ps(ninf, __mmask16(keep), _mm512_load_ps(&sc[r][0])));
+        _mm512_store_ps(
+            &sc[r][16], _mm512_mask_mov_ps(ninf, __mmask16(keep >> 16), _mm512_load_ps(&sc[r][16])));
+        if (row.mask) {
+          for (int j = lo; j < hi; ++j) {
+            int64_t mi = int64_t(c0 + j) * row.mask_st;
+            if (a.mask_is_bool) {
+              if (!static_cast<const uint8_t*>(row.mask)[mi]) {
+                sc[r][j] = kNegInf;
               }
+            } else {
+              sc[r][j] += static_cast<const float*>(row.mask)[mi];
             }
           }
-          sc[r][j] = score;
         }
       }
       // Softmax update: sc becomes the chunk's probabilities.
