@@ -122,6 +122,27 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(x);
 }
 
+// simd::exp_neg on 16 lanes: exp(x) for x <= 0 (-inf and below -87.3: 0).
+inline __m512 exp_neg16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  __m512 n = _mm512_roundscale_ps(
+      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 y = _mm512_scalef_ps(p, n); // p * 2^n
+  return _mm512_maskz_mov_ps(__mmask16(~zero), y);
+}
+
 // Scales (or biases) of n <= 16 keys as floats, out[g][u] for group g of key
 // u (keys past n: 0), the first key's at p, key u's at p + u * stride elements.
 template <DType SD>
@@ -405,10 +426,8 @@ void attend_rows_int(
       }
       // Softmax update: sc becomes the chunk's probabilities.
       for (int r = 0; r < R; ++r) {
-        float cmax = kNegInf;
-        for (int j = 0; j < kChunk; j += 8) {
-          cmax = std::max(cmax, hmax(load(&sc[r][j])));
-        }
+        __m512 s0 = _mm512_load_ps(&sc[r][0]), s1 = _mm512_load_ps(&sc[r][16]);
+        float cmax = _mm512_reduce_max_ps(_mm512_max_ps(s0, s1));
         if (cmax == kNegInf) {
           active[r] = false;
           continue;
@@ -423,14 +442,11 @@ void attend_rows_int(
           }
           m[r] = m_new;
         }
-        v8f sum = splat(0.f);
-        v8f mv = splat(m_new);
-        for (int j = 0; j < kChunk; j += 8) {
-          v8f p = exp_neg(load(&sc[r][j]) - mv);
-          store(&sc[r][j], p);
-          sum += p;
-        }
-        l[r] += hsum(sum);
+        __m512 mv = _mm512_set1_ps(m_new);
+        __m512 p0 = exp_neg16(_mm512_sub_ps(s0, mv)), p1 = exp_neg16(_mm512_sub_ps(s1, mv));
+        _mm512_store_ps(&sc[r][0], p0);
+        _mm512_store_ps(&sc[r][16], p1);
+        l[r] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
       }
       // Values of the chunk: scales/biases by group, codes interleaved.
       for (int j = 0; j < kChunk; j += 16) {
