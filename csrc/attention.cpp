@@ -110,6 +110,36 @@ std::vector<char> dense_copy(const mx::array& x) {
   return buf;
 }
 
+// A mask broadcast to the scores' shape `full`: bool (if allowed) kept as
+// is, floating point as float32.
+mx::array prepare_mask(const mx::array& m, const mx::Shape& full, bool allow_bool, mx::Stream stream) {
+  if (m.ndim() > 4) {
+    throw InvalidArgument(
+        "mask", "has " + std::to_string(m.ndim()) + " dimensions; at most 4");
+  }
+  for (int i = 0; i < m.ndim(); ++i) {
+    int dim = m.shape(m.ndim() - 1 - i);
+    int want = full[3 - i];
+    if (dim != 1 && dim != want) {
+      throw InvalidArgument(
+          "mask",
+          "shape " + shape_str(m.shape()) +
+              " does not broadcast to the scores " + shape_str(full));
+    }
+  }
+  mx::array mm = m;
+  if (m.dtype() == mx::bool_ && allow_bool) {
+    // kept as is
+  } else if (mx::issubdtype(m.dtype(), mx::floating)) {
+    mm = mx::astype(m, mx::float32, stream);
+  } else {
+    std::ostringstream msg;
+    msg << "must be " << (allow_bool ? "bool or " : "") << "floating point, got " << m.dtype();
+    throw InvalidArgument("mask", msg.str());
+  }
+  return mx::broadcast_to(mm, full, stream);
+}
+
 } // namespace
 
 mx::array paged_attention(
@@ -121,6 +151,7 @@ mx::array paged_attention(
     float scale,
     bool causal,
     int window,
+    const std::optional<mx::array>& mask,
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s) {
   mx::Stream stream = kernel_stream(s, "attention");
@@ -169,13 +200,23 @@ mx::array paged_attention(
   auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
 
   std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
+  if (mask) {
+    // Input 1 (before the kv_write tokens); float only: positions are masked
+    // by causal/window.
+    int T = 0;
+    for (int32_t n : lengths) {
+      T = std::max<int>(T, n);
+    }
+    inputs.push_back(prepare_mask(*mask, {B, queries.shape(1), L, T}, false, stream));
+  }
   inputs.insert(inputs.end(), after.begin(), after.end());
   PagedSpec spec{arena, layer, block_table, lengths, std::move(pins)};
   return mx::array(
       queries.shape(),
       queries.dtype(),
       std::make_shared<QuantizedAttention>(
-          stream, std::move(spec), scale, causal, window, g.group_size, g.k_bits, g.v_bits, false),
+          stream, std::move(spec), scale, causal, window, g.group_size, g.k_bits, g.v_bits,
+          mask.has_value()),
       std::move(inputs));
 }
 
@@ -232,33 +273,7 @@ mx::array q4_attention(
     }
   }
   if (mask) {
-    const mx::array& m = *mask;
-    mx::Shape full = {B, Hq, L, T};
-    if (m.ndim() > 4) {
-      throw InvalidArgument(
-          "mask", "has " + std::to_string(m.ndim()) + " dimensions; at most 4");
-    }
-    for (int i = 0; i < m.ndim(); ++i) {
-      int dim = m.shape(m.ndim() - 1 - i);
-      int want = full[3 - i];
-      if (dim != 1 && dim != want) {
-        throw InvalidArgument(
-            "mask",
-            "shape " + shape_str(m.shape()) +
-                " does not broadcast to the scores " + shape_str(full));
-      }
-    }
-    mx::array mm = m;
-    if (m.dtype() == mx::bool_) {
-      // kept as is
-    } else if (mx::issubdtype(m.dtype(), mx::floating)) {
-      mm = mx::astype(m, mx::float32, stream);
-    } else {
-      std::ostringstream msg;
-      msg << "must be bool or floating point, got " << m.dtype();
-      throw InvalidArgument("mask", msg.str());
-    }
-    inputs.push_back(mx::broadcast_to(mm, full, stream));
+    inputs.push_back(prepare_mask(*mask, {B, Hq, L, T}, true, stream));
   }
   return mx::array(
       queries.shape(),
@@ -334,6 +349,14 @@ void QuantizedAttention::eval_cpu(
       src.block_table = paged->block_table.data.data();
       src.max_blocks = paged->block_table.shape[1];
       kv_len = paged->lengths;
+      if (has_mask) {
+        const mx::array& m = ins[1];
+        a.mask = m.data<void>();
+        a.mask_is_bool = false;
+        for (int d = 0; d < 4; ++d) {
+          a.mask_stride[d] = m.strides()[d];
+        }
+      }
     } else {
       src.n_kv_heads = ins[1].shape(1);
       src.scale_dtype = float_dtype(ins[2], "keys");

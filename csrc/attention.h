@@ -16,8 +16,10 @@ namespace kvsnap {
 // Attention of queries [B, Hq, L, D] over `layer` of the arena. Sequence b
 // holds lengths[b] tokens in the blocks block_table[b]; with `causal` its L
 // queries are its last L positions. window > 0 limits each query to the last
-// `window` keys. `after`: tokens of kv_write calls this read must follow.
-// The op pins the slots it reads.
+// `window` keys. mask: none or a float array broadcastable to [B, Hq, L, T]
+// (T = the longest of `lengths`) added to the scores, as in q4_attention
+// (kvsnap.offsets adds its key-offset correction this way). `after`: tokens
+// of kv_write calls this read must follow. The op pins the slots it reads.
 mx::array paged_attention(
     std::shared_ptr<Arena> arena,
     int layer,
@@ -27,6 +29,7 @@ mx::array paged_attention(
     float scale,
     bool causal,
     int window,
+    const std::optional<mx::array>& mask,
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s = {});
 

@@ -292,13 +292,13 @@ NB_MODULE(_ext, m) {
       [](const ArenaHandle& arena, int layer, const mx::array& queries,
          const Int32Table& block_table, const std::vector<int32_t>& lengths,
          float scale, bool causal, int window, const std::vector<mx::array>& after,
-         mx::StreamOrDevice s) {
+         mx::StreamOrDevice s, const std::optional<mx::array>& mask) {
         return kvsnap::paged_attention(
             arena.impl, layer, queries, to_table(block_table), lengths,
-            scale, causal, window, after, s);
+            scale, causal, window, mask, after, s);
       },
       "arena"_a, "layer"_a, "queries"_a, "block_table"_a, "lengths"_a, "scale"_a,
-      "causal"_a, "window"_a, "after"_a, "stream"_a = nb::none());
+      "causal"_a, "window"_a, "after"_a, "stream"_a = nb::none(), "mask"_a = nb::none());
 
   m.def(
       "q4_attention",

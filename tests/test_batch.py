@@ -137,6 +137,10 @@ def test_batch_generate_with_kvsnap_caches_matches_float_caches():
     assert agree >= 3
 
 
+# Batched rows against the same sequences alone on small models (see its first use).
+ROW_TOL = 5e-3
+
+
 def test_merge_filter_extend_extract_copy_on_small_models():
     for arch in ("llama", "gemma3"):
         model = small_model(arch)
@@ -157,7 +161,10 @@ def test_merge_filter_extend_extract_copy_on_small_models():
 
         out = step([[1], [2], [3]], batch)
         ref = mx.concatenate([step([[t]], r) for t, r in zip((1, 2, 3), refs)])
-        assert mx.abs(out - ref).max().item() < 1e-4
+        # ROW_TOL: the model's own matmuls round a row differently in a batch
+        # (README, "Batching and rounding"); a 4-bit code of the new token can
+        # then differ by one step. A wrong row would be off by ~1.
+        assert mx.abs(out - ref).max().item() < ROW_TOL
         # A deep copy is independent; filtering each side keeps different rows.
         twin = copy.deepcopy(batch)
         for c in batch:
@@ -166,9 +173,9 @@ def test_merge_filter_extend_extract_copy_on_small_models():
             c.filter([1])
         out = step([[4], [5]], batch)
         ref = mx.concatenate([step([[t]], r) for t, r in zip((4, 5), (refs[0], refs[2]))])
-        assert mx.abs(out - ref).max().item() < 1e-4
+        assert mx.abs(out - ref).max().item() < ROW_TOL
         out = step([[6]], twin)
-        assert mx.abs(out - step([[6]], refs[1])).max().item() < 1e-4
+        assert mx.abs(out - step([[6]], refs[1])).max().item() < ROW_TOL
         # Extend: rows of another batch join; extract gives an independent cache.
         for a, b in zip(batch, twin):
             a.extend(b)
@@ -176,7 +183,7 @@ def test_merge_filter_extend_extract_copy_on_small_models():
         row = [c.extract(2) for c in batch]
         out = step([[7], [8], [9]], batch)
         ref = mx.concatenate([step([[t]], r) for t, r in zip((7, 8, 9), (refs[0], refs[2], refs[1]))])
-        assert mx.abs(out - ref).max().item() < 1e-4
+        assert mx.abs(out - ref).max().item() < ROW_TOL
         assert row[0].offset == 77  # the extracted copy did not move on with the batch
         assert caches[0][0].offset == 30  # nor did the original caches
 
@@ -184,7 +191,10 @@ def test_merge_filter_extend_extract_copy_on_small_models():
 def test_ragged_prefill_writes_only_the_real_tokens():
     model = small_model("gemma3")
     lengths = [5, 70, 33]
-    caches = [kvsnap.make_cache(model, block_tokens=16) for _ in lengths]
+    # 8-bit: a 4-bit code of a key can round the other way in a batch (its
+    # row's matmuls round differently), which on this random-weight model
+    # moves logits by ~0.1; at 8 bits such a flip stays under ROW_TOL.
+    caches = [kvsnap.make_cache(model, block_tokens=16, bits=8) for _ in lengths]
     batch = batch_cache(caches)
     width = max(lengths)
     padded = mx.array([prompt(n, seed=n).tolist() + [0] * (width - n) for n in lengths])
@@ -197,9 +207,9 @@ def test_ragged_prefill_writes_only_the_real_tokens():
     assert [len(c.sequences[0].blocks) for c in caches] == [-(-n // 16) for n in lengths]
     out = model(mx.array([[9], [9], [9]]), cache=batch)[:, -1]
     for row, n in enumerate(lengths):
-        r = kvsnap.make_cache(model, block_tokens=16)
+        r = kvsnap.make_cache(model, block_tokens=16, bits=8)
         ref = model(mx.concatenate([prompt(n, seed=n), mx.array([9])])[None], cache=r)[0, -1]
-        assert mx.abs(out[row] - ref).max().item() < 1e-4
+        assert mx.abs(out[row] - ref).max().item() < ROW_TOL  # see ROW_TOL
 
 
 def test_batches_refuse_what_they_cannot_serve():

@@ -201,6 +201,14 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
     p.block_tokens = arena.geometry().block_tokens;
     p.max_blocks = paged_->block_table.shape[1];
     kv_len = paged_->lengths;
+    if (has_mask_) {
+      const mx::array& m = inputs[1];
+      p.has_mask = 1;
+      p.mask_is_bool = 0;
+      for (int k = 0; k < 4; ++k) {
+        p.mask_stride[k] = long(m.strides()[k]);
+      }
+    }
   } else {
     p.n_kv_heads = inputs[1].shape(1);
     for (int i = 0; i < 6; ++i) {
@@ -251,7 +259,7 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
       enc.set_input_array(inputs[1 + i], 4 + i);
     }
   }
-  enc.set_input_array(has_mask_ ? inputs[7] : q, 10);
+  enc.set_input_array(has_mask_ ? inputs[paged_ ? 1 : 7] : q, 10);
   enc.set_bytes(p, 11);
   enc.set_output_array(part_m, 12);
   enc.set_output_array(part_l, 13);

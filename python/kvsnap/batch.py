@@ -28,7 +28,7 @@ import mlx.core as mx
 import numpy as np
 
 from kvsnap import ops
-from kvsnap.cache import BlockSequence, KVSnapCache, PromptCache, hadamard
+from kvsnap.cache import BlockSequence, KVSnapCache, PromptCache, attend_blocks, store_form
 from kvsnap.errors import InvalidArgumentError
 
 
@@ -81,12 +81,15 @@ class _Batch:
         if not self.members:
             return
         lead = self.members[0]
-        shape = [(s.window, s.rotate, s.arena.block_tokens) for s in lead.sequences]
+        def form(s):
+            return (s.window, s.rotate, s.arena.block_tokens, s.offsets and s.offsets.digest)
+
+        shape = [form(s) for s in lead.sequences]
         for m in self.members[1:]:
-            if [(s.window, s.rotate, s.arena.block_tokens) for s in m.sequences] != shape or len(m) != len(lead):
+            if [form(s) for s in m.sequences] != shape or len(m) != len(lead):
                 raise InvalidArgumentError(
                     "caches: a batch needs caches of one model and one format (layer groups, "
-                    "windows, rotation and block size differ)",
+                    "windows, rotation, key offsets and block size differ)",
                     "caches",
                 )
         for g in range(len(lead.sequences)):
@@ -221,8 +224,9 @@ class BatchLayerCache:
         if self.leader:
             batch.begin_step(L)
         group, caches = batch.group_of(self.layer)
-        stored = (hadamard(keys), hadamard(values)) if group.rotate else (keys, values)
         offsets = [c.offset for c in caches]
+        positions = mx.array(offsets, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)[None]
+        stored = store_form(group.seqs[0], caches[0].layer, keys, values, positions)
         counts = batch.step_counts or [L] * B
         after = [c._read for c in caches if c._read is not None]
         table = group.table()
@@ -244,14 +248,14 @@ class BatchLayerCache:
             )
         group, caches = self.batch.group_of(self.layer)
         after = [] if self._write is None else [self._write]
-        out = ops.attention(
-            group.arena, caches[0].layer, hadamard(queries) if group.rotate else queries, group.table(),
-            self._lengths, scale=scale, causal=True, window=caches[0].window, after=after,
+        out = attend_blocks(
+            group.seqs[0], caches[0].layer, queries, group.table(), self._lengths, scale,
+            caches[0].window, after,
         )
         self._read = out
         for c in caches:
             c._read = out
-        return hadamard(out) if group.rotate else out
+        return out
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         return None if n == 1 else "causal"  # the kernel masks by position and window

@@ -47,6 +47,8 @@ from mlx_lm.models import cache as mlx_cache
 from kvsnap import model_audit, ops
 from kvsnap._ext import Arena, Budget
 from kvsnap.errors import InvalidArgumentError, SlotError, UnsupportedModelError
+from kvsnap.offsets import GroupOffsets, KeyOffsets
+from kvsnap.offsets import for_model as offsets_for_model
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # virtual: the arena's pages are touched only when used
 
@@ -60,6 +62,63 @@ def hadamard(x: mx.array) -> mx.array:
     4-bit groups lose far less (QuaRot-style). See benchmarks/accuracy.py.
     """
     return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)
+
+
+def store_form(seq, layer: int, keys: mx.array, values: mx.array, positions: mx.array):
+    """The keys and values as a group stores them: key offsets removed
+    (``positions`` [B, L] of the tokens), then rotated."""
+    if seq.offsets is not None:
+        lo = seq.offsets.layers[layer]
+        keys = keys - lo.shift(positions).astype(keys.dtype)
+        if lo.scale is not None:
+            keys = keys / lo.scale[None, :, None, :].astype(keys.dtype)
+    return (hadamard(keys), hadamard(values)) if seq.rotate else (keys, values)
+
+
+def _scaled_queries(lo, queries: mx.array) -> mx.array:
+    """Queries times the key scale of their KV head (keys were divided by it)."""
+    if lo is None or lo.scale is None:
+        return queries
+    B, Hq, L, D = queries.shape
+    hkv = lo.scale.shape[0]
+    q = queries.reshape(B, hkv, Hq // hkv, L, D) * lo.scale[None, :, None, None, :].astype(queries.dtype)
+    return q.reshape(B, Hq, L, D)
+
+
+# Query rows x keys of one correction mask (float32) above which a prefill's
+# attention is cut into query blocks, to bound the mask's memory (64 MiB).
+_MASK_ELEMENTS = 1 << 24
+
+
+def attend_blocks(seq, layer: int, queries, table, lengths: list[int], scale: float, window, after):
+    """kvsnap.attention of queries [B, Hq, L, D] over a group's blocks, with
+    the group's rotation and key-offset correction."""
+    rotate = seq.rotate
+    lo = None if seq.offsets is None else seq.offsets.layers[layer]
+    if lo is None or lo.w is None:
+        q = _scaled_queries(lo, queries)
+        out = ops.attention(
+            seq.arena, layer, hadamard(q) if rotate else q, table, lengths,
+            scale=scale, causal=True, window=window, after=after,
+        )
+        return hadamard(out) if rotate else out
+    B, Hq, L, _ = queries.shape
+    T = max(lengths)
+    step = max(1, min(L, _MASK_ELEMENTS // max(1, B * Hq * T)))
+    outs = []
+    for l0 in range(0, L, step):
+        l1 = min(L, l0 + step)
+        q = queries[:, :, l0:l1]
+        # Queries l0..l1 are the last l1 - l0 positions of sequences cut after l1.
+        cut = [n - (L - l1) for n in lengths]
+        mask = lo.correction(q, cut, scale)
+        q = _scaled_queries(lo, q)
+        out = ops.attention(
+            seq.arena, layer, hadamard(q) if rotate else q, table, cut,
+            scale=scale, causal=True, window=window, mask=mask, after=after,
+        )
+        outs.append(hadamard(out) if rotate else out)
+    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
 
 
 def can_rotate(head_dim: int) -> bool:
@@ -77,10 +136,17 @@ class BlockSequence:
     same prompt cache (every group), reserved together before a forward pass.
     """
 
-    def __init__(self, arena: Arena, window: int | None = None, rotate: bool = False):
+    def __init__(
+        self,
+        arena: Arena,
+        window: int | None = None,
+        rotate: bool = False,
+        offsets: GroupOffsets | None = None,
+    ):
         self.arena = arena
         self.window = window
         self.rotate = rotate  # K/V/Q are stored and attended in a Hadamard basis
+        self.offsets = offsets  # key offsets removed before quantizing (kvsnap.offsets)
         self.blocks: list[int] = []  # arena slot per block; -1 once freed
         self.layers: list[KVSnapCache] = []
         self.index = None
@@ -115,7 +181,7 @@ class BlockSequence:
         """A sequence holding the same blocks (one more reference each); a
         block either one writes to later is copied first (``make_writable``)."""
         self._settle()  # the twin's layers know nothing of this one's pending writes
-        twin = BlockSequence(self.arena, self.window, self.rotate)
+        twin = BlockSequence(self.arena, self.window, self.rotate, self.offsets)
         for slot in self.blocks:
             if slot >= 0:
                 self.arena.incref(slot)
@@ -312,7 +378,7 @@ class BlockSequence:
         blocks shared (one more reference each), a partial last block copied
         (written again by whichever side goes on). Settle pending writes first.
         All or nothing: on ArenaFullError nothing is held."""
-        out = BlockSequence(self.arena, window=self.window, rotate=self.rotate)
+        out = BlockSequence(self.arena, window=self.window, rotate=self.rotate, offsets=self.offsets)
         out.index = self.index
         keep = self.blocks_for(n_tokens)
         try:
@@ -388,7 +454,7 @@ class KVSnapCache:
                 "keys",
             )
         n_new = keys.shape[2]
-        stored = (hadamard(keys), hadamard(values)) if self.seq.rotate else (keys, values)
+        stored = store_form(self.seq, self.layer, keys, values, mx.arange(self.offset, self.offset + n_new)[None])
         if self.window is not None and self.seq.layers[0] is self:
             self.seq.release_outside_window(self.offset)
         if self.leader:
@@ -412,20 +478,11 @@ class KVSnapCache:
         elif mask is not None and not (isinstance(mask, str) and mask == "causal"):
             raise InvalidArgumentError(f"mask: unknown mask {mask!r}", "mask")
         after = [] if self._write is None else [self._write]
-        rotate = self.seq.rotate
-        out = ops.attention(
-            self.seq.arena,
-            self.layer,
-            hadamard(queries) if rotate else queries,
-            self.seq.table(),
-            [self.offset],
-            scale=scale,
-            causal=True,
-            window=self.window,
-            after=after,
+        out = attend_blocks(
+            self.seq, self.layer, queries, self.seq.table(), [self.offset], scale, self.window, after
         )
         self._read = out
-        return hadamard(out) if rotate else out
+        return out
 
     def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
         """The mask ``KVCache.make_mask`` makes for ``n`` queries at this offset:
@@ -806,6 +863,9 @@ def make_cache(
     budget: Budget | None = None,
     rotate: bool | None = None,
     key_bits: int | None = None,
+    key_offsets: bool | KeyOffsets | None = None,
+    tokenizer=None,
+    quality: str | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache for ``model`` (an mlx-lm model), one entry per layer.
 
@@ -823,8 +883,27 @@ def make_cache(
     values'). Keys carry the outlier channels: 8-bit keys with 4-bit values
     cost 6.5 bits per element at g64 and keep SmolLM2's perplexity within 1%
     of float where 4-bit keys do not (benchmarks/RESULTS.md).
+
+    ``key_offsets``: remove the model's key offsets (and balance its key
+    channels) before quantizing (kvsnap.offsets: calibrated once per model
+    and cached; attention is unchanged, 4-bit keys lose much less). False:
+    store keys as they are. None (default): on, except with rotate=False
+    (mlx-lm's own layout). A ``KeyOffsets`` is used as given.
+
+    ``quality``: "default" (4-bit keys and values, 4.5 bits per element) or
+    "accurate" (8-bit keys, 6.5 bits per element: within 1% of float
+    perplexity on the built-in models, benchmarks/RESULTS.md); it sets
+    ``key_bits`` when that is not given. ``tokenizer``: calibrate on kvsnap's
+    built-in text with it (kvsnap.models.load registers its tokenizer);
+    without one, on a fixed pseudo-random token sequence.
     """
+    if quality not in (None, "default", "accurate"):
+        raise InvalidArgumentError(f"quality: 'default' or 'accurate', got {quality!r}", "quality")
+    if key_bits is None and quality == "accurate":
+        key_bits = 8
     key_bits = bits if key_bits is None else key_bits
+    if key_offsets is None:
+        key_offsets = rotate is not False
     kinds = layer_kinds(model)
     attn = _attention_modules(model)
     route_attention(model)
@@ -861,6 +940,16 @@ def make_cache(
     full = [i for i, (k, _) in enumerate(kinds) if k == "full"]
     windowed = [i for i, (k, _) in enumerate(kinds) if k == "window"]
     foreign = [i for i, (k, _) in enumerate(kinds) if k == "foreign"]
+    if isinstance(key_offsets, KeyOffsets):
+        model_offsets = key_offsets
+    elif key_offsets is True:
+        model_offsets = offsets_for_model(model, attn, sorted(full + windowed), tokenizer)
+    elif key_offsets is False or key_offsets is None:
+        model_offsets = None
+    else:
+        raise InvalidArgumentError(
+            f"key_offsets: True, False or a kvsnap.offsets.KeyOffsets, got {key_offsets!r}", "key_offsets"
+        )
     layers: list = [None] * len(kinds)
     sequences = []
 
@@ -870,10 +959,12 @@ def make_cache(
             arena = new_arena(len(full), n_kv_heads, head_dim)
         else:
             _check_arena(arena, len(full), n_kv_heads, head_dim, bits, key_bits, group_size)
-        seq = BlockSequence(arena, rotate=rotation(head_dim))
+        seq = BlockSequence(
+            arena, rotate=rotation(head_dim), offsets=model_offsets and model_offsets.group(full)
+        )
         sequences.append(seq)
         # Layers mlx-lm's QuantizedKVCache can hold are saved by mlx-lm as one.
-        layer_cls = KVSnapCache if seq.rotate or key_bits != bits else QuantizedKVCache
+        layer_cls = KVSnapCache if seq.rotate or key_bits != bits or seq.offsets else QuantizedKVCache
         for j, i in enumerate(full):
             layers[i] = layer_cls(seq, j)
     if windowed:
@@ -886,7 +977,10 @@ def make_cache(
             window_arena = new_arena(len(windowed), n_kv_heads, head_dim)
         else:
             _check_arena(window_arena, len(windowed), n_kv_heads, head_dim, bits, key_bits, group_size)
-        seq = BlockSequence(window_arena, window=window, rotate=rotation(head_dim))
+        seq = BlockSequence(
+            window_arena, window=window, rotate=rotation(head_dim),
+            offsets=model_offsets and model_offsets.group(windowed),
+        )
         sequences.append(seq)
         for j, i in enumerate(windowed):
             layers[i] = RotatingKVCache(seq, j, window=window)
@@ -959,7 +1053,7 @@ def _mlx_layer(c: KVSnapCache, quantized: bool):
         return mlx_cache.QuantizedKVCache(a.group_size, a.bits) if quantized else mlx_cache.KVCache()
     start = 0 if c.window is None else max(0, c.offset - c.window)
     kp, ks, kb, vp, vs, vb = _layer_arrays(seq, c.layer, start, c.offset)
-    if c.window is None and quantized and not seq.rotate:
+    if c.window is None and quantized and not seq.rotate and seq.offsets is None:
         q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
         q.keys, q.values, q.offset = (kp, ks, kb), (vp, vs, vb), c.offset
         return q
@@ -967,6 +1061,10 @@ def _mlx_layer(c: KVSnapCache, quantized: bool):
     values = mx.dequantize(vp, vs.astype(mx.float32), vb.astype(mx.float32), group_size=a.group_size, bits=a.bits)
     if seq.rotate:
         keys, values = hadamard(keys), hadamard(values)
+    if seq.offsets is not None:
+        lo = seq.offsets.layers[c.layer]
+        keys = keys if lo.scale is None else keys * lo.scale[None, :, None, :]
+        keys = keys + lo.shift(mx.arange(start, c.offset)[None])
     if c.window is None and quantized:
         q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
         q.keys = mx.quantize(keys, group_size=a.group_size, bits=a.bits)
@@ -991,6 +1089,7 @@ def from_mlx(
     group_size: int | None = None,
     arena: Arena | None = None,
     rotate: bool | None = None,
+    key_offsets: bool | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache holding what mlx-lm caches ``caches`` hold.
 
@@ -999,7 +1098,8 @@ def from_mlx(
     bits and group size are taken from them. Float ``KVCache`` layers are
     quantized on the way in. ``RotatingKVCache`` layers fill the sliding-window
     layers with the window they hold. ``rotate`` as in ``make_cache``, except
-    that it defaults to off when copying quantized caches (to stay bit-exact).
+    that it defaults to off when copying quantized caches (to stay bit-exact);
+    so does ``key_offsets``.
     """
     if len(caches) != len(model.layers):
         raise InvalidArgumentError(
@@ -1019,9 +1119,10 @@ def from_mlx(
             )
         bits, group_size = q_bits, q_group
         rotate = False if rotate is None else rotate
+        key_offsets = False if key_offsets is None else key_offsets
     out = make_cache(
         model, bits=bits or 4, group_size=group_size or 64, block_tokens=block_tokens, arena=arena,
-        rotate=rotate,
+        rotate=rotate, key_offsets=True if key_offsets is None else key_offsets,
     )
     for i, (src, dst) in enumerate(zip(caches, out)):
         if not isinstance(dst, KVSnapCache):
@@ -1029,7 +1130,7 @@ def from_mlx(
             continue
         if src.empty() if hasattr(src, "empty") else src.offset == 0:
             continue
-        if isinstance(src, mlx_cache.QuantizedKVCache) and not dst.seq.rotate:
+        if isinstance(src, mlx_cache.QuantizedKVCache) and not dst.seq.rotate and not dst.seq.offsets:
             _copy_quantized(dst, src)
         elif isinstance(src, mlx_cache.QuantizedKVCache):
             n = src.offset

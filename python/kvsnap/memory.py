@@ -190,6 +190,7 @@ class AgentMemory:
         key_bits: int | None = None,
         block_tokens: int = 256,
         rotate: bool | None = None,
+        key_offsets: bool = True,
         prefill_chunk: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
@@ -204,7 +205,8 @@ class AgentMemory:
         self.budget = Budget(parse_bytes(budget))
         route_attention(model)
         self._format = {"bits": bits, "group_size": group_size, "key_bits": key_bits,
-                        "block_tokens": block_tokens, "rotate": rotate}
+                        "block_tokens": block_tokens, "rotate": rotate, "key_offsets": key_offsets,
+                        "tokenizer": tokenizer}
         # One empty cache makes the arenas (and checks the format against the model).
         probe = make_cache(model, budget=self.budget, **self._format)
         self.arena = probe.sequences[0].arena if probe.sequences and probe.sequences[0].window is None else None

@@ -458,6 +458,7 @@ def fallback_attention(
     causal: bool,
     window: int,
     stream=None,
+    additive: mx.array | None = None,
 ) -> mx.array:
     """kvsnap.attention by composed MLX ops: the blocks are copied out of the
     arena (pending writes must have run: evaluate their tokens first),
@@ -488,7 +489,9 @@ def fallback_attention(
     k = _dequantize_mx(arrays[:3], arena.group_size, arena.key_bits, stream)
     v = _dequantize_mx(arrays[3:], arena.group_size, arena.bits, stream)
     visible = mx.array(_visible(lengths, queries.shape[2], T, causal, window))
-    return _sdpa(queries, k, v, scale, visible, None, stream)
+    if additive is not None:
+        additive = mx.broadcast_to(additive.astype(mx.float32), (*queries.shape[:3], T))
+    return _sdpa(queries, k, v, scale, visible, additive, stream)
 
 
 def fallback_q4_attention(

@@ -123,6 +123,9 @@ def load(
         model, tokenizer = _load_model_dir(path)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
+    from kvsnap.offsets import register_tokenizer  # offsets imports this module
+
+    register_tokenizer(model, tokenizer)  # make_cache(model) calibrates key offsets on text
     return model, tokenizer
 
 

@@ -142,6 +142,7 @@ def attention(
     scale: float,
     causal: bool = True,
     window: int | None = None,
+    mask: mx.array | None = None,
     after: Sequence[mx.array] = (),
     stream=None,
 ) -> mx.array:
@@ -151,10 +152,14 @@ def attention(
     ``lengths[b]`` tokens in the blocks of ``block_table[b]``. With ``causal``
     the L queries are the last L positions of each sequence, each seeing the
     keys up to its own position; ``window`` limits a query to the last
-    ``window`` keys (sliding-window layers). Returns ``[B, n_heads, L, head_dim]``
-    in the queries' dtype.
+    ``window`` keys (sliding-window layers). ``mask``: float scores added
+    before the softmax, broadcastable to ``[B, n_heads, L, max(lengths)]``
+    (kvsnap.offsets' correction). Returns ``[B, n_heads, L, head_dim]`` in
+    the queries' dtype.
     """
     _check_array(queries, "queries")
+    if mask is not None:
+        _check_array(mask, "mask")
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise InvalidArgumentError(f"window: must be a positive int or None, got {window!r}", "window")
     stream = _stream(stream, "attention")
@@ -163,10 +168,10 @@ def attention(
     if _metal_fallback(stream, "attention"):
         # Checks the arguments as the kernel would (and discards the result),
         # then runs the writes it must follow: the fallback reads the arena now.
-        _ext.attention(*args, list(after), mx.cpu)
+        _ext.attention(*args, list(after), mx.cpu, mask=mask)
         mx.eval(list(after))
-        return metal.fallback_attention(*args, stream=stream)
-    return _ext.attention(*args, list(after), stream)
+        return metal.fallback_attention(*args, stream=stream, additive=mask)
+    return _ext.attention(*args, list(after), stream, mask=mask)
 
 
 def q4_attention(

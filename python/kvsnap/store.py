@@ -81,6 +81,7 @@ class GroupFormat:
     group_size: int
     rotation: str  # "hadamard" or "none"
     window: int  # sliding window in tokens; 0 for full attention
+    key_offsets: str = ""  # kvsnap.offsets digest ("<mode>:<hash>"); "" for keys stored as they are
 
     @classmethod
     def of(cls, cache: PromptCache, seq: BlockSequence) -> GroupFormat:
@@ -99,6 +100,7 @@ class GroupFormat:
             group_size=a.group_size,
             rotation="hadamard" if seq.rotate else "none",
             window=seq.window or 0,
+            key_offsets=seq.offsets.digest if seq.offsets is not None else "",
         )
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 (a handful of small, immortal formats)
@@ -126,6 +128,8 @@ class GroupFormat:
             or not 0 < g.block_tokens <= 65536
             or (g.kind == "window") != (g.window > 0)
             or not g.layers
+            or not isinstance(g.key_offsets, str)
+            or len(g.key_offsets) > 64
         ):
             raise where.corrupt(f"malformed layer group {text[:120]!r}")
         return g
@@ -434,13 +438,21 @@ def _restore(
         cache = make_cache(
             model, bits=lead.bits, key_bits=lead.key_bits, group_size=lead.group_size,
             block_tokens=lead.block_tokens, arena=arena, window_arena=window_arena,
-            rotate=lead.rotation == "hadamard",
+            rotate=lead.rotation == "hadamard", key_offsets=bool(lead.key_offsets), tokenizer=tokenizer,
         )
     except InvalidArgumentError as e:
         raise FormatMismatchError(f"{agent.file.path}: the snapshot's format does not fit this model: {e}",
                                   agent.file.path) from None
     try:
         got = [GroupFormat.of(cache, s) for s in cache.sequences]
+        theirs, ours = lead.key_offsets, got[0].key_offsets
+        if theirs != ours:
+            raise FormatMismatchError(
+                f"{agent.file.path}: the snapshot's keys were stored with key offsets {theirs or 'none'}; "
+                f"this cache's are {ours or 'none'} (another calibration or kvsnap version): restore it "
+                "where it was made, or re-prefill",
+                agent.file.path,
+            )
         if sorted(got, key=lambda g: g.kind) != sorted(agent.groups, key=lambda g: g.kind):
             raise ModelMismatchError(
                 f"{agent.file.path}: the model's layer groups {got} differ from the file's {agent.groups}",

@@ -1,0 +1,207 @@
+"""Smoothed keys (kvsnap.offsets): removing the calibrated key offsets and
+balancing the key channels leaves attention unchanged, the kernels apply the
+correction, snapshots record the offsets and refuse others."""
+
+from __future__ import annotations
+
+import math
+
+import kvsnap
+import mlx.core as mx
+import numpy as np
+import pytest
+from kvsnap import cache as kc
+from kvsnap import offsets as ko
+from kvsnap import store as st
+from kvsnap.errors import FormatMismatchError, InvalidArgumentError
+from mlx_lm.models.cache import make_prompt_cache
+from small_models import prompt, small_model
+
+ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+
+
+def held_layers(model) -> list[int]:
+    return [i for i, (k, _) in enumerate(kc.layer_kinds(model)) if k != "foreign"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return small_model("llama")
+
+
+def reference(q, k, v, scale, visible, additive=None):
+    """softmax(scale q k^T + additive) v over the visible keys, float64."""
+    s = scale * np.einsum("bhld,bhtd->bhlt", q, k)
+    if additive is not None:
+        s = s + additive
+    s = np.where(visible, s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhlt,bhtd->bhld", p, v)
+
+
+def visibility(T, L, window):
+    pos = np.arange(T - L, T)[:, None]
+    t = np.arange(T)[None, :]
+    keep = t <= pos
+    if window:
+        keep &= t > pos - window
+    return keep[None, None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("T, L, window", [(300, 1, None), (300, 24, None), (90, 90, None), (300, 1, 48), (200, 16, 48)])
+def test_offsets_leave_float_attention_unchanged(arch, T, L, window):
+    """q . k == (q * d) . ((k - shift) / d) + correction: attention over the
+    keys as kvsnap stores them (before quantizing), with the queries as it
+    scales them and the correction it adds, equals attention over the original
+    keys to float32 rounding (decode, prefill chunks, windows, GQA)."""
+    model = small_model(arch)
+    offsets, _ = ko.calibrate(model, kc._attention_modules(model), held_layers(model))
+    assert offsets.mode == "pre+sink+balance"
+    rng = np.random.default_rng(T + L)
+    for layer in held_layers(model)[:2]:
+        lo = offsets.layers[layer]
+        hkv, D = lo.const.shape
+        hq = hkv * 4
+        # keys that carry the model's offsets, as real keys do
+        pos = mx.arange(T)[None]
+        k = mx.array(rng.standard_normal((1, hkv, T, D)).astype(np.float32)) + lo.shift(pos) * 3
+        v = rng.standard_normal((1, hkv, T, D)).astype(np.float32)
+        q = mx.array(rng.standard_normal((1, hq, L, D)).astype(np.float32))
+        scale = 1 / math.sqrt(D)
+        stored = kc.store_form(type("Seq", (), {"offsets": offsets.group([layer]), "rotate": False}), 0, k, mx.array(v), pos)[0]
+        corr = lo.correction(q, [T], scale)
+        qs = kc._scaled_queries(lo, q)
+        def rep(x, g=hq // hkv):
+            return np.repeat(np.array(x, dtype=np.float64), g, axis=1)
+
+        vis = visibility(T, L, window)
+        want = reference(np.array(q, np.float64), rep(k), rep(v), scale, vis)
+        got = reference(np.array(qs, np.float64), rep(stored), rep(v), scale, vis, np.array(corr, np.float64))
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+        # without the correction the attention is not the same: it carries weight
+        wrong = reference(np.array(qs, np.float64), rep(stored), rep(v), scale, vis)
+        assert np.abs(wrong - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_kernels_apply_the_correction(arch):
+    """8-bit K/V through the fused kernel, with offsets: logits follow the
+    float model as closely as without offsets (a missing or wrong correction
+    would put them far off), for a prefill in chunks and decode steps."""
+    model = small_model(arch)
+    tokens = prompt(160, seed=3)
+    want = model(tokens[None], cache=make_prompt_cache(model))
+    errs = {}
+    for offsets in (True, False):
+        cache = kc.make_cache(model, bits=8, block_tokens=32, key_offsets=offsets)
+        assert (cache.sequences[0].offsets is not None) == offsets
+        outs = [model(tokens[None, i : i + 40], cache=cache) for i in range(0, 120, 40)]
+        outs += [model(tokens[None, i : i + 1], cache=cache) for i in range(120, 160)]
+        got = mx.concatenate(outs, axis=1)
+        errs[offsets] = mx.abs(got - want).max().item()
+        cache.release()
+    scale = mx.abs(want).max().item()
+    assert errs[True] < 0.05 * scale, errs
+    assert errs[True] < 2 * errs[False] + 1e-3 * scale, errs
+
+
+def test_batched_decode_applies_the_correction(llama):
+    """The batch path (kvsnap.batch) stores and attends with the offsets:
+    each row of a batched decode equals that sequence decoded alone."""
+    from kvsnap.batch import batch_cache
+
+    caches, lasts = [], []
+    for n in (40, 75, 130):
+        c = kc.make_cache(llama, block_tokens=32)
+        lasts.append(llama(prompt(n, seed=n)[None], cache=c)[0, -1])
+        caches.append(c)
+    alone = [c.copy() for c in caches]
+    batch = batch_cache(caches)
+    nxt = mx.array([[int(mx.argmax(x).item())] for x in lasts])
+    together = llama(nxt, cache=batch)[:, -1]
+    for i, c in enumerate(alone):
+        one = llama(nxt[i : i + 1], cache=c)[0, -1]
+        np.testing.assert_allclose(np.array(together[i]), np.array(one), atol=1e-4, rtol=1e-4)
+
+
+def forget(model):
+    """Drop what this process remembers of the model's offsets."""
+    ko._MEMO.clear()
+    model.__dict__.pop("_kvsnap_offsets", None)
+
+
+def test_calibration_is_cached_per_model(llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSNAP_HOME", str(tmp_path))
+    forget(llama)
+    held = held_layers(llama)
+    first = ko.for_model(llama, kc._attention_modules(llama), held)
+    files = list((tmp_path / "offsets").glob("*.npz"))
+    assert len(files) == 1
+    forget(llama)
+    again = ko.for_model(llama, kc._attention_modules(llama), held)
+    assert again.digest == first.digest
+    for a, b in zip(first.layers, again.layers):
+        np.testing.assert_array_equal(np.array(a.w), np.array(b.w))
+    # a damaged file is not trusted: calibrated again, same offsets
+    files[0].write_bytes(b"garbage")
+    forget(llama)
+    assert ko.for_model(llama, kc._attention_modules(llama), held).digest == first.digest
+    forget(llama)
+
+
+def test_unknown_rope_falls_back_to_constant_offsets():
+    """A layer whose rope is not a rotation kvsnap can read gets the constant
+    (post-RoPE) offset only, and the format says so."""
+    model = small_model("llama")
+    for layer in model.layers:
+        layer.self_attn.rope = lambda x, offset=0: x * 1.5  # not a rotation
+    offsets, _ = ko.calibrate(model, kc._attention_modules(model), held_layers(model))
+    assert offsets.mode.startswith("post")
+    assert all(lo.m is None for lo in offsets.layers)
+
+
+def test_snapshot_records_offsets_and_refuses_others(llama, tmp_path):
+    tokens = prompt(100, seed=1).tolist()
+    custom, _ = ko.calibrate(llama, kc._attention_modules(llama), held_layers(llama), pairs=2)
+    cache = kc.make_cache(llama, block_tokens=32, key_offsets=custom)
+    llama(mx.array(tokens)[None], cache=cache)
+    with st.Store(tmp_path / "s") as store:
+        store.save_agent("a", cache, tokens=tokens, model=llama)
+        with pytest.raises(FormatMismatchError, match="key offsets"):
+            store.load_agent("a", model=llama)
+    kvsnap.save(cache, tmp_path / "a.safetensors", tokens=tokens, model=llama)
+    with pytest.raises(FormatMismatchError, match="key offsets"):
+        kvsnap.load(tmp_path / "a.safetensors", model=llama)
+    # keys stored without offsets load into a cache without them
+    plain = kc.make_cache(llama, block_tokens=32, key_offsets=False)
+    llama(mx.array(tokens)[None], cache=plain)
+    with st.Store(tmp_path / "s") as store:
+        store.save_agent("b", plain, tokens=tokens, model=llama)
+        back = store.load_agent("b", model=llama)
+    assert back.sequences[0].offsets is None
+    nxt = prompt(5, seed=9)[None]
+    np.testing.assert_array_equal(np.array(llama(nxt, cache=back)), np.array(llama(nxt, cache=plain)))
+
+
+def test_to_mlx_adds_the_offsets_back(llama):
+    """Exported float K/V are the model's keys again (offsets added back,
+    scaling undone): continuing from them follows the kvsnap cache."""
+    cache = kc.make_cache(llama, bits=8, block_tokens=32)
+    llama(prompt(90, seed=2)[None], cache=cache)
+    theirs = kc.to_mlx(cache, quantized=False)
+    x = prompt(4, seed=6)[None]
+    a, b = llama(x, cache=cache), llama(x, cache=theirs)
+    assert mx.abs(a - b).max().item() < 0.02 * mx.abs(b).max().item()
+
+
+def test_bad_arguments():
+    model = small_model("llama")
+    with pytest.raises(InvalidArgumentError, match="key_offsets"):
+        kc.make_cache(model, key_offsets="yes")
+    with pytest.raises(InvalidArgumentError, match="quality"):
+        kc.make_cache(model, quality="best")
+    accurate = kc.make_cache(model, quality="accurate")
+    assert accurate.sequences[0].arena.key_bits == 8
