@@ -190,7 +190,8 @@ class AgentMemory:
         key_bits: int | None = None,
         block_tokens: int = 256,
         rotate: bool | None = None,
-        key_offsets: bool = True,
+        key_offsets: bool | None = None,
+        quality: str | None = None,
         prefill_chunk: int | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
@@ -205,7 +206,7 @@ class AgentMemory:
         self.budget = Budget(parse_bytes(budget))
         route_attention(model)
         self._format = {"bits": bits, "group_size": group_size, "key_bits": key_bits,
-                        "block_tokens": block_tokens, "rotate": rotate, "key_offsets": key_offsets,
+                        "block_tokens": block_tokens, "rotate": rotate, "key_offsets": key_offsets, "quality": quality,
                         "tokenizer": tokenizer}
         # One empty cache makes the arenas (and checks the format against the model).
         probe = make_cache(model, budget=self.budget, **self._format)

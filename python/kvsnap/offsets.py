@@ -1,33 +1,45 @@
-"""Smoothed keys: a per-model key offset removed before quantizing.
+"""Smoothed keys: per-model key offsets removed, and key channels balanced, before quantizing.
 
 Keys carry per-channel offsets (the same sign and size in nearly every token)
 that inflate the range of every 4-bit group and so its rounding error. Since
 q . (k - c) = q . k - q . c, subtracting one constant c from every key of a
 KV head shifts all of a query's scores by the same amount, which softmax
-cancels: attention is exactly unchanged (with masks and windows too), and no
-kernel or reader needs to know.
+cancels: attention is exactly unchanged (with masks and windows too).
 
-Most of the offset lives before RoPE, though: the model adds a constant m to
-every key and RoPE then turns it by an angle that grows with the position,
-so after RoPE it is a different vector R_s m at each position s, which no
-constant removes. kvsnap removes it too ("pre" mode): the key of position s is
-stored as k_s - R_s m - c, and attention adds q . R_s m back to the score of
-key s. Only the channel pairs where that rotating offset is large are treated
-this way (PAIRS per layer), so the correction costs a few multiply-adds per
-score: per query row, (q . m) split into cos and sin parts per pair, times
-cos/sin(theta_p s) for each key position s.
+kvsnap removes more than a constant. What is subtracted from the key of
+position s of a KV head is
+
+    c + R_s m + [s == 0] z
+
+- c: a constant (the post-RoPE mean of what the rest leaves);
+- R_s m: the model adds a constant m to every key before RoPE, which turns it
+  by an angle that grows with the position, so after RoPE it is a different
+  vector at each position. Only the PAIRS channel pairs where that rotating
+  offset varies most are treated (m is zero elsewhere);
+- z: the key of the first token (the attention sink, which most attention
+  goes to) is far from the others; at position 0 it is subtracted as well.
+
+The last two do not cancel in softmax: attention adds q . (R_s m + [s == 0] z)
+back to the score of key s, as a float mask computed per query row from a
+small table (cos and sin of each treated pair's angle per position, and a
+one at position 0): a few multiply-adds per score.
+
+Then the key channels are balanced: keys are stored divided by d and queries
+multiplied by d (q . k unchanged), with d equal within each RoPE pair (so it
+commutes with RoPE) and d = sqrt(key RMS / query RMS) per pair, which evens
+out what a group's rounding error costs the scores.
 
 RoPE is read from the model itself: each layer's rope module is probed on
 unit vectors, which gives every channel's angle per position and its partner
 channel, and the probe is checked against the module at far positions. A
 layer whose rope is not such a rotation (or that has none kvsnap can find)
-gets the constant only ("post" mode); the format records the mode.
+gets no rotating part; the format's mode says which parts are used.
 
 The offsets are calibrated once per model from a built-in text
 (kvsnap/data/calibration.txt, not part of any evaluation text) and cached
 under $KVSNAP_HOME/offsets; without a tokenizer the calibration input is a
-fixed pseudo-random token sequence instead. The digest of the offsets is part
-of the cache's format, so a snapshot made with other offsets is refused.
+fixed pseudo-random token sequence instead. Their digest is part of the
+cache's format, so a snapshot made with other offsets is refused.
 """
 
 from __future__ import annotations

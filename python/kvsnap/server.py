@@ -568,6 +568,8 @@ def add_command(commands) -> None:
                    help=f"built-in name, mlx-lm directory or .gguf file (default {models.DEFAULT_MODEL})")
     p.add_argument("--store", default=None, help="the agents' snapshot folder (default $KVSNAP_HOME/agents)")
     p.add_argument("--budget", default="1GB", help="KV memory for all agents, e.g. 512MB or 2GiB (default 1GB)")
+    p.add_argument("--quality", default="default", choices=["default", "accurate"],
+                   help="KV format: default (4-bit keys and values) or accurate (8-bit keys, 1.4x the bytes)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", action="append", default=None,
@@ -592,7 +594,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.default_max_tokens <= 0:
         raise InvalidArgumentError("--default-max-tokens: must be positive", "default_max_tokens")
     model, tokenizer = models.load(args.model)
-    memory = AgentMemory(model, tokenizer, path=args.store, budget=budget)
+    memory = AgentMemory(model, tokenizer, path=args.store, budget=budget, quality=args.quality)
     server = Server(memory, model_name=str(args.model), api_keys=args.api_key, max_body=max_body,
                     default_max_tokens=args.default_max_tokens)
     print(f"kvsnap: serving {args.model} on http://{args.host}:{args.port} (store {memory.store.path}, "
