@@ -411,7 +411,17 @@ void attend_rows_int(
         _mm512_store_ps(&sc[r][0], _mm512_mask_mov_ps(ninf, __mmask16(keep), _mm512_load_ps(&sc[r][0])));
         _mm512_store_ps(
             &sc[r][16], _mm512_mask_mov_ps(ninf, __mmask16(keep >> 16), _mm512_load_ps(&sc[r][16])));
-        if (row.mask) {
+        if (row.mask && !a.mask_is_bool && row.mask_st == 1) {
+          // A float mask along the keys: added 16 keys at a time.
+          const float* mrow = static_cast<const float*>(row.mask) + c0;
+          for (int j = 0; j < 32; j += 16) {
+            const __mmask16 in = __mmask16(keep >> j);
+            if (in) {
+              __m512 add = _mm512_maskz_loadu_ps(in, mrow + j);
+              _mm512_store_ps(&sc[r][j], _mm512_add_ps(_mm512_load_ps(&sc[r][j]), add));
+            }
+          }
+        } else if (row.mask) {
           for (int j = lo; j < hi; ++j) {
             int64_t mi = int64_t(c0 + j) * row.mask_st;
             if (a.mask_is_bool) {

@@ -93,7 +93,7 @@ class LayerOffsets:
             return out
         B, L = positions.shape
         table = self._table(int(mx.max(positions).item()) + 1)
-        at = mx.take(table, positions.reshape(-1).astype(mx.int32), axis=1).reshape(-1, B, 1, L, 1)
+        at = mx.take(table, positions.reshape(-1).astype(mx.int32), axis=0).T.reshape(-1, B, 1, L, 1)
         basis = mx.transpose(self.w, (2, 0, 1))[:, None, :, None, :]  # [2P + 1, 1, Hkv, 1, D]
         return out + mx.sum(at * basis, axis=0)
 
@@ -108,28 +108,38 @@ class LayerOffsets:
         hkv = self.w.shape[0]
         T = max(lengths)
         table = self._table(T)
-        w = scale * self.w
+        w = self._scaled_w(scale)
+        if queries.dtype != mx.float32:
+            queries = queries.astype(mx.float32)
         rows = []
         for b in range(B):
-            q = queries[b].astype(mx.float32).reshape(hkv, (Hq // hkv) * L, D)
+            q = (queries if B == 1 else queries[b]).reshape(hkv, (Hq // hkv) * L, D)
             n = max(0, lengths[b])
-            row = ((q @ w) @ table[:, :n]).reshape(1, Hq, L, n)
+            row = ((q @ w) @ table[:n].T).reshape(1, Hq, L, n)
             if n < T:
                 row = mx.concatenate([row, mx.zeros((1, Hq, L, T - n), dtype=row.dtype)], axis=3)
             rows.append(row)
         return rows[0] if B == 1 else mx.concatenate(rows, axis=0)
 
+    def _scaled_w(self, scale: float) -> mx.array:
+        cached = self.__dict__.get("_w_scaled")
+        if cached is None or cached[0] != scale:
+            cached = (scale, scale * self.w)
+            mx.eval(cached[1])
+            self.__dict__["_w_scaled"] = cached
+        return cached[1]
+
     def _table(self, n_keys: int) -> mx.array:
-        """[2P + 1, >= n_keys]: cos and sin of each pair's angle at positions
+        """[>= n_keys, 2P + 1]: cos and sin of each pair's angle at positions
         0, 1, ..., and 1 at position 0; kept and grown by doubling (one per
         layer, shared by every cache of the model)."""
         table = self.__dict__.get("_positions")
-        if table is None or table.shape[1] < n_keys:
+        if table is None or table.shape[0] < n_keys:
             n = max(1024, 1 << (max(1, n_keys) - 1).bit_length())
             t = mx.arange(n, dtype=mx.float32)
             ang = t[None, :] * self.theta_pairs[:, None]
             first = (t == 0).astype(mx.float32)[None, :]
-            table = mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0)
+            table = mx.contiguous(mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0).T)
             mx.eval(table)
             self.__dict__["_positions"] = table
         return table
