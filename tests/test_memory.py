@@ -283,7 +283,9 @@ def rss_bytes() -> int:
 def test_memory_goes_back_to_the_os_after_eviction(smollm, tmp_path):
     model, tokenizer = smollm
     m = AgentMemory(model, tokenizer, path=tmp_path / "rss", budget="1GB")
-    m.generate("warm", text(0, 20), max_tokens=2)
+    # As long as the agents below: what kvsnap keeps per model, not per agent
+    # (the key offsets' position tables, kvsnap.offsets), is built before `before`.
+    m.generate("warm", text(0, 1200), max_tokens=2)
     m.forget("warm")
     gc.collect()
     mx.clear_cache()
