@@ -140,6 +140,43 @@ mx::array prepare_mask(const mx::array& m, const mx::Shape& full, bool allow_boo
   return mx::broadcast_to(mm, full, stream);
 }
 
+// The score bias's rank E, after checking bias_w [n_kv_heads, E, head_dim]
+// and bias_table [E, >= T] (float32, both or neither, CPU streams).
+int check_bias(
+    const std::optional<mx::array>& w,
+    const std::optional<mx::array>& table,
+    int n_kv_heads,
+    int head_dim,
+    int T,
+    const mx::Stream& stream) {
+  if (!w || !table) {
+    throw InvalidArgument(w ? "bias_table" : "bias_w", "bias_w and bias_table go together");
+  }
+  if (stream.device.type != mx::Device::cpu) {
+    throw InvalidArgument("bias_w", "the score bias runs on CPU streams only; pass a mask on the GPU");
+  }
+  if (w->dtype() != mx::float32 || table->dtype() != mx::float32) {
+    throw InvalidArgument(
+        w->dtype() != mx::float32 ? "bias_w" : "bias_table", "must be float32");
+  }
+  if (w->ndim() != 3 || w->shape(0) != n_kv_heads || w->shape(2) != head_dim ||
+      w->shape(1) < 1 || w->shape(1) > cpu::kMaxBiasRank) {
+    throw InvalidArgument(
+        "bias_w",
+        "must have shape (n_kv_heads=" + std::to_string(n_kv_heads) + ", E, head_dim=" +
+            std::to_string(head_dim) + ") with 1 <= E <= " +
+            std::to_string(cpu::kMaxBiasRank) + ", got " + shape_str(w->shape()));
+  }
+  const int E = w->shape(1);
+  if (table->ndim() != 2 || table->shape(0) != E || table->shape(1) < T) {
+    throw InvalidArgument(
+        "bias_table",
+        "must have shape (E=" + std::to_string(E) + ", >= " + std::to_string(T) +
+            " key positions), got " + shape_str(table->shape()));
+  }
+  return E;
+}
+
 } // namespace
 
 mx::array paged_attention(
@@ -153,7 +190,9 @@ mx::array paged_attention(
     int window,
     const std::optional<mx::array>& mask,
     const std::vector<mx::array>& after,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    const std::optional<mx::array>& bias_w,
+    const std::optional<mx::array>& bias_table) {
   mx::Stream stream = kernel_stream(s, "attention");
   const ArenaGeometry& g = arena->geometry();
   if (layer < 0 || layer >= g.n_layers) {
@@ -209,6 +248,16 @@ mx::array paged_attention(
     }
     inputs.push_back(prepare_mask(*mask, {B, queries.shape(1), L, T}, false, stream));
   }
+  int bias_rank = 0;
+  if (bias_w || bias_table) {
+    int T = 0;
+    for (int32_t n : lengths) {
+      T = std::max<int>(T, n);
+    }
+    bias_rank = check_bias(bias_w, bias_table, g.n_kv_heads, g.head_dim, T, stream);
+    inputs.push_back(mx::contiguous(*bias_w, false, stream));
+    inputs.push_back(mx::contiguous(*bias_table, false, stream));
+  }
   inputs.insert(inputs.end(), after.begin(), after.end());
   PagedSpec spec{arena, layer, block_table, lengths, std::move(pins)};
   return mx::array(
@@ -216,7 +265,7 @@ mx::array paged_attention(
       queries.dtype(),
       std::make_shared<QuantizedAttention>(
           stream, std::move(spec), scale, causal, window, g.group_size, g.k_bits, g.v_bits,
-          mask.has_value()),
+          mask.has_value(), bias_rank),
       std::move(inputs));
 }
 
@@ -316,7 +365,8 @@ void QuantizedAttention::eval_cpu(
                 group_size = group_size_,
                 k_bits = k_bits_,
                 v_bits = v_bits_,
-                has_mask = has_mask_]() mutable {
+                has_mask = has_mask_,
+                bias_rank = bias_rank_]() mutable {
     const mx::array& q = ins[0];
     cpu::AttentionArgs a;
     a.B = q.shape(0);
@@ -356,6 +406,14 @@ void QuantizedAttention::eval_cpu(
         for (int d = 0; d < 4; ++d) {
           a.mask_stride[d] = m.strides()[d];
         }
+      }
+      if (bias_rank > 0) {
+        const mx::array& w = ins[1 + has_mask];
+        const mx::array& tab = ins[2 + has_mask];
+        a.bias_rank = bias_rank;
+        a.bias_w = w.data<float>();
+        a.bias_table = tab.data<float>();
+        a.bias_table_stride = tab.shape(1);
       }
     } else {
       src.n_kv_heads = ins[1].shape(1);

@@ -18,8 +18,12 @@ namespace kvsnap {
 // queries are its last L positions. window > 0 limits each query to the last
 // `window` keys. mask: none or a float array broadcastable to [B, Hq, L, T]
 // (T = the longest of `lengths`) added to the scores, as in q4_attention
-// (kvsnap.offsets adds its key-offset correction this way). `after`: tokens
-// of kv_write calls this read must follow. The op pins the slots it reads.
+// (kvsnap.offsets adds its key-offset correction this way). bias_w [Hkv, E,
+// D] and bias_table [E, >= T] (float32, CPU streams only): a low-rank score
+// bias computed in the kernel, row (b, hq, l) and key t gaining
+// sum_e (scale * q . bias_w[hq / G, e]) bias_table[e, t] (the same
+// correction without materializing a mask). `after`: tokens of kv_write
+// calls this read must follow. The op pins the slots it reads.
 mx::array paged_attention(
     std::shared_ptr<Arena> arena,
     int layer,
@@ -31,7 +35,9 @@ mx::array paged_attention(
     int window,
     const std::optional<mx::array>& mask,
     const std::vector<mx::array>& after,
-    mx::StreamOrDevice s = {});
+    mx::StreamOrDevice s = {},
+    const std::optional<mx::array>& bias_w = std::nullopt,
+    const std::optional<mx::array>& bias_table = std::nullopt);
 
 // The same over contiguous quantized K/V: keys and values are
 // (packed [B, Hkv, T, D * bits / 32] uint32, scales, biases [B, Hkv, T,
@@ -70,7 +76,8 @@ class QuantizedAttention : public mx::UnaryPrimitive {
       int group_size,
       int k_bits,
       int v_bits,
-      bool has_mask)
+      bool has_mask,
+      int bias_rank = 0)
       : mx::UnaryPrimitive(stream),
         paged_(std::move(paged)),
         scale_(scale),
@@ -79,7 +86,8 @@ class QuantizedAttention : public mx::UnaryPrimitive {
         group_size_(group_size),
         k_bits_(k_bits),
         v_bits_(v_bits),
-        has_mask_(has_mask) {}
+        has_mask_(has_mask),
+        bias_rank_(bias_rank) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -96,6 +104,7 @@ class QuantizedAttention : public mx::UnaryPrimitive {
   int k_bits_;
   int v_bits_;
   bool has_mask_;
+  int bias_rank_; // > 0: inputs bias_w and bias_table follow the mask (CPU only)
 };
 
 } // namespace kvsnap

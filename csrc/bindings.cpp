@@ -292,13 +292,15 @@ NB_MODULE(_ext, m) {
       [](const ArenaHandle& arena, int layer, const mx::array& queries,
          const Int32Table& block_table, const std::vector<int32_t>& lengths,
          float scale, bool causal, int window, const std::vector<mx::array>& after,
-         mx::StreamOrDevice s, const std::optional<mx::array>& mask) {
+         mx::StreamOrDevice s, const std::optional<mx::array>& mask,
+         const std::optional<mx::array>& bias_w, const std::optional<mx::array>& bias_table) {
         return kvsnap::paged_attention(
             arena.impl, layer, queries, to_table(block_table), lengths,
-            scale, causal, window, mask, after, s);
+            scale, causal, window, mask, after, s, bias_w, bias_table);
       },
       "arena"_a, "layer"_a, "queries"_a, "block_table"_a, "lengths"_a, "scale"_a,
-      "causal"_a, "window"_a, "after"_a, "stream"_a = nb::none(), "mask"_a = nb::none());
+      "causal"_a, "window"_a, "after"_a, "stream"_a = nb::none(), "mask"_a = nb::none(),
+      "bias_w"_a = nb::none(), "bias_table"_a = nb::none());
 
   m.def(
       "q4_attention",

@@ -121,20 +121,23 @@ def test_batch_generate_with_kvsnap_caches_matches_float_caches():
         model, tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True,
         prompt_caches=[kvsnap.make_cache(model, key_bits=8) for _ in prompts],
     )
-    agree = 0
+    agree = 0  # tokens before the first difference, over all prompts
     for p, a, b in zip(prompts, ref.token_ids, ours.token_ids):
         j = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if j is None:
             assert len(a) == len(b)
-            agree += 1
+            agree += len(a)
             continue
+        agree += j
         # The first difference must be a near tie of the float model: 8-bit keys
         # and 4-bit values move logits by a few hundredths.
         c = make_prompt_cache(model)
         logits = model(mx.array([p + a[:j]]), cache=c)[0, -1]
         margin = float(logits[a[j]] - logits[b[j]])
         assert 0 <= margin < 0.5, (j, margin)
-    assert agree >= 3
+    # Differences are rare: most tokens come before the first one (a greedy
+    # run that parts at a near tie then follows another text).
+    assert agree >= len(prompts) * max_tokens // 2, agree
 
 
 # Batched rows against the same sequences alone on small models (see its first use).

@@ -67,11 +67,11 @@ def test_offsets_leave_float_attention_unchanged(arch, T, L, window):
         hq = hkv * 4
         # keys that carry the model's offsets, as real keys do
         pos = mx.arange(T)[None]
-        k = mx.array(rng.standard_normal((1, hkv, T, D)).astype(np.float32)) + lo.shift(pos) * 3
+        k = mx.array(rng.standard_normal((1, hkv, T, D)).astype(np.float32)) + lo.shift(pos, T) * 3
         v = rng.standard_normal((1, hkv, T, D)).astype(np.float32)
         q = mx.array(rng.standard_normal((1, hq, L, D)).astype(np.float32))
         scale = 1 / math.sqrt(D)
-        stored = kc.store_form(type("Seq", (), {"offsets": offsets.group([layer]), "rotate": False}), 0, k, mx.array(v), pos)[0]
+        stored = kc.store_form(type("Seq", (), {"offsets": offsets.group([layer]), "rotate": False}), 0, k, mx.array(v), pos, T)[0]
         corr = lo.correction(q, [T], scale)
         qs = kc._scaled_queries(lo, q)
         def rep(x, g=hq // hkv):
@@ -84,6 +84,55 @@ def test_offsets_leave_float_attention_unchanged(arch, T, L, window):
         # without the correction the attention is not the same: it carries weight
         wrong = reference(np.array(qs, np.float64), rep(stored), rep(v), scale, vis)
         assert np.abs(wrong - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("L, window", [(1, None), (24, None), (24, 40)])
+def test_kernel_score_bias_is_the_correction(llama, L, window):
+    """The score bias the kernel computes (each query row's coefficients
+    dotted with the position table) is the correction as a float mask: the
+    same attention over a real cache's blocks (rotated, balanced, GQA), for
+    decode, a prefill chunk and a window; and the mask a GPU stream is given
+    instead is the correction too."""
+    from kvsnap import ops
+
+    T = 150
+    cache = kc.make_cache(llama, block_tokens=32)
+    mx.eval(llama(prompt(T, seed=5)[None], cache=cache))  # the blocks written
+    seq = cache.sequences[0]
+    lo = seq.offsets.layers[0]
+    hkv, D = lo.const.shape
+    q = mx.array(np.random.default_rng(L).standard_normal((1, hkv * 4, L, D)).astype(np.float32))
+    qk = kc.hadamard(kc._scaled_queries(lo, q))
+    scale = 1 / math.sqrt(D)
+    correction = lo.correction(q, [T], scale)
+    bias = lo.kernel_bias(True, T)
+    assert bias[0].shape == (hkv, 2 * ko.PAIRS + 1, D) and bias[1].shape[1] >= T
+
+    def attend(**extra):
+        return kvsnap.attention(seq.arena, 0, qk, seq.table(), [T], scale=scale, window=window, **extra)
+
+    with_bias, with_mask, without = attend(bias=bias), attend(mask=correction), attend()
+    np.testing.assert_allclose(np.array(with_bias), np.array(with_mask), atol=1e-4, rtol=1e-4)
+    same = mx.abs(with_bias - with_mask).max().item()
+    assert mx.abs(with_bias - without).max().item() > max(1e-3, 20 * same)  # it carries weight
+    gpu_mask = ops._bias_mask(qk, bias, T, scale, None)
+    np.testing.assert_allclose(np.array(gpu_mask), np.array(correction), atol=1e-4, rtol=1e-4)
+    cache.release()
+
+
+def test_score_bias_bad_arguments(llama):
+    """A score bias of the wrong shape or dtype is refused, naming it."""
+    cache = kc.make_cache(llama, block_tokens=32)
+    mx.eval(llama(prompt(40, seed=2)[None], cache=cache))
+    seq = cache.sequences[0]
+    w, table = seq.offsets.layers[0].kernel_bias(True, 40)
+    q = mx.zeros((1, w.shape[0] * 4, 1, w.shape[2]))
+    for bias, name in [((w[:, :, :8], table), "bias_w"), ((w, table[:, :10]), "bias_table"),
+                       ((w.astype(mx.float16), table), "bias_w"), ((w,), "bias")]:
+        with pytest.raises(InvalidArgumentError) as e:
+            kvsnap.attention(seq.arena, 0, q, seq.table(), [40], scale=0.1, bias=bias)
+        assert name in str(e.value)
+    cache.release()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -433,6 +433,9 @@ void attend_rows_int(
             }
           }
         }
+        if (row.coef && keep) {
+          add_score_bias(a, row.coef, c0, n, sc[r]);
+        }
       }
       // Softmax update: sc becomes the chunk's probabilities.
       for (int r = 0; r < R; ++r) {

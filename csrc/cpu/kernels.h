@@ -70,8 +70,19 @@ struct AttentionArgs {
   const void* mask = nullptr;
   bool mask_is_bool = false;
   int64_t mask_stride[4] = {};
+  // Optional low-rank score bias (kvsnap.offsets' key-offset correction):
+  // the score of query row (b, hq, l) and key t gains
+  //   sum_e c_e bias_table[e * bias_table_stride + t],
+  // c_e = (scale * q) . bias_w[(hq / G) * bias_rank + e] (D floats each);
+  // bias_table's rows cover every key position.
+  const float* bias_w = nullptr; // [Hkv, bias_rank, D]
+  const float* bias_table = nullptr; // [bias_rank, >= max kv_len]
+  int bias_rank = 0; // <= kMaxBiasRank
+  int64_t bias_table_stride = 0;
   QuantSource kv;
 };
+
+constexpr int kMaxBiasRank = 32;
 
 // out = softmax(scale * q k^T + mask) v, dequantizing K/V on the fly.
 // A query row that sees no key gets zeros.

@@ -101,7 +101,38 @@ struct Row {
   int kmax;
   const void* mask; // element for key t at mask + t * mask_st
   int64_t mask_st;
+  const float* coef; // the row's a.bias_rank score-bias coefficients, or null
 };
+
+// Adds row `coef`'s score bias to sc[j] for the keys t = c0 + j, j < n
+// (-inf, an unseen key, stays -inf). The same sums in the same order for a
+// row whatever the tile, so a row gets the same bits alone or batched.
+inline void add_score_bias(const AttentionArgs& a, const float* coef, int c0, int n, float* sc) {
+  alignas(64) float add[kChunk] = {};
+  for (int e = 0; e < a.bias_rank; ++e) {
+    const float* tab = a.bias_table + e * a.bias_table_stride + c0;
+    const float c = coef[e];
+    for (int j = 0; j < n; ++j) {
+      add[j] += c * tab[j];
+    }
+  }
+  for (int j = 0; j < n; ++j) {
+    sc[j] += add[j];
+  }
+}
+
+// The score-bias coefficients of query row `q` (scaled) of KV head h.
+inline void bias_coefficients(const AttentionArgs& a, int h, const float* q, float* coef) {
+  const int D = a.kv.head_dim;
+  for (int e = 0; e < a.bias_rank; ++e) {
+    const float* w = a.bias_w + (int64_t(h) * a.bias_rank + e) * D;
+    v8f acc = splat(0.f);
+    for (int i = 0; i < D; i += 8) {
+      acc += load(q + i) * load(w + i);
+    }
+    coef[e] = hsum(acc);
+  }
+}
 
 // Running softmax state of up to RB rows over keys [t0, t1). The rows' dot
 // products and value accumulators are held in registers: each K row is
@@ -229,6 +260,13 @@ void attend_block(
       }
       for (; j < n; ++j) {
         score_keys(std::integral_constant<int, 1>{}, j);
+      }
+      if (a.bias_rank > 0) {
+        for (int r = 0; r < R; ++r) {
+          if (active[r]) {
+            add_score_bias(a, rows[r].coef, c0, n, sc[r]);
+          }
+        }
       }
       // Softmax update: sc becomes the chunk's probabilities (0 if unseen).
       for (int r = 0; r < RB; ++r) {
@@ -421,6 +459,19 @@ void attention_impl(const AttentionArgs& a) {
 #else
   auto int_query = [](size_t) -> const IntQuery* { return nullptr; };
 #endif
+  // Each query row's score-bias coefficients, once per call.
+  std::vector<float> coefs;
+  if (a.bias_rank > 0) {
+    const size_t n_rows = size_t(a.B) * a.Hq * a.L;
+    coefs.resize(n_rows * a.bias_rank);
+    parallel_for(int((n_rows + 63) / 64), [&](int task) {
+      size_t end = std::min(n_rows, size_t(task + 1) * 64);
+      for (size_t i = size_t(task) * 64; i < end; ++i) {
+        int hq = int(i / a.L % a.Hq);
+        bias_coefficients(a, hq / G, qf.data() + i * D, coefs.data() + i * a.bias_rank);
+      }
+    });
+  }
 
   // Row k of (b, h) is query position l = k / G of head h * G + k % G.
   auto make_row = [&](int b, int h, int k) {
@@ -435,6 +486,7 @@ void attention_impl(const AttentionArgs& a) {
     row.kmax = kv_key_max(T, a.L, l, a.causal);
     row.mask = nullptr;
     row.mask_st = 0;
+    row.coef = a.bias_rank > 0 ? coefs.data() + q_row * a.bias_rank : nullptr;
     if (a.mask) {
       int64_t off = b * a.mask_stride[0] + hq * a.mask_stride[1] +
           l * a.mask_stride[2];

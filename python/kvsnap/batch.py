@@ -226,7 +226,7 @@ class BatchLayerCache:
         group, caches = batch.group_of(self.layer)
         offsets = [c.offset for c in caches]
         positions = mx.array(offsets, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)[None]
-        stored = store_form(group.seqs[0], caches[0].layer, keys, values, positions)
+        stored = store_form(group.seqs[0], caches[0].layer, keys, values, positions, max(offsets) + L)
         counts = batch.step_counts or [L] * B
         after = [c._read for c in caches if c._read is not None]
         table = group.table()

@@ -64,12 +64,12 @@ def hadamard(x: mx.array) -> mx.array:
     return mx.hadamard_transform(x, scale=x.shape[-1] ** -0.5)
 
 
-def store_form(seq, layer: int, keys: mx.array, values: mx.array, positions: mx.array):
+def store_form(seq, layer: int, keys: mx.array, values: mx.array, positions: mx.array, end: int):
     """The keys and values as a group stores them: key offsets removed
-    (``positions`` [B, L] of the tokens), then rotated."""
+    (``positions`` [B, L] of the tokens, all below ``end``), then rotated."""
     if seq.offsets is not None:
         lo = seq.offsets.layers[layer]
-        keys = keys - lo.shift(positions).astype(keys.dtype)
+        keys = keys - lo.shift(positions, end).astype(keys.dtype)
         if lo.scale is not None:
             keys = keys / lo.scale[None, :, None, :].astype(keys.dtype)
     return (hadamard(keys), hadamard(values)) if seq.rotate else (keys, values)
@@ -85,40 +85,19 @@ def _scaled_queries(lo, queries: mx.array) -> mx.array:
     return q.reshape(B, Hq, L, D)
 
 
-# Query rows x keys of one correction mask (float32) above which a prefill's
-# attention is cut into query blocks, to bound the mask's memory (64 MiB).
-_MASK_ELEMENTS = 1 << 24
-
-
 def attend_blocks(seq, layer: int, queries, table, lengths: list[int], scale: float, window, after):
     """kvsnap.attention of queries [B, Hq, L, D] over a group's blocks, with
-    the group's rotation and key-offset correction."""
+    the group's rotation and key-offset correction (a score bias the kernel
+    computes from each query row and a per-position table)."""
     rotate = seq.rotate
     lo = None if seq.offsets is None else seq.offsets.layers[layer]
-    if lo is None or lo.w is None:
-        q = _scaled_queries(lo, queries)
-        out = ops.attention(
-            seq.arena, layer, hadamard(q) if rotate else q, table, lengths,
-            scale=scale, causal=True, window=window, after=after,
-        )
-        return hadamard(out) if rotate else out
-    B, Hq, L, _ = queries.shape
-    T = max(lengths)
-    step = max(1, min(L, _MASK_ELEMENTS // max(1, B * Hq * T)))
-    outs = []
-    for l0 in range(0, L, step):
-        l1 = min(L, l0 + step)
-        q = queries[:, :, l0:l1]
-        # Queries l0..l1 are the last l1 - l0 positions of sequences cut after l1.
-        cut = [n - (L - l1) for n in lengths]
-        mask = lo.correction(q, cut, scale)
-        q = _scaled_queries(lo, q)
-        out = ops.attention(
-            seq.arena, layer, hadamard(q) if rotate else q, table, cut,
-            scale=scale, causal=True, window=window, mask=mask, after=after,
-        )
-        outs.append(hadamard(out) if rotate else out)
-    return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=2)
+    q = _scaled_queries(lo, queries)
+    bias = None if lo is None else lo.kernel_bias(rotate, max(lengths, default=0))
+    out = ops.attention(
+        seq.arena, layer, hadamard(q) if rotate else q, table, lengths,
+        scale=scale, causal=True, window=window, bias=bias, after=after,
+    )
+    return hadamard(out) if rotate else out
 
 
 def can_rotate(head_dim: int) -> bool:
@@ -454,7 +433,9 @@ class KVSnapCache:
                 "keys",
             )
         n_new = keys.shape[2]
-        stored = store_form(self.seq, self.layer, keys, values, mx.arange(self.offset, self.offset + n_new)[None])
+        stored = store_form(
+            self.seq, self.layer, keys, values, mx.arange(self.offset, self.offset + n_new)[None], self.offset + n_new
+        )
         if self.window is not None and self.seq.layers[0] is self:
             self.seq.release_outside_window(self.offset)
         if self.leader:
@@ -1064,7 +1045,7 @@ def _mlx_layer(c: KVSnapCache, quantized: bool):
     if seq.offsets is not None:
         lo = seq.offsets.layers[c.layer]
         keys = keys if lo.scale is None else keys * lo.scale[None, :, None, :]
-        keys = keys + lo.shift(mx.arange(start, c.offset)[None])
+        keys = keys + lo.shift(mx.arange(start, c.offset)[None], c.offset)
     if c.window is None and quantized:
         q = mlx_cache.QuantizedKVCache(group_size=a.group_size, bits=a.bits)
         q.keys = mx.quantize(keys, group_size=a.group_size, bits=a.bits)

@@ -84,15 +84,16 @@ class LayerOffsets:
     w: mx.array | None = None
     scale: mx.array | None = None  # [Hkv, D]: keys are stored divided by it, queries multiplied
 
-    def shift(self, positions: mx.array) -> mx.array:
-        """What is subtracted from keys at ``positions`` [B, L]: [B, Hkv, L, D]
-        (elementwise, from the same position table as the correction, so a
-        sequence's keys are stored with the same bits alone or in a batch)."""
+    def shift(self, positions: mx.array, end: int) -> mx.array:
+        """What is subtracted from keys at ``positions`` [B, L] (all below
+        ``end``): [B, Hkv, L, D] (elementwise, from the same position table as
+        the correction, so a sequence's keys are stored with the same bits
+        alone or in a batch)."""
         out = self.const[None, :, None, :]
         if self.w is None:
             return out
         B, L = positions.shape
-        table = self._table(int(mx.max(positions).item()) + 1)
+        table = self._table(end)
         at = mx.take(table, positions.reshape(-1).astype(mx.int32), axis=0).T.reshape(-1, B, 1, L, 1)
         basis = mx.transpose(self.w, (2, 0, 1))[:, None, :, None, :]  # [2P + 1, 1, Hkv, 1, D]
         return out + mx.sum(at * basis, axis=0)
@@ -121,6 +122,29 @@ class LayerOffsets:
             rows.append(row)
         return rows[0] if B == 1 else mx.concatenate(rows, axis=0)
 
+    def kernel_bias(self, rotate: bool, n_keys: int) -> tuple[mx.array, mx.array] | None:
+        """The correction as kvsnap.attention's score bias, for queries as
+        the kernel gets them (multiplied by the key scale, then rotated if
+        ``rotate``) over keys at positions below ``n_keys``: (bias_w [Hkv,
+        2P + 1, D], bias_table [2P + 1, >= n_keys]). The kernel adds
+        scale * (q . bias_w[e]) * bias_table[e, t] to the score of key t:
+        what ``correction`` computes, without a mask."""
+        if self.w is None:
+            return None
+        key = "_bias_w_rot" if rotate else "_bias_w"
+        w = self.__dict__.get(key)
+        if w is None:
+            w = mx.transpose(self.w, (0, 2, 1))  # [Hkv, 2P + 1, D]
+            if self.scale is not None:
+                w = w / self.scale[:, None, :]
+            if rotate:
+                w = mx.hadamard_transform(w, scale=w.shape[-1] ** -0.5)
+            w = mx.contiguous(w.astype(mx.float32))
+            mx.eval(w)
+            self.__dict__[key] = w
+        self._table(n_keys)
+        return w, self.__dict__["_positions_t"]
+
     def _scaled_w(self, scale: float) -> mx.array:
         cached = self.__dict__.get("_w_scaled")
         if cached is None or cached[0] != scale:
@@ -139,9 +163,11 @@ class LayerOffsets:
             t = mx.arange(n, dtype=mx.float32)
             ang = t[None, :] * self.theta_pairs[:, None]
             first = (t == 0).astype(mx.float32)[None, :]
-            table = mx.contiguous(mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0).T)
-            mx.eval(table)
+            table_t = mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0)
+            table = mx.contiguous(table_t.T)
+            mx.eval(table, table_t)
             self.__dict__["_positions"] = table
+            self.__dict__["_positions_t"] = table_t  # [2P + 1, n]: the kernel's layout
         return table
 
 

@@ -143,6 +143,7 @@ def attention(
     causal: bool = True,
     window: int | None = None,
     mask: mx.array | None = None,
+    bias: tuple[mx.array, mx.array] | None = None,
     after: Sequence[mx.array] = (),
     stream=None,
 ) -> mx.array:
@@ -154,24 +155,53 @@ def attention(
     keys up to its own position; ``window`` limits a query to the last
     ``window`` keys (sliding-window layers). ``mask``: float scores added
     before the softmax, broadcastable to ``[B, n_heads, L, max(lengths)]``
-    (kvsnap.offsets' correction). Returns ``[B, n_heads, L, head_dim]`` in
-    the queries' dtype.
+    (kvsnap.offsets' correction). ``bias``: ``(bias_w, bias_table)``, float32
+    ``[n_kv_heads, E, head_dim]`` and ``[E, >= max(lengths)]``, a low-rank
+    score bias: the score of query row q (of KV head h) and key t gains
+    ``sum_e (scale * q . bias_w[h, e]) * bias_table[e, t]`` (kvsnap.offsets'
+    correction, computed in the kernel; on a GPU stream as a mask). Returns
+    ``[B, n_heads, L, head_dim]`` in the queries' dtype.
     """
     _check_array(queries, "queries")
     if mask is not None:
         _check_array(mask, "mask")
+    if bias is not None:
+        if not isinstance(bias, (tuple, list)) or len(bias) != 2:
+            raise InvalidArgumentError("bias: must be a (bias_w, bias_table) pair of mlx arrays", "bias")
+        for name, x in zip(("bias_w", "bias_table"), bias):
+            _check_array(x, name)
     if window is not None and (not isinstance(window, int) or window <= 0):
         raise InvalidArgumentError(f"window: must be a positive int or None, got {window!r}", "window")
     stream = _stream(stream, "attention")
     table, lengths = _int_table(block_table, "block_table"), _int_list(lengths, "lengths")
     args = (arena, int(layer), queries, table, lengths, float(scale), bool(causal), int(window or 0))
+    if bias is not None and _is_gpu(stream):
+        mask = _bias_mask(queries, bias, max(lengths, default=0), float(scale), mask)
+        bias = None
     if _metal_fallback(stream, "attention"):
         # Checks the arguments as the kernel would (and discards the result),
         # then runs the writes it must follow: the fallback reads the arena now.
         _ext.attention(*args, list(after), mx.cpu, mask=mask)
         mx.eval(list(after))
         return metal.fallback_attention(*args, stream=stream, additive=mask)
-    return _ext.attention(*args, list(after), stream, mask=mask)
+    if bias is None:
+        return _ext.attention(*args, list(after), stream, mask=mask)
+    return _ext.attention(*args, list(after), stream, mask=mask, bias_w=bias[0], bias_table=bias[1])
+
+
+def _bias_mask(queries: mx.array, bias, n_keys: int, scale: float, mask: mx.array | None) -> mx.array:
+    """The score bias as a float mask [B, n_heads, L, n_keys] (plus ``mask``)."""
+    w, table = bias
+    if w.ndim != 3 or table.ndim != 2 or queries.shape[1] % max(1, w.shape[0]) or table.shape[1] < n_keys:
+        raise InvalidArgumentError(
+            f"bias: shapes {tuple(w.shape)} and {tuple(table.shape)} do not fit queries "
+            f"{tuple(queries.shape)} over {n_keys} keys", "bias")
+    B, Hq, L, D = queries.shape
+    hkv = w.shape[0]
+    q = queries.astype(mx.float32).reshape(B, hkv, (Hq // hkv) * L, D)
+    coef = (q * scale) @ mx.transpose(w, (0, 2, 1))  # [B, Hkv, G * L, E]
+    out = (coef @ table[:, :n_keys]).reshape(B, Hq, L, n_keys)
+    return out if mask is None else out + mask
 
 
 def q4_attention(
