@@ -104,20 +104,58 @@ struct Row {
   const float* coef; // the row's a.bias_rank score-bias coefficients, or null
 };
 
-// Adds row `coef`'s score bias to sc[j] for the keys t = c0 + j, j < n
-// (-inf, an unseen key, stays -inf). The same sums in the same order for a
-// row whatever the tile, so a row gets the same bits alone or batched.
-inline void add_score_bias(const AttentionArgs& a, const float* coef, int c0, int n, float* sc) {
-  alignas(64) float add[kChunk] = {};
-  for (int e = 0; e < a.bias_rank; ++e) {
-    const float* tab = a.bias_table + e * a.bias_table_stride + c0;
-    const float c = coef[e];
-    for (int j = 0; j < n; ++j) {
-      add[j] += c * tab[j];
+// Adds the score bias of rows [0, R) (their coefficients rows[r].coef) to
+// sc[r][j] for the keys t = c0 + j, j < n (-inf, an unseen key, stays -inf):
+// sc + c_0 T_0t + c_1 T_1t + ... in that order for every element, whether
+// the chunk is whole or not and whatever rows share it, so a row gets the
+// same bits alone or batched. Two rows at a time share each table read.
+template <int NR>
+inline void add_score_bias_rows(
+    const AttentionArgs& a, const Row* rows, int c0, int n, float (*sc)[kChunk]) {
+  constexpr int X = kChunk / 8;
+  const float* tab = a.bias_table + c0;
+  if (n == kChunk) {
+    v8f acc[NR][X];
+    for (int r = 0; r < NR; ++r) {
+      for (int x = 0; x < X; ++x) {
+        acc[r][x] = load(sc[r] + 8 * x);
+      }
+    }
+    for (int e = 0; e < a.bias_rank; ++e, tab += a.bias_table_stride) {
+      v8f t[X];
+      for (int x = 0; x < X; ++x) {
+        t[x] = load(tab + 8 * x);
+      }
+      for (int r = 0; r < NR; ++r) {
+        v8f c = splat(rows[r].coef[e]);
+        for (int x = 0; x < X; ++x) {
+          acc[r][x] += c * t[x];
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      for (int x = 0; x < X; ++x) {
+        store(sc[r] + 8 * x, acc[r][x]);
+      }
+    }
+    return;
+  }
+  for (int e = 0; e < a.bias_rank; ++e, tab += a.bias_table_stride) {
+    for (int r = 0; r < NR; ++r) {
+      for (int j = 0; j < n; ++j) {
+        sc[r][j] += rows[r].coef[e] * tab[j];
+      }
     }
   }
-  for (int j = 0; j < n; ++j) {
-    sc[j] += add[j];
+}
+
+inline void add_score_bias(const AttentionArgs& a, const Row* rows, int R, int c0, int n, float (*sc)[kChunk]) {
+  int r = 0;
+  for (; r + 2 <= R; r += 2) {
+    add_score_bias_rows<2>(a, rows + r, c0, n, sc + r);
+  }
+  if (r < R) {
+    add_score_bias_rows<1>(a, rows + r, c0, n, sc + r);
   }
 }
 
@@ -262,11 +300,7 @@ void attend_block(
         score_keys(std::integral_constant<int, 1>{}, j);
       }
       if (a.bias_rank > 0) {
-        for (int r = 0; r < R; ++r) {
-          if (active[r]) {
-            add_score_bias(a, rows[r].coef, c0, n, sc[r]);
-          }
-        }
+        add_score_bias(a, rows, R, c0, n, sc);
       }
       // Softmax update: sc becomes the chunk's probabilities (0 if unseen).
       for (int r = 0; r < RB; ++r) {

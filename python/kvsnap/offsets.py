@@ -163,8 +163,14 @@ class LayerOffsets:
             t = mx.arange(n, dtype=mx.float32)
             ang = t[None, :] * self.theta_pairs[:, None]
             first = (t == 0).astype(mx.float32)[None, :]
-            table_t = mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0)
-            table = mx.contiguous(table_t.T)
+            table = mx.contiguous(mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0).T)
+            # The kernel's layout: [2P + 1, n + 16], rows 16 floats longer than a
+            # power of two so that the rows a chunk reads fall in different
+            # cache sets (a 4 KiB-multiple stride thrashes L1).
+            pad = mx.arange(n, n + 16, dtype=mx.float32)[None, :] * self.theta_pairs[:, None]
+            table_t = mx.concatenate(
+                [table.T, mx.concatenate([mx.cos(pad), mx.sin(pad), mx.zeros((1, 16))], axis=0)], axis=1
+            )
             mx.eval(table, table_t)
             self.__dict__["_positions"] = table
             self.__dict__["_positions_t"] = table_t  # [2P + 1, n]: the kernel's layout
