@@ -141,7 +141,7 @@ mx::array prepare_mask(const mx::array& m, const mx::Shape& full, bool allow_boo
 }
 
 // The score bias's rank E, after checking bias_w [n_kv_heads, E, head_dim]
-// and bias_table [E, >= T] (float32, both or neither, CPU streams).
+// and bias_table [>= T / 32, E, 32] (float32, both or neither, CPU streams).
 int check_bias(
     const std::optional<mx::array>& w,
     const std::optional<mx::array>& table,
@@ -168,11 +168,14 @@ int check_bias(
             std::to_string(cpu::kMaxBiasRank) + ", got " + shape_str(w->shape()));
   }
   const int E = w->shape(1);
-  if (table->ndim() != 2 || table->shape(0) != E || table->shape(1) < T) {
+  const int blocks = (T + cpu::kBiasBlock - 1) / cpu::kBiasBlock;
+  if (table->ndim() != 3 || table->shape(1) != E || table->shape(2) != cpu::kBiasBlock ||
+      table->shape(0) < blocks) {
     throw InvalidArgument(
         "bias_table",
-        "must have shape (E=" + std::to_string(E) + ", >= " + std::to_string(T) +
-            " key positions), got " + shape_str(table->shape()));
+        "must have shape (>= " + std::to_string(blocks) + " blocks, E=" + std::to_string(E) +
+            ", " + std::to_string(cpu::kBiasBlock) + ") for " + std::to_string(T) +
+            " key positions, got " + shape_str(table->shape()));
   }
   return E;
 }
@@ -413,7 +416,6 @@ void QuantizedAttention::eval_cpu(
         a.bias_rank = bias_rank;
         a.bias_w = w.data<float>();
         a.bias_table = tab.data<float>();
-        a.bias_table_stride = tab.shape(1);
       }
     } else {
       src.n_kv_heads = ins[1].shape(1);

@@ -19,10 +19,10 @@ namespace kvsnap {
 // `window` keys. mask: none or a float array broadcastable to [B, Hq, L, T]
 // (T = the longest of `lengths`) added to the scores, as in q4_attention
 // (kvsnap.offsets adds its key-offset correction this way). bias_w [Hkv, E,
-// D] and bias_table [E, >= T] (float32, CPU streams only): a low-rank score
-// bias computed in the kernel, row (b, hq, l) and key t gaining
-// sum_e (scale * q . bias_w[hq / G, e]) bias_table[e, t] (the same
-// correction without materializing a mask). `after`: tokens of kv_write
+// D] and bias_table [>= T / 32, E, 32] (float32, CPU streams only): a
+// low-rank score bias computed in the kernel, row (b, hq, l) and key t
+// gaining sum_e (scale * q . bias_w[hq / G, e]) bias_table[t / 32, e, t % 32]
+// (the same correction without materializing a mask). `after`: tokens of kv_write
 // calls this read must follow. The op pins the slots it reads.
 mx::array paged_attention(
     std::shared_ptr<Arena> arena,

@@ -330,12 +330,15 @@ void interleave4(const uint8_t* const* v, int row_bytes, __m512i* x) {
 
 // attend_block's job for all R <= kMaxRows rows of a tile at once, in integers.
 // add_score_bias (kernels_impl.h) on 16-key registers, four rows sharing
-// each table read: sc[r][j] + c_0 T_0t + c_1 T_1t + ... in that order, the
-// table read through a mask past key n.
+// each table read: sc[r][j] + c_0 T_0t + c_1 T_1t + ... in that order. The
+// chunks here never cross a table block (they start at multiples of 32 or
+// end at one); lanes past key n read nothing.
 template <int NR>
 inline void add_score_bias512_rows(
     const AttentionArgs& a, const Row* rows, int c0, int n, float (*sc)[kChunk]) {
-  const float* tab = a.bias_table + c0;
+  static_assert(kChunk == kBiasBlock);
+  const int E = a.bias_rank;
+  const float* tab = a.bias_table + int64_t(c0 / kBiasBlock) * E * kBiasBlock + c0 % kBiasBlock;
   const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
   const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n > 16 ? __mmask16((1u << (n - 16)) - 1) : 0;
   __m512 s[NR][2];
@@ -343,7 +346,7 @@ inline void add_score_bias512_rows(
     s[r][0] = _mm512_load_ps(sc[r]);
     s[r][1] = _mm512_load_ps(sc[r] + 16);
   }
-  for (int e = 0; e < a.bias_rank; ++e, tab += a.bias_table_stride) {
+  for (int e = 0; e < E; ++e, tab += kBiasBlock) {
     const __m512 t0 = _mm512_maskz_loadu_ps(m0, tab), t1 = _mm512_maskz_loadu_ps(m1, tab + 16);
     for (int r = 0; r < NR; ++r) {
       const __m512 c = _mm512_set1_ps(rows[r].coef[e]);

@@ -72,17 +72,18 @@ struct AttentionArgs {
   int64_t mask_stride[4] = {};
   // Optional low-rank score bias (kvsnap.offsets' key-offset correction):
   // the score of query row (b, hq, l) and key t gains
-  //   sum_e c_e bias_table[e * bias_table_stride + t],
-  // c_e = (scale * q) . bias_w[(hq / G) * bias_rank + e] (D floats each);
-  // bias_table's rows cover every key position.
+  //   sum_e c_e T(e, t),  T(e, t) = bias_table[((t / 32) * bias_rank + e) * 32 + t % 32],
+  // c_e = (scale * q) . bias_w[(hq / G) * bias_rank + e] (D floats each).
+  // The table is blocked by 32 keys (one softmax chunk reads one run of
+  // memory) and covers every key position.
   const float* bias_w = nullptr; // [Hkv, bias_rank, D]
-  const float* bias_table = nullptr; // [bias_rank, >= max kv_len]
+  const float* bias_table = nullptr; // [>= max kv_len / 32, bias_rank, 32]
   int bias_rank = 0; // <= kMaxBiasRank
-  int64_t bias_table_stride = 0;
   QuantSource kv;
 };
 
 constexpr int kMaxBiasRank = 32;
+constexpr int kBiasBlock = 32; // keys per block of the score-bias table
 
 // out = softmax(scale * q k^T + mask) v, dequantizing K/V on the fly.
 // A query row that sees no key gets zeros.

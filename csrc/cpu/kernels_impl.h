@@ -107,21 +107,23 @@ struct Row {
 // Adds the score bias of rows [0, R) (their coefficients rows[r].coef) to
 // sc[r][j] for the keys t = c0 + j, j < n (-inf, an unseen key, stays -inf):
 // sc + c_0 T_0t + c_1 T_1t + ... in that order for every element, whether
-// the chunk is whole or not and whatever rows share it, so a row gets the
-// same bits alone or batched. Two rows at a time share each table read.
+// the chunk is one table block or not and whatever rows share it, so a row
+// gets the same bits alone or batched. Two rows at a time share each read.
 template <int NR>
 inline void add_score_bias_rows(
     const AttentionArgs& a, const Row* rows, int c0, int n, float (*sc)[kChunk]) {
+  static_assert(kChunk == kBiasBlock);
   constexpr int X = kChunk / 8;
-  const float* tab = a.bias_table + c0;
-  if (n == kChunk) {
+  const int E = a.bias_rank;
+  if (n == kChunk && c0 % kBiasBlock == 0) {
+    const float* tab = a.bias_table + int64_t(c0) * E;
     v8f acc[NR][X];
     for (int r = 0; r < NR; ++r) {
       for (int x = 0; x < X; ++x) {
         acc[r][x] = load(sc[r] + 8 * x);
       }
     }
-    for (int e = 0; e < a.bias_rank; ++e, tab += a.bias_table_stride) {
+    for (int e = 0; e < E; ++e, tab += kBiasBlock) {
       v8f t[X];
       for (int x = 0; x < X; ++x) {
         t[x] = load(tab + 8 * x);
@@ -140,10 +142,12 @@ inline void add_score_bias_rows(
     }
     return;
   }
-  for (int e = 0; e < a.bias_rank; ++e, tab += a.bias_table_stride) {
-    for (int r = 0; r < NR; ++r) {
-      for (int j = 0; j < n; ++j) {
-        sc[r][j] += rows[r].coef[e] * tab[j];
+  for (int e = 0; e < E; ++e) {
+    for (int j = 0; j < n; ++j) {
+      const int t = c0 + j;
+      const float tv = a.bias_table[(int64_t(t / kBiasBlock) * E + e) * kBiasBlock + t % kBiasBlock];
+      for (int r = 0; r < NR; ++r) {
+        sc[r][j] += rows[r].coef[e] * tv;
       }
     }
   }

@@ -68,10 +68,7 @@ def store_form(seq, layer: int, keys: mx.array, values: mx.array, positions: mx.
     """The keys and values as a group stores them: key offsets removed
     (``positions`` [B, L] of the tokens, all below ``end``), then rotated."""
     if seq.offsets is not None:
-        lo = seq.offsets.layers[layer]
-        keys = keys - lo.shift(positions, end).astype(keys.dtype)
-        if lo.scale is not None:
-            keys = keys / lo.scale[None, :, None, :].astype(keys.dtype)
+        keys = seq.offsets.layers[layer].remove(keys, positions, end)
     return (hadamard(keys), hadamard(values)) if seq.rotate else (keys, values)
 
 

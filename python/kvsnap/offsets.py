@@ -84,6 +84,12 @@ class LayerOffsets:
     w: mx.array | None = None
     scale: mx.array | None = None  # [Hkv, D]: keys are stored divided by it, queries multiplied
 
+    def remove(self, keys: mx.array, positions: mx.array, end: int) -> mx.array:
+        """Keys [B, Hkv, L, D] at ``positions`` [B, L] (all below ``end``) as
+        they are stored: (keys - shift) / scale."""
+        keys = keys - self.shift(positions, end).astype(keys.dtype)
+        return keys if self.scale is None else keys / self.scale[None, :, None, :].astype(keys.dtype)
+
     def shift(self, positions: mx.array, end: int) -> mx.array:
         """What is subtracted from keys at ``positions`` [B, L] (all below
         ``end``): [B, Hkv, L, D] (elementwise, from the same position table as
@@ -126,9 +132,9 @@ class LayerOffsets:
         """The correction as kvsnap.attention's score bias, for queries as
         the kernel gets them (multiplied by the key scale, then rotated if
         ``rotate``) over keys at positions below ``n_keys``: (bias_w [Hkv,
-        2P + 1, D], bias_table [2P + 1, >= n_keys]). The kernel adds
-        scale * (q . bias_w[e]) * bias_table[e, t] to the score of key t:
-        what ``correction`` computes, without a mask."""
+        2P + 1, D], bias_table [>= n_keys / 32, 2P + 1, 32]). The kernel
+        adds scale * (q . bias_w[e]) * bias_table[t // 32, e, t % 32] to the
+        score of key t: what ``correction`` computes, without a mask."""
         if self.w is None:
             return None
         key = "_bias_w_rot" if rotate else "_bias_w"
@@ -164,16 +170,12 @@ class LayerOffsets:
             ang = t[None, :] * self.theta_pairs[:, None]
             first = (t == 0).astype(mx.float32)[None, :]
             table = mx.contiguous(mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0).T)
-            # The kernel's layout: [2P + 1, n + 16], rows 16 floats longer than a
-            # power of two so that the rows a chunk reads fall in different
-            # cache sets (a 4 KiB-multiple stride thrashes L1).
-            pad = mx.arange(n, n + 16, dtype=mx.float32)[None, :] * self.theta_pairs[:, None]
-            table_t = mx.concatenate(
-                [table.T, mx.concatenate([mx.cos(pad), mx.sin(pad), mx.zeros((1, 16))], axis=0)], axis=1
-            )
+            # The kernel's layout: blocks of 32 positions, [n / 32, 2P + 1, 32]
+            # (a chunk of keys reads one run of memory).
+            table_t = mx.contiguous(mx.transpose(table.reshape(n // 32, 32, -1), (0, 2, 1)))
             mx.eval(table, table_t)
             self.__dict__["_positions"] = table
-            self.__dict__["_positions_t"] = table_t  # [2P + 1, n]: the kernel's layout
+            self.__dict__["_positions_t"] = table_t
         return table
 
 

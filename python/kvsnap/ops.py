@@ -156,9 +156,10 @@ def attention(
     ``window`` keys (sliding-window layers). ``mask``: float scores added
     before the softmax, broadcastable to ``[B, n_heads, L, max(lengths)]``
     (kvsnap.offsets' correction). ``bias``: ``(bias_w, bias_table)``, float32
-    ``[n_kv_heads, E, head_dim]`` and ``[E, >= max(lengths)]``, a low-rank
-    score bias: the score of query row q (of KV head h) and key t gains
-    ``sum_e (scale * q . bias_w[h, e]) * bias_table[e, t]`` (kvsnap.offsets'
+    ``[n_kv_heads, E, head_dim]`` and ``[>= max(lengths) / 32, E, 32]`` (the
+    table in blocks of 32 key positions), a low-rank score bias: the score of
+    query row q (of KV head h) and key t gains ``sum_e (scale * q .
+    bias_w[h, e]) * bias_table[t // 32, e, t % 32]`` (kvsnap.offsets'
     correction, computed in the kernel; on a GPU stream as a mask). Returns
     ``[B, n_heads, L, head_dim]`` in the queries' dtype.
     """
@@ -192,7 +193,7 @@ def attention(
 def _bias_mask(queries: mx.array, bias, n_keys: int, scale: float, mask: mx.array | None) -> mx.array:
     """The score bias as a float mask [B, n_heads, L, n_keys] (plus ``mask``)."""
     w, table = bias
-    if w.ndim != 3 or table.ndim != 2 or queries.shape[1] % max(1, w.shape[0]) or table.shape[1] < n_keys:
+    if w.ndim != 3 or table.ndim != 3 or queries.shape[1] % max(1, w.shape[0]) or table.shape[0] * 32 < n_keys:
         raise InvalidArgumentError(
             f"bias: shapes {tuple(w.shape)} and {tuple(table.shape)} do not fit queries "
             f"{tuple(queries.shape)} over {n_keys} keys", "bias")
@@ -200,6 +201,7 @@ def _bias_mask(queries: mx.array, bias, n_keys: int, scale: float, mask: mx.arra
     hkv = w.shape[0]
     q = queries.astype(mx.float32).reshape(B, hkv, (Hq // hkv) * L, D)
     coef = (q * scale) @ mx.transpose(w, (0, 2, 1))  # [B, Hkv, G * L, E]
+    table = mx.transpose(table, (1, 0, 2)).reshape(table.shape[1], -1)  # [E, positions]
     out = (coef @ table[:, :n_keys]).reshape(B, Hq, L, n_keys)
     return out if mask is None else out + mask
 
