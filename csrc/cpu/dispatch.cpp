@@ -45,6 +45,7 @@ const KernelSet kSets[] = {
 #if defined(KVSNAP_HAVE_X86_KERNELS)
     {"avx2", avx2::attention, avx2::kv_write, cpu_has_avx2},
     // kv_write has no integer form: the AVX2 one (the same bits as before).
+    {"avx2-int", avx2_int::attention, avx2::kv_write, cpu_has_avx2},
     {"avx512-vnni", avx512_vnni::attention, avx2::kv_write, cpu_has_avx512_vnni},
 #endif
 };
