@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -115,11 +116,14 @@ def main() -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         binary = build(cxx, out_dir)
         # "neon-dotprod" must be there: qemu's default CPU has the dot product.
+        # An x86-64 LD_PRELOAD (the OpenBLAS of the tests) means nothing to an arm64 binary.
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
         r = subprocess.run(
             [emulator, "-L", str(SYSROOT), str(binary), str(tolerance), "neon-dotprod"],
             capture_output=True,
             text=True,
             check=False,
+            env=env,
         )
     print(r.stdout, end="")
     print(r.stderr, end="", file=sys.stderr)

@@ -47,9 +47,12 @@ inline IVec dot4(IVec acc, IVec codes, IVec w) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, w), ones));
 }
 
-inline IVec lane_weights(const int32_t* wg, const int32_t* group) {
-  __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg)); // groups 0-7
-  return _mm256_permutevar8x32_epi32(w, _mm256_load_si256(reinterpret_cast<const __m256i*>(group)));
+// Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
+// w + group[x] * kChunk).
+inline IVec lane_weights(const int8_t* w, const int32_t* group) {
+  static_assert(kChunk == 32);
+  __m256i offsets = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(group)), 5);
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(w), offsets, 1);
 }
 
 inline void fma_lanes(float* out, IVec s, const float* f) {

@@ -44,9 +44,14 @@ inline IVec dot4(IVec acc, IVec codes, IVec w) {
   return vdotq_s32(acc, vreinterpretq_s8_s32(codes), vreinterpretq_s8_s32(w));
 }
 
-inline IVec lane_weights(const int32_t* wg, const int32_t* group) {
-  const int32_t w[4] = {wg[group[0]], wg[group[1]], wg[group[2]], wg[group[3]]};
-  return vld1q_s32(w);
+// Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
+// w + group[x] * kChunk).
+inline IVec lane_weights(const int8_t* w, const int32_t* group) {
+  int32_t lanes[4];
+  for (int x = 0; x < 4; ++x) {
+    std::memcpy(&lanes[x], w + group[x] * kChunk, 4);
+  }
+  return vld1q_s32(lanes);
 }
 
 inline void fma_lanes(float* out, IVec s, const float* f) {

@@ -10,7 +10,7 @@
 //   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
 //   interleave4<VB>       the codes of 4 value rows in ValueLayout order
 //   dot4(acc, codes, w)   acc + four code-times-weight products per lane
-//   lane_weights(wg, grp) lane x = wg[grp[x]]
+//   lane_weights(w, grp)  lane x = the 4 bytes at w + grp[x] * kChunk
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
 //
 // Softmax, masks and the int8 weights are plain float code here: at 128-
@@ -29,6 +29,20 @@ namespace kvsnap::cpu::KVSNAP_ISA {
 namespace {
 
 using namespace simd;
+
+// x rounded to the nearest integer, ties to even (|x| < 2^22), as
+// cvtps2dq does.
+inline v8f round_even(v8f x) {
+  const v8f magic = splat(12582912.0f); // 1.5 * 2^23
+  return (x + magic) - magic;
+}
+
+// Eight integral floats in [-128, 127] as int8 at p.
+inline void store_int8(int8_t* p, v8f x) {
+  typedef int8_t v8b __attribute__((vector_size(8)));
+  v8b b = __builtin_convertvector(__builtin_convertvector(x, v8i), v8b);
+  std::memcpy(p, &b, sizeof(b));
+}
 
 // attend_block's job for all R <= kMaxRows rows of a tile at once, in integers.
 template <int KB, int VB, DType SD>
@@ -185,43 +199,51 @@ void attend_rows_int(
         alignas(64) int8_t w8[WP][16][kChunk];
         float step[16] = {};
         for (int g = 0; g < n_groups; ++g) {
-          float amax = 0.f, bs = 0.f;
-          float w[kChunk];
-          for (int j = 0; j < kChunk; ++j) {
-            w[j] = sc[r][j] * v_scale[g][j];
-            bs += sc[r][j] * v_bias[g][j];
-            amax = std::max(amax, std::abs(w[j]));
+          v8f w[kChunk / 8];
+          v8f bs = splat(0.f), amax = splat(0.f);
+          for (int j = 0; j < kChunk; j += 8) {
+            v8f p = load(&sc[r][j]);
+            w[j / 8] = p * load(&v_scale[g][j]);
+            bs += p * load(&v_bias[g][j]);
+            v8f neg = -w[j / 8];
+            amax = amax > w[j / 8] ? amax : w[j / 8];
+            amax = amax > neg ? amax : neg;
           }
-          float inv = amax > 0.f ? float(kWMax) / amax : 0.f;
-          step[g] = amax / float(kWMax);
-          int32_t w_sum[WP] = {};
-          for (int j = 0; j < kChunk; ++j) {
-            float x = w[j] * inv;
-            long xi = std::lrint(x);
-            w8[0][g][j] = int8_t(xi);
-            w_sum[0] += int32_t(xi);
+          float w_max = hmax(amax);
+          // Weights below 1e-30 (denormal probabilities; kWMax / w_max would
+          // overflow) count as 0: the largest probability of a chunk with a
+          // new max is 1.
+          float inv = w_max > 1e-30f ? float(kWMax) / w_max : 0.f;
+          step[g] = w_max / float(kWMax);
+          v8f w_sum[WP] = {};
+          for (int j = 0; j < kChunk; j += 8) {
+            v8f x = w[j / 8] * splat(inv);
+            v8f xr = round_even(x);
+            store_int8(&w8[0][g][j], xr);
+            w_sum[0] += xr;
             if constexpr (VB == 8) {
-              long res = std::clamp(std::lrint((x - float(xi)) * float(2 * kWMax)), long(-kWMax), long(kWMax));
-              w8[WP - 1][g][j] = int8_t(res);
-              w_sum[WP - 1] += int32_t(res);
+              v8f res = round_even((x - xr) * splat(float(2 * kWMax)));
+              res = res > splat(float(kWMax)) ? splat(float(kWMax)) : res;
+              res = res < splat(float(-kWMax)) ? splat(float(-kWMax)) : res;
+              store_int8(&w8[WP - 1][g][j], res);
+              w_sum[WP - 1] += res;
             }
           }
-          bs += kCodeOffset * step[g] * float(w_sum[0]);
-          if constexpr (VB == 8) {
-            bs += kCodeOffset * step[g] / float(2 * kWMax) * float(w_sum[WP - 1]);
+          float b_sum = hsum(bs);
+          if constexpr (kCodeOffset != 0.f) {
+            b_sum += kCodeOffset * step[g] * hsum(w_sum[0]);
+            if constexpr (VB == 8) {
+              b_sum += kCodeOffset * step[g] / float(2 * kWMax) * hsum(w_sum[WP - 1]);
+            }
           }
-          bias_sum[r][g] += bs;
+          bias_sum[r][g] += b_sum;
         }
         // Per block of 4 keys: the weights of every group, then of each lane.
         alignas(64) IVec wl[WP][kBlocks][Layout::kMaxVec];
         for (int plane = 0; plane < WP; ++plane) {
           for (int blk = 0; blk < n_blocks; ++blk) {
-            int32_t wg[16];
-            for (int g = 0; g < n_groups; ++g) {
-              std::memcpy(&wg[g], &w8[plane][g][4 * blk], 4);
-            }
             for (int p = 0; p < layout.n_pat; ++p) {
-              wl[plane][blk][p] = lane_weights(wg, layout.group[p]);
+              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p]);
             }
           }
         }
