@@ -87,13 +87,24 @@ def test_offsets_leave_float_attention_unchanged(arch, T, L, window):
         assert np.abs(wrong - want).max() > 1e-3
 
 
+@pytest.mark.parametrize("isa", kvsnap._ext.available_isas())
 @pytest.mark.parametrize("L, window", [(1, None), (24, None), (24, 40)])
-def test_kernel_score_bias_is_the_correction(llama, L, window):
+def test_kernel_score_bias_is_the_correction(llama, L, window, isa):
     """The score bias the kernel computes (each query row's coefficients
     dotted with the position table) is the correction as a float mask: the
     same attention over a real cache's blocks (rotated, balanced, GQA), for
-    decode, a prefill chunk and a window; and the mask a GPU stream is given
-    instead is the correction too."""
+    decode, a prefill chunk and a window, in every CPU kernel set; and the
+    mask a GPU stream is given instead is the correction too."""
+
+    before = kvsnap._ext.isa()
+    kvsnap._ext.set_isa(isa)
+    try:
+        check_score_bias(llama, L, window)
+    finally:
+        kvsnap._ext.set_isa(before)
+
+
+def check_score_bias(llama, L, window):
     from kvsnap import ops
 
     T = 150

@@ -6,6 +6,11 @@
 #include <string>
 #include <string_view>
 
+#if defined(KVSNAP_HAVE_NEON_DOTPROD)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 #include "../layout.h"
 
 namespace kvsnap::cpu {
@@ -39,13 +44,23 @@ bool cpu_has_avx512_vnni() {
 }
 #endif
 
+#if defined(KVSNAP_HAVE_NEON_DOTPROD)
+bool cpu_has_neon_dotprod() {
+  return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+}
+#endif
+
 // Baseline first, preferred last.
 const KernelSet kSets[] = {
     {"generic", generic::attention, generic::kv_write, always},
 #if defined(KVSNAP_HAVE_X86_KERNELS)
     {"avx2", avx2::attention, avx2::kv_write, cpu_has_avx2},
     // kv_write has no integer form: the AVX2 one (the same bits as before).
+    {"avx2-int", avx2_int::attention, avx2::kv_write, cpu_has_avx2},
     {"avx512-vnni", avx512_vnni::attention, avx2::kv_write, cpu_has_avx512_vnni},
+#endif
+#if defined(KVSNAP_HAVE_NEON_DOTPROD)
+    {"neon-dotprod", neon_dotprod::attention, generic::kv_write, cpu_has_neon_dotprod},
 #endif
 };
 constexpr int kNumSets = sizeof(kSets) / sizeof(kSets[0]);

@@ -47,47 +47,14 @@
 #include <cstdint>
 #include <cstring>
 
+#include "int_dot_common.h"
+
 namespace kvsnap::cpu::KVSNAP_ISA {
 
 namespace {
 
-// The int8 form of one query row, laid out like a packed key row's bytes:
-// 4-bit keys hold elements 2j (low nibble) and 2j+1 (high nibble) in byte j,
-// so lo[j] = q8[2j], hi[j] = q8[2j+1]; 8-bit keys hold element j in byte j
-// (lo[j] = q8[j], hi unused).
-struct IntQuery {
-  static constexpr int kMaxBytes = 256; // kMaxDim elements at 8 bits
-  alignas(64) int8_t lo[kMaxBytes];
-  alignas(64) int8_t hi[kMaxBytes / 2];
-  alignas(64) int8_t res[kMaxBytes]; // 8-bit keys: the rounding residual, in steps qs / 254
-  float qs[16]; // per key group: int8 step (0 for an all-zero group)
-  float qsum[16]; // per key group: sum of the float query's elements
-};
-
 template <int KB>
-void quantize_query(const float* q, int D, int gs, IntQuery& out) {
-  for (int g = 0; g < D / gs; ++g) {
-    float amax = 0.f, sum = 0.f;
-    for (int i = g * gs; i < (g + 1) * gs; ++i) {
-      amax = std::max(amax, std::abs(q[i]));
-      sum += q[i];
-    }
-    float step = amax / 127.f;
-    float inv = amax > 0.f ? 127.f / amax : 0.f;
-    out.qs[g] = step;
-    out.qsum[g] = sum;
-    for (int i = g * gs; i < (g + 1) * gs; ++i) {
-      long v = std::lrint(q[i] * inv);
-      if constexpr (KB == 4) {
-        (i % 2 ? out.hi : out.lo)[i / 2] = int8_t(v);
-      } else {
-        out.lo[i] = int8_t(v);
-        long r = std::lrint((q[i] * inv - float(v)) * 254.f);
-        out.res[i] = int8_t(std::clamp(r, -127L, 127L));
-      }
-    }
-  }
-}
+constexpr int kQueryMax = 127; // int8 queries of full range: vpdpbusd sums in int32
 
 // In-register transpose of a 16 x 16 dword tile: c[i] lane k = r[k] lane i.
 inline void transpose16(const __m512i* r, __m512i* c) {
@@ -257,44 +224,6 @@ void int_scores16(
   }
 }
 
-// Where the elements of a value row sit in the int32 lanes of the P.V
-// accumulators. The codes of 4 keys are interleaved 64 packed bytes at a
-// time (one column block cb; at 4 bits the low and high nibbles are separate
-// planes); vector m of a block holds, in lane 4L + i, byte 16L + 4m + i of
-// the 4 keys. Lanes past the row (head dims not a multiple of 128 / bits)
-// hold zeros.
-struct ValueLayout {
-  int n_vec = 0; // int32 vectors of 16 lanes per row
-  int n_pat = 0; // distinct group patterns among them
-  int pat[16] = {}; // pattern of vector k
-  alignas(64) int32_t group[16][16] = {}; // per pattern: group of each lane
-  int16_t elem[256] = {}; // element of lane k * 16 + x, -1 for padding
-
-  ValueLayout(int D, int gs, int bits) {
-    const int row_bytes = D * bits / 8;
-    const int planes = bits == 4 ? 2 : 1;
-    n_vec = (row_bytes + 63) / 64 * planes * 4;
-    for (int k = 0; k < n_vec; ++k) {
-      int cb = k / (4 * planes), plane = k / 4 % planes, m = k % 4;
-      int32_t g[16];
-      for (int x = 0; x < 16; ++x) {
-        int j = 64 * cb + 16 * (x / 4) + 4 * m + x % 4;
-        int d = j < row_bytes ? (bits == 4 ? 2 * j + plane : j) : -1;
-        elem[k * 16 + x] = int16_t(d);
-        g[x] = d >= 0 ? d / gs : 0;
-      }
-      int p = 0;
-      while (p < n_pat && std::memcmp(group[p], g, sizeof(g)) != 0) {
-        ++p;
-      }
-      if (p == n_pat) {
-        std::memcpy(group[n_pat++], g, sizeof(g));
-      }
-      pat[k] = p;
-    }
-  }
-};
-
 // The codes of 4 value rows (v[0..3]; nullptr: a row of zeros) as
 // ValueLayout's n_vec vectors at x[0 .. n_vec).
 template <int VB>
@@ -398,7 +327,7 @@ void attend_rows_int(
   constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
   constexpr int kBlocks = kChunk / 4; // blocks of 4 keys in a chunk
   static_assert(kChunk == 32);
-  const ValueLayout layout(D, gs, VB);
+  const ValueLayout<64> layout(D, gs, VB);
   const int NV = layout.n_vec;
 
   alignas(64) float acc_perm[kMaxRows][kMaxDim]; // sum_t w_t c_t, ValueLayout order

@@ -1,7 +1,8 @@
 // CPU kernels of kvsnap, free of MLX and Python types. The same source
 // (kernels_impl.h) is compiled once for the baseline target and, on x86-64,
-// once for AVX2+FMA+F16C and once for AVX-512 VNNI (query-key scores in
-// integers); dispatch.cpp picks one at run time.
+// once for AVX2+FMA+F16C and twice more with the dot products in integers
+// (AVX2, AVX-512 VNNI); on arm64 Linux once more with them in integers
+// (NEON sdot). dispatch.cpp picks one at run time.
 #pragma once
 
 #include <cstddef>
@@ -114,16 +115,28 @@ namespace avx2 {
 void attention(const AttentionArgs& args);
 void kv_write(const WriteArgs& args);
 } // namespace avx2
+namespace avx2_int {
+void attention(const AttentionArgs& args);
+void kv_write(const WriteArgs& args);
+} // namespace avx2_int
 namespace avx512_vnni {
 void attention(const AttentionArgs& args);
 void kv_write(const WriteArgs& args);
 } // namespace avx512_vnni
+namespace neon_dotprod {
+void attention(const AttentionArgs& args);
+void kv_write(const WriteArgs& args);
+} // namespace neon_dotprod
 
 // Kernel sets, by name:
 //   "generic"      float kernels for the baseline target (the reference)
 //   "avx2"         float kernels for AVX2+FMA+F16C
-//   "avx512-vnni"  query-key scores in integers (int8 queries times 4/8-bit
-//                  codes, vpdpbusd), the rest as "avx2"
+//   "avx2-int"     both dot products in integers on AVX2 (vpmaddubsw; int8
+//                  of 7 bits against 8-bit codes), the rest as "avx2"
+//   "avx512-vnni"  both dot products in integers (int8 queries and weights
+//                  times 4/8-bit codes, vpdpbusd), the rest as "avx2"
+//   "neon-dotprod" arm64 with the dot-product extension: integers (sdot),
+//                  the rest as "generic"
 // The default is the last one this CPU supports; KVSNAP_ISA=<name> in the
 // environment (read at the first kernel call) or set_isa() choose another.
 

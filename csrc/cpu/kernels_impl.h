@@ -92,7 +92,7 @@ inline void scale_row(float alpha, float* y, int D) {
 
 // One query row of a tile: its float query (already multiplied by the
 // softmax scale), the keys it may see [kmin, kmax), and its mask row.
-struct IntQuery; // the int8 form of a query row (int_dot_avx512.h)
+struct IntQuery; // the int8 form of a query row (int_dot_common.h)
 
 struct Row {
   const float* q;
@@ -386,7 +386,7 @@ void attend_block(
 } // namespace kvsnap::cpu::KVSNAP_ISA
 
 #if defined(KVSNAP_INT_DOT)
-#include "int_dot_avx512.h"
+#include KVSNAP_INT_DOT // the instruction set's integer kernel, e.g. "int_dot_avx512.h"
 #endif
 
 namespace kvsnap::cpu::KVSNAP_ISA {
@@ -490,7 +490,7 @@ void attention_impl(const AttentionArgs& a) {
   parallel_for(int((n_query_rows + 63) / 64), [&](int task) {
     size_t end = std::min(n_query_rows, size_t(task + 1) * 64);
     for (size_t i = size_t(task) * 64; i < end; ++i) {
-      quantize_query<KB>(qf.data() + i * D, D, src.group_size, qi[i]);
+      quantize_query<KB, kQueryMax<KB>>(qf.data() + i * D, D, src.group_size, qi[i]);
     }
   });
   auto int_query = [&](size_t row) -> const IntQuery* { return &qi[row]; };

@@ -1,0 +1,241 @@
+// Attention in integers with AVX2 (vpmaddubsw: unsigned bytes times signed
+// bytes, adjacent pairs summed into int16; vpmaddwd with ones then sums the
+// pairs into int32, which together do what vpdpbusd does in one step).
+// Included by kernels_impl.h in the translation unit compiled with -mavx2
+// -mfma -mf16c; the chunk loop is int_dot_rows.h, the math int_dot_avx512.h.
+//
+// The int16 pair sums saturate at 32767. 4-bit codes (<= 15) with int8 of
+// full range stay far below (2 * 15 * 127 = 3810); 8-bit codes (<= 255) do
+// not (2 * 255 * 127 = 64770), so queries of 8-bit keys and weights of
+// 8-bit values are rounded to [-63, 63] instead (2 * 255 * 63 = 32130),
+// one bit less per plane: with the residual plane about 13 bits.
+//
+// Keys are scored 8 at a time with the keys in the lanes (8 x 8 dword
+// transpose of 32 packed bytes per key), as int_dot_avx512.h does 16.
+#pragma once
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "int_dot_common.h"
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+
+namespace {
+
+using IVec = __m256i;
+constexpr int kVecBytes = 32;
+
+template <int KB>
+constexpr int kQueryMax = KB == 8 ? 63 : 127;
+template <int VB>
+constexpr int kWeightMax = VB == 8 ? 63 : 127;
+template <int VB>
+constexpr int kValueCodeOffset = 0;
+
+inline IVec ivec_zero() {
+  return _mm256_setzero_si256();
+}
+
+// acc + sum of four u8 x s8 products per int32 lane (no overflow within the
+// ranges above).
+inline IVec dot4(IVec acc, IVec codes, IVec w) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, w), ones));
+}
+
+// Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
+// w + group[x] * kChunk).
+inline IVec lane_weights(const int8_t* w, const int32_t* group) {
+  static_assert(kChunk == 32);
+  __m256i offsets = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(group)), 5);
+  return _mm256_i32gather_epi32(reinterpret_cast<const int*>(w), offsets, 1);
+}
+
+inline void fma_lanes(float* out, IVec s, const float* f) {
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(f), _mm256_loadu_ps(out)));
+}
+
+// Dword mask of the first w / 4 dwords of a 32-byte block.
+inline __m256i dword_mask(int w) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(w / 4), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// In-register transpose of an 8 x 8 dword tile: c[i] lane k = r[k] lane i.
+inline void transpose8(const __m256i* r, __m256i* c) {
+  __m256i a[8], b[8];
+  for (int k = 0; k < 8; k += 2) {
+    a[k] = _mm256_unpacklo_epi32(r[k], r[k + 1]);
+    a[k + 1] = _mm256_unpackhi_epi32(r[k], r[k + 1]);
+  }
+  // b[4m + j], 128-bit lane L: column 4L + j of keys 4m .. 4m+3.
+  for (int k = 0; k < 8; k += 4) {
+    b[k] = _mm256_unpacklo_epi64(a[k], a[k + 2]);
+    b[k + 1] = _mm256_unpackhi_epi64(a[k], a[k + 2]);
+    b[k + 2] = _mm256_unpacklo_epi64(a[k + 1], a[k + 3]);
+    b[k + 3] = _mm256_unpackhi_epi64(a[k + 1], a[k + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    c[j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x20);
+    c[4 + j] = _mm256_permute2x128_si256(b[j], b[4 + j], 0x31);
+  }
+}
+
+inline __m256i bcast4(const int8_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, 4);
+  return _mm256_set1_epi32(x);
+}
+
+// Scores of n <= 8 keys (arguments as int_scores16), out[r * out_st + u].
+template <int KB, DType SD>
+void int_scores8(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    int R,
+    float* out,
+    int out_st) {
+  const int n_groups = D / gs;
+  const int row_bytes = D * KB / 8;
+  alignas(32) float scale[16][8]; // [group][key]
+  alignas(32) float bias[16][8];
+  for (int u = 0; u < 8; ++u) {
+    for (int g = 0; g < n_groups; ++g) {
+      scale[g][u] = u < n ? load_elem<SD>(ks, u * sst + g) : 0.f;
+      bias[g][u] = u < n ? load_elem<SD>(kb, u * bst + g) : 0.f;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    __m256 s = _mm256_setzero_ps();
+    for (int g = 0; g < n_groups; ++g) {
+      s = _mm256_fmadd_ps(_mm256_load_ps(bias[g]), _mm256_set1_ps(qi[r]->qsum[g]), s);
+    }
+    _mm256_storeu_ps(out + r * out_st, s);
+  }
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  constexpr int kElemsPerCol = KB == 4 ? 8 : 4;
+  const int cols_per_group = gs / kElemsPerCol;
+  for (int cb = 0; cb < row_bytes; cb += 32) {
+    int w = std::min(32, row_bytes - cb);
+    const __m256i m = dword_mask(w);
+    __m256i rows[8], cols[8];
+    for (int u = 0; u < 8; ++u) {
+      const uint8_t* p = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst) + cb;
+      rows[u] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), m);
+    }
+    transpose8(rows, cols);
+    const int n_cols = w / 4;
+    const int col0 = cb / 4;
+    __m256i lo[8], hi[8];
+    for (int c = 0; c < n_cols; ++c) {
+      if constexpr (KB == 4) {
+        lo[c] = _mm256_and_si256(cols[c], nib);
+        hi[c] = _mm256_and_si256(_mm256_srli_epi16(cols[c], 4), nib);
+      } else {
+        lo[c] = cols[c];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const IntQuery& q = *qi[r];
+      __m256 s = _mm256_loadu_ps(out + r * out_st);
+      for (int c = 0; c < n_cols;) {
+        int g = (col0 + c) / cols_per_group;
+        int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
+        __m256i acc = _mm256_setzero_si256(), acc_res = _mm256_setzero_si256();
+        for (; c < c_end; ++c) {
+          int byte = (col0 + c) * 4;
+          acc = dot4(acc, lo[c], bcast4(q.lo + byte));
+          if constexpr (KB == 4) {
+            acc = dot4(acc, hi[c], bcast4(q.hi + byte));
+          } else {
+            acc_res = dot4(acc_res, lo[c], bcast4(q.res + byte));
+          }
+        }
+        __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), f, s);
+        if constexpr (KB == 8) {
+          const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<8>));
+          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_res), _mm256_mul_ps(f, res_step), s);
+        }
+      }
+      _mm256_storeu_ps(out + r * out_st, s);
+    }
+  }
+}
+
+// Scores (before masks) of n <= 16 keys for the R query rows (as in
+// int_dot_avx512.h): two sets of 8.
+template <int KB, DType SD>
+void int_scores16(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    int R,
+    float* out,
+    int out_st) {
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  int n0 = std::min(8, n);
+  int_scores8<KB, SD>(kp, kst, ks, kb, sst, bst, n0, D, gs, qi, R, out, out_st);
+  if (n > 8) {
+    int_scores8<KB, SD>(
+        kp + 8 * kst, kst, ks + 8 * sst * kScaleBytes, kb + 8 * bst * kScaleBytes, sst, bst,
+        n - 8, D, gs, qi, R, out + 8, out_st);
+  }
+}
+
+// The codes of 4 value rows (v[0..3]; nullptr: a row of zeros) as
+// ValueLayout<32>'s n_vec vectors at x[0 .. n_vec).
+template <int VB>
+void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  int k = 0;
+  for (int cb = 0; cb < row_bytes; cb += 32) {
+    const __m256i m = dword_mask(std::min(32, row_bytes - cb));
+    __m256i r[4];
+    for (int u = 0; u < 4; ++u) {
+      r[u] = v[u] ? _mm256_maskload_epi32(reinterpret_cast<const int*>(v[u] + cb), m)
+                  : _mm256_setzero_si256();
+    }
+    for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
+      __m256i c[4];
+      for (int u = 0; u < 4; ++u) {
+        if constexpr (VB == 4) {
+          c[u] = plane == 0 ? _mm256_and_si256(r[u], nib)
+                            : _mm256_and_si256(_mm256_srli_epi16(r[u], 4), nib);
+        } else {
+          c[u] = r[u];
+        }
+      }
+      __m256i a01 = _mm256_unpacklo_epi8(c[0], c[1]), b01 = _mm256_unpackhi_epi8(c[0], c[1]);
+      __m256i a23 = _mm256_unpacklo_epi8(c[2], c[3]), b23 = _mm256_unpackhi_epi8(c[2], c[3]);
+      x[k++] = _mm256_unpacklo_epi16(a01, a23);
+      x[k++] = _mm256_unpackhi_epi16(a01, a23);
+      x[k++] = _mm256_unpacklo_epi16(b01, b23);
+      x[k++] = _mm256_unpackhi_epi16(b01, b23);
+    }
+  }
+}
+
+} // namespace
+
+} // namespace kvsnap::cpu::KVSNAP_ISA
+
+#include "int_dot_rows.h"

@@ -1,0 +1,108 @@
+// Parts of the integer-dot attention shared by every instruction set
+// (int_dot_avx512.h, int_dot_avx2.h, int_dot_neon.h): the int8 form of a
+// query row and where value elements sit in the integer accumulators. See
+// int_dot_avx512.h for the math.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+
+namespace {
+
+// The int8 form of one query row, laid out like a packed key row's bytes:
+// 4-bit keys hold elements 2j (low nibble) and 2j+1 (high nibble) in byte j,
+// so lo[j] = q8[2j], hi[j] = q8[2j+1]; 8-bit keys hold element j in byte j
+// (lo[j] = q8[j], hi unused).
+struct IntQuery {
+  static constexpr int kMaxBytes = 256; // kMaxDim elements at 8 bits
+  alignas(64) int8_t lo[kMaxBytes];
+  alignas(64) int8_t hi[kMaxBytes / 2];
+  alignas(64) int8_t res[kMaxBytes]; // 8-bit keys: the rounding residual, in steps qs / (2 QMAX)
+  float qs[16]; // per key group: int8 step (0 for an all-zero group)
+  float qsum[16]; // per key group: sum of the float query's elements
+  int32_t q8sum[16]; // per key group: sum of the int8 query (and of res below),
+  int32_t res_sum[16]; // for kernels that take codes as signed bytes (c - 128)
+};
+
+// Rounds a query row to int8 in [-QMAX, QMAX] with one step per key group.
+// QMAX is 127 unless the instruction set's 16-bit pair sums would overflow
+// (vpmaddubsw with 8-bit codes: 2 * 255 * 63 < 32768).
+template <int KB, int QMAX>
+void quantize_query(const float* q, int D, int gs, IntQuery& out) {
+  for (int g = 0; g < D / gs; ++g) {
+    float amax = 0.f, sum = 0.f;
+    for (int i = g * gs; i < (g + 1) * gs; ++i) {
+      amax = std::max(amax, std::abs(q[i]));
+      sum += q[i];
+    }
+    float step = amax / float(QMAX);
+    float inv = amax > 0.f ? float(QMAX) / amax : 0.f;
+    out.qs[g] = step;
+    out.qsum[g] = sum;
+    int32_t q8sum = 0, res_sum = 0;
+    for (int i = g * gs; i < (g + 1) * gs; ++i) {
+      long v = std::lrint(q[i] * inv);
+      q8sum += int32_t(v);
+      if constexpr (KB == 4) {
+        (i % 2 ? out.hi : out.lo)[i / 2] = int8_t(v);
+      } else {
+        out.lo[i] = int8_t(v);
+        long r = std::lrint((q[i] * inv - float(v)) * float(2 * QMAX));
+        out.res[i] = int8_t(std::clamp(r, long(-QMAX), long(QMAX)));
+        res_sum += out.res[i];
+      }
+    }
+    out.q8sum[g] = q8sum;
+    out.res_sum[g] = res_sum;
+  }
+}
+
+// Where the elements of a value row sit in the int32 lanes of the P.V
+// accumulators, for vectors of W bytes (W / 4 lanes). The codes of 4 keys
+// are interleaved W packed bytes at a time (one column block cb; at 4 bits
+// the low and high nibbles are separate planes); vector m of a block holds,
+// in lane 4L + i, byte 16L + 4m + i of the 4 keys (L: the 128-bit lane, as
+// byte unpacks work within them). Lanes past the row (head dims not a
+// multiple of W * 2 / bits) hold zeros.
+template <int W>
+struct ValueLayout {
+  static constexpr int kLanes = W / 4;
+  static constexpr int kMaxVec = 1024 / W; // 256 elements at 4 or 8 bits
+  int n_vec = 0; // int32 vectors of kLanes lanes per row
+  int n_pat = 0; // distinct group patterns among them
+  int pat[kMaxVec] = {}; // pattern of vector k
+  alignas(64) int32_t group[kMaxVec][kLanes] = {}; // per pattern: group of each lane
+  int16_t elem[kMaxVec * kLanes] = {}; // element of lane k * kLanes + x, -1 for padding
+
+  ValueLayout(int D, int gs, int bits) {
+    const int row_bytes = D * bits / 8;
+    const int planes = bits == 4 ? 2 : 1;
+    n_vec = (row_bytes + W - 1) / W * planes * 4;
+    for (int k = 0; k < n_vec; ++k) {
+      int cb = k / (4 * planes), plane = k / 4 % planes, m = k % 4;
+      int32_t g[kLanes];
+      for (int x = 0; x < kLanes; ++x) {
+        int j = W * cb + 16 * (x / 4) + 4 * m + x % 4;
+        int d = j < row_bytes ? (bits == 4 ? 2 * j + plane : j) : -1;
+        elem[k * kLanes + x] = int16_t(d);
+        g[x] = d >= 0 ? d / gs : 0;
+      }
+      int p = 0;
+      while (p < n_pat && std::memcmp(group[p], g, sizeof(g)) != 0) {
+        ++p;
+      }
+      if (p == n_pat) {
+        std::memcpy(group[n_pat++], g, sizeof(g));
+      }
+      pat[k] = p;
+    }
+  }
+};
+
+} // namespace
+
+} // namespace kvsnap::cpu::KVSNAP_ISA

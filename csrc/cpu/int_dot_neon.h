@@ -1,0 +1,217 @@
+// Attention in integers with NEON's dot-product extension (sdot: signed
+// bytes times signed bytes, four products summed into each int32 lane; Arm
+// v8.2-A+dotprod). Included by kernels_impl.h in the translation unit
+// compiled with -march=armv8.2-a+dotprod; the chunk loop is int_dot_rows.h,
+// the math int_dot_avx512.h.
+//
+// sdot takes both operands signed. 4-bit codes (0 .. 15) are signed bytes
+// as they are; 8-bit codes (0 .. 255) are taken as c - 128 (the top bit
+// flipped), and the 128 times the sum of the other operand is added back:
+// in int32 for a query (IntQuery::q8sum, exact), in the float bias sums for
+// the P.V weights. Queries and weights keep the full int8 range.
+//
+// Keys are scored 4 at a time, one int32x4 accumulator per key over a key
+// group's bytes, then summed across lanes into one vector of 4 scores.
+#pragma once
+
+#include <arm_neon.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "int_dot_common.h"
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+
+namespace {
+
+using IVec = int32x4_t;
+constexpr int kVecBytes = 16;
+
+template <int KB>
+constexpr int kQueryMax = 127;
+template <int VB>
+constexpr int kWeightMax = 127;
+template <int VB>
+constexpr int kValueCodeOffset = VB == 8 ? 128 : 0;
+
+inline IVec ivec_zero() {
+  return vdupq_n_s32(0);
+}
+
+inline IVec dot4(IVec acc, IVec codes, IVec w) {
+  return vdotq_s32(acc, vreinterpretq_s8_s32(codes), vreinterpretq_s8_s32(w));
+}
+
+// Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
+// w + group[x] * kChunk).
+inline IVec lane_weights(const int8_t* w, const int32_t* group) {
+  int32_t lanes[4];
+  for (int x = 0; x < 4; ++x) {
+    std::memcpy(&lanes[x], w + group[x] * kChunk, 4);
+  }
+  return vld1q_s32(lanes);
+}
+
+inline void fma_lanes(float* out, IVec s, const float* f) {
+  vst1q_f32(out, vfmaq_f32(vld1q_f32(out), vcvtq_f32_s32(s), vld1q_f32(f)));
+}
+
+// 16 bytes of a row from byte cb (zeros past row_bytes).
+inline uint8x16_t load16(const uint8_t* row, int cb, int row_bytes) {
+  if (row_bytes - cb >= 16) {
+    return vld1q_u8(row + cb);
+  }
+  uint8_t tmp[16] = {};
+  std::memcpy(tmp, row + cb, row_bytes - cb);
+  return vld1q_u8(tmp);
+}
+
+// Scores of n <= 4 keys (arguments as int_scores16), out[r * out_st + u].
+template <int KB, DType SD>
+void int_scores4(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    int R,
+    float* out,
+    int out_st) {
+  const int n_groups = D / gs;
+  const int row_bytes = D * KB / 8;
+  alignas(16) float scale[16][4]; // [group][key]
+  alignas(16) float bias[16][4];
+  for (int u = 0; u < 4; ++u) {
+    for (int g = 0; g < n_groups; ++g) {
+      scale[g][u] = u < n ? load_elem<SD>(ks, u * sst + g) : 0.f;
+      bias[g][u] = u < n ? load_elem<SD>(kb, u * bst + g) : 0.f;
+    }
+  }
+  // The 4 keys' codes as signed bytes: 4 bits, low nibbles at [0, 128) and
+  // high nibbles at [128, 256); 8 bits, c - 128.
+  alignas(16) int8_t codes[4][256];
+  const uint8x16_t nib = vdupq_n_u8(0x0F);
+  for (int u = 0; u < 4; ++u) {
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
+    for (int cb = 0; cb < row_bytes; cb += 16) {
+      uint8x16_t x = load16(row, cb, row_bytes);
+      if constexpr (KB == 4) {
+        vst1q_s8(&codes[u][cb], vreinterpretq_s8_u8(vandq_u8(x, nib)));
+        vst1q_s8(&codes[u][128 + cb], vreinterpretq_s8_u8(vshrq_n_u8(x, 4)));
+      } else {
+        vst1q_s8(&codes[u][cb], vreinterpretq_s8_u8(veorq_u8(x, vdupq_n_u8(0x80))));
+      }
+    }
+  }
+  const int group_bytes = gs * KB / 8; // a multiple of 16 (gs >= 32)
+  for (int r = 0; r < R; ++r) {
+    const IntQuery& q = *qi[r];
+    float32x4_t s = vdupq_n_f32(0.f);
+    for (int g = 0; g < n_groups; ++g) {
+      s = vfmaq_n_f32(s, vld1q_f32(bias[g]), q.qsum[g]);
+    }
+    for (int g = 0; g < n_groups; ++g) {
+      int32x4_t acc[4], acc_res[4];
+      for (int u = 0; u < 4; ++u) {
+        acc[u] = acc_res[u] = vdupq_n_s32(0);
+      }
+      for (int byte = g * group_bytes; byte < (g + 1) * group_bytes; byte += 16) {
+        int8x16_t q_lo = vld1q_s8(q.lo + byte);
+        if constexpr (KB == 4) {
+          int8x16_t q_hi = vld1q_s8(q.hi + byte);
+          for (int u = 0; u < 4; ++u) {
+            acc[u] = vdotq_s32(acc[u], vld1q_s8(&codes[u][byte]), q_lo);
+            acc[u] = vdotq_s32(acc[u], vld1q_s8(&codes[u][128 + byte]), q_hi);
+          }
+        } else {
+          int8x16_t q_res = vld1q_s8(q.res + byte);
+          for (int u = 0; u < 4; ++u) {
+            int8x16_t c = vld1q_s8(&codes[u][byte]);
+            acc[u] = vdotq_s32(acc[u], c, q_lo);
+            acc_res[u] = vdotq_s32(acc_res[u], c, q_res);
+          }
+        }
+      }
+      int32x4_t dots = vpaddq_s32(vpaddq_s32(acc[0], acc[1]), vpaddq_s32(acc[2], acc[3]));
+      float32x4_t f = vmulq_n_f32(vld1q_f32(scale[g]), q.qs[g]);
+      if constexpr (KB == 8) {
+        dots = vaddq_s32(dots, vdupq_n_s32(128 * q.q8sum[g]));
+        int32x4_t res = vpaddq_s32(vpaddq_s32(acc_res[0], acc_res[1]), vpaddq_s32(acc_res[2], acc_res[3]));
+        res = vaddq_s32(res, vdupq_n_s32(128 * q.res_sum[g]));
+        s = vfmaq_f32(s, vcvtq_f32_s32(res), vmulq_n_f32(f, 1.f / float(2 * kQueryMax<8>)));
+      }
+      s = vfmaq_f32(s, vcvtq_f32_s32(dots), f);
+    }
+    vst1q_f32(out + r * out_st, s);
+  }
+}
+
+// Scores (before masks) of n <= 16 keys for the R query rows (as in
+// int_dot_avx512.h): sets of 4; keys past n are left as they were.
+template <int KB, DType SD>
+void int_scores16(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    int R,
+    float* out,
+    int out_st) {
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  for (int u = 0; u < n; u += 4) {
+    int_scores4<KB, SD>(
+        kp + u * kst, kst, ks + u * sst * kScaleBytes, kb + u * bst * kScaleBytes, sst, bst,
+        std::min(4, n - u), D, gs, qi, R, out + u, out_st);
+  }
+}
+
+// The codes of 4 value rows (v[0..3]; nullptr: a row of zeros) as
+// ValueLayout<16>'s n_vec vectors at x[0 .. n_vec), 8-bit codes as c - 128.
+template <int VB>
+void interleave4(const uint8_t* const* v, int row_bytes, int32x4_t* x) {
+  const uint8x16_t nib = vdupq_n_u8(0x0F);
+  int k = 0;
+  for (int cb = 0; cb < row_bytes; cb += 16) {
+    uint8x16_t r[4];
+    for (int u = 0; u < 4; ++u) {
+      r[u] = v[u] ? load16(v[u], cb, row_bytes) : vdupq_n_u8(0);
+    }
+    for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
+      uint8x16_t c[4];
+      for (int u = 0; u < 4; ++u) {
+        if constexpr (VB == 4) {
+          c[u] = plane == 0 ? vandq_u8(r[u], nib) : vshrq_n_u8(r[u], 4);
+        } else {
+          c[u] = veorq_u8(r[u], vdupq_n_u8(0x80));
+        }
+      }
+      uint16x8_t a01 = vreinterpretq_u16_u8(vzip1q_u8(c[0], c[1]));
+      uint16x8_t b01 = vreinterpretq_u16_u8(vzip2q_u8(c[0], c[1]));
+      uint16x8_t a23 = vreinterpretq_u16_u8(vzip1q_u8(c[2], c[3]));
+      uint16x8_t b23 = vreinterpretq_u16_u8(vzip2q_u8(c[2], c[3]));
+      x[k++] = vreinterpretq_s32_u16(vzip1q_u16(a01, a23));
+      x[k++] = vreinterpretq_s32_u16(vzip2q_u16(a01, a23));
+      x[k++] = vreinterpretq_s32_u16(vzip1q_u16(b01, b23));
+      x[k++] = vreinterpretq_s32_u16(vzip2q_u16(b01, b23));
+    }
+  }
+}
+
+} // namespace
+
+} // namespace kvsnap::cpu::KVSNAP_ISA
+
+#include "int_dot_rows.h"

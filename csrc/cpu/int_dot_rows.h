@@ -1,0 +1,290 @@
+// The integer-dot attention of a tile on 128- or 256-bit vectors (AVX2,
+// NEON): the math and the structure of int_dot_avx512.h (read that first),
+// with the instruction set's part in the header that includes this one:
+//
+//   kVecBytes             bytes of an IVec (ValueLayout<kVecBytes> order)
+//   kQueryMax<KB>         the int8 range of queries for KB-bit keys
+//   kWeightMax<VB>        the int8 range of P.V weights for VB-bit values
+//   kValueCodeOffset<VB>  what interleave4 subtracts from each value code
+//                         (128 where codes are taken as signed bytes)
+//   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
+//   interleave4<VB>       the codes of 4 value rows in ValueLayout order
+//   dot4(acc, codes, w)   acc + four code-times-weight products per lane
+//   lane_weights(w, grp)  lane x = the 4 bytes at w + grp[x] * kChunk
+//   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
+//
+// Softmax, masks and the int8 weights are plain float code here: at 128-
+// and 256-bit widths the integer dot products are the larger part.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "int_dot_common.h"
+
+namespace kvsnap::cpu::KVSNAP_ISA {
+
+namespace {
+
+using namespace simd;
+
+// x rounded to the nearest integer, ties to even (|x| < 2^22), as
+// cvtps2dq does.
+inline v8f round_even(v8f x) {
+  const v8f magic = splat(12582912.0f); // 1.5 * 2^23
+  return (x + magic) - magic;
+}
+
+// Eight integral floats in [-128, 127] as int8 at p.
+inline void store_int8(int8_t* p, v8f x) {
+  typedef int8_t v8b __attribute__((vector_size(8)));
+  v8b b = __builtin_convertvector(__builtin_convertvector(x, v8i), v8b);
+  std::memcpy(p, &b, sizeof(b));
+}
+
+// attend_block's job for all R <= kMaxRows rows of a tile at once, in integers.
+template <int KB, int VB, DType SD>
+void attend_rows_int(
+    const AttentionArgs& a,
+    int b,
+    int h,
+    const Row* rows,
+    int R,
+    int t0,
+    int t1,
+    float* m,
+    float* l,
+    float* acc) {
+  using Layout = ValueLayout<kVecBytes>;
+  constexpr int kLanes = Layout::kLanes;
+  constexpr int kWMax = kWeightMax<VB>;
+  constexpr float kCodeOffset = float(kValueCodeOffset<VB>);
+  const QuantSource& src = a.kv;
+  const int D = src.head_dim;
+  const int gs = src.group_size;
+  const int n_groups = D / gs;
+  const int v_row_bytes = D * VB / 8;
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  constexpr int kBlocks = kChunk / 4; // blocks of 4 keys in a chunk
+  static_assert(kChunk == 32);
+  const Layout layout(D, gs, VB);
+  const int NV = layout.n_vec;
+
+  alignas(64) float acc_perm[kMaxRows][kMaxDim]; // sum_t w_t c_t, ValueLayout order
+  float bias_sum[kMaxRows][16]; // sum_t p_t b_tg
+  alignas(64) float sc[kMaxRows][kChunk];
+  alignas(64) IVec xv[kBlocks][Layout::kMaxVec]; // the chunk's value codes, interleaved
+  alignas(64) float v_scale[16][kChunk], v_bias[16][kChunk]; // [group][key of chunk]
+  const IntQuery* qi[kMaxRows];
+  bool active[kMaxRows];
+  for (int r = 0; r < R; ++r) {
+    qi[r] = rows[r].qi;
+    m[r] = kNegInf;
+    l[r] = 0.f;
+    std::fill(acc_perm[r], acc_perm[r] + NV * kLanes, 0.f);
+    std::fill(bias_sum[r], bias_sum[r] + n_groups, 0.f);
+  }
+
+  for (int t = t0; t < t1;) {
+    RowRun run = row_run(src, b, h, t);
+    int run_end = std::min(t1, t + run.run);
+    // Chunks at multiples of kChunk, as in int_dot_avx512.h.
+    for (int c0 = t, n = 0; c0 < run_end; c0 += n) {
+      n = std::min((c0 / kChunk + 1) * kChunk, run_end) - c0;
+      int64_t j0 = c0 - t;
+      bool any = false;
+      for (int r = 0; r < R; ++r) {
+        active[r] = rows[r].kmin < c0 + n && rows[r].kmax > c0;
+        any |= active[r];
+      }
+      if (!any) {
+        continue;
+      }
+      // Scores, then key ranges and masks.
+      for (int j = 0; j < n; j += 16) {
+        int64_t jj = j0 + j;
+        int_scores16<KB, SD>(
+            run.kp + jj * run.st[0],
+            run.st[0],
+            static_cast<const char*>(run.ks) + jj * run.st[1] * kScaleBytes,
+            static_cast<const char*>(run.kb) + jj * run.st[2] * kScaleBytes,
+            run.st[1],
+            run.st[2],
+            std::min(16, n - j),
+            D,
+            gs,
+            qi,
+            R,
+            &sc[0][j],
+            kChunk);
+      }
+      for (int r = 0; r < R; ++r) {
+        const Row& row = rows[r];
+        // Keys [lo, hi) of the chunk are in the row's range; the rest -inf.
+        int lo = std::clamp(row.kmin - c0, 0, n), hi = std::clamp(row.kmax - c0, 0, n);
+        for (int j = 0; j < kChunk; ++j) {
+          if (j < lo || j >= hi) {
+            sc[r][j] = kNegInf;
+          }
+        }
+        // Masks: added to (or, bool, taking out) the scores of keys [lo, hi).
+        if (row.mask) {
+          for (int j = lo; j < hi; ++j) {
+            int64_t mi = int64_t(c0 + j) * row.mask_st;
+            if (a.mask_is_bool) {
+              if (!static_cast<const uint8_t*>(row.mask)[mi]) {
+                sc[r][j] = kNegInf;
+              }
+            } else {
+              sc[r][j] += static_cast<const float*>(row.mask)[mi];
+            }
+          }
+        }
+      }
+      if (a.bias_rank > 0) {
+        add_score_bias(a, rows, R, c0, n, sc); // the key-offset correction (kernels_impl.h)
+      }
+      // Softmax update: sc becomes the chunk's probabilities.
+      for (int r = 0; r < R; ++r) {
+        float cmax = kNegInf;
+        for (int j = 0; j < kChunk; j += 8) {
+          cmax = std::max(cmax, hmax(load(&sc[r][j])));
+        }
+        if (cmax == kNegInf) {
+          active[r] = false;
+          continue;
+        }
+        float m_new = std::max(m[r], cmax);
+        if (m_new != m[r]) {
+          float corr = std::exp(m[r] - m_new);
+          l[r] *= corr;
+          scale_row(corr, acc_perm[r], NV * kLanes);
+          for (int g = 0; g < n_groups; ++g) {
+            bias_sum[r][g] *= corr;
+          }
+          m[r] = m_new;
+        }
+        v8f sum = splat(0.f), mv = splat(m_new);
+        for (int j = 0; j < kChunk; j += 8) {
+          v8f p = simd::exp_neg(load(&sc[r][j]) - mv);
+          store(&sc[r][j], p);
+          sum += p;
+        }
+        l[r] += hsum(sum);
+      }
+      // Values of the chunk: scales/biases by group (0 past n), codes interleaved.
+      for (int j = 0; j < kChunk; ++j) {
+        const char* vs = static_cast<const char*>(run.vs) + (j0 + j) * run.st[4] * kScaleBytes;
+        const char* vb = static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes;
+        for (int g = 0; g < n_groups; ++g) {
+          v_scale[g][j] = j < n ? load_elem<SD>(vs, g) : 0.f;
+          v_bias[g][j] = j < n ? load_elem<SD>(vb, g) : 0.f;
+        }
+      }
+      const int n_blocks = (n + 3) / 4;
+      for (int blk = 0; blk < n_blocks; ++blk) {
+        const uint8_t* v[4];
+        for (int u = 0; u < 4; ++u) {
+          int j = 4 * blk + u;
+          v[u] = j < n ? reinterpret_cast<const uint8_t*>(run.vp + (j0 + j) * run.st[3]) : nullptr;
+        }
+        interleave4<VB>(v, v_row_bytes, xv[blk]);
+      }
+      for (int r = 0; r < R; ++r) {
+        if (!active[r]) {
+          continue;
+        }
+        // Weights w_tg = p_t s_tg in int8, one step per group; bias sums
+        // (with the code offset's share: sum_t w_t * offset).
+        constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
+        alignas(64) int8_t w8[WP][16][kChunk];
+        float step[16] = {};
+        for (int g = 0; g < n_groups; ++g) {
+          v8f w[kChunk / 8];
+          v8f bs = splat(0.f), amax = splat(0.f);
+          for (int j = 0; j < kChunk; j += 8) {
+            v8f p = load(&sc[r][j]);
+            w[j / 8] = p * load(&v_scale[g][j]);
+            bs += p * load(&v_bias[g][j]);
+            v8f neg = -w[j / 8];
+            amax = amax > w[j / 8] ? amax : w[j / 8];
+            amax = amax > neg ? amax : neg;
+          }
+          float w_max = hmax(amax);
+          // Weights below 1e-30 (denormal probabilities; kWMax / w_max would
+          // overflow) count as 0: the largest probability of a chunk with a
+          // new max is 1.
+          float inv = w_max > 1e-30f ? float(kWMax) / w_max : 0.f;
+          step[g] = w_max / float(kWMax);
+          v8f w_sum[WP] = {};
+          for (int j = 0; j < kChunk; j += 8) {
+            v8f x = w[j / 8] * splat(inv);
+            v8f xr = round_even(x);
+            store_int8(&w8[0][g][j], xr);
+            w_sum[0] += xr;
+            if constexpr (VB == 8) {
+              v8f res = round_even((x - xr) * splat(float(2 * kWMax)));
+              res = res > splat(float(kWMax)) ? splat(float(kWMax)) : res;
+              res = res < splat(float(-kWMax)) ? splat(float(-kWMax)) : res;
+              store_int8(&w8[WP - 1][g][j], res);
+              w_sum[WP - 1] += res;
+            }
+          }
+          float b_sum = hsum(bs);
+          if constexpr (kCodeOffset != 0.f) {
+            b_sum += kCodeOffset * step[g] * hsum(w_sum[0]);
+            if constexpr (VB == 8) {
+              b_sum += kCodeOffset * step[g] / float(2 * kWMax) * hsum(w_sum[WP - 1]);
+            }
+          }
+          bias_sum[r][g] += b_sum;
+        }
+        // Per block of 4 keys: the weights of every group, then of each lane.
+        alignas(64) IVec wl[WP][kBlocks][Layout::kMaxVec];
+        for (int plane = 0; plane < WP; ++plane) {
+          for (int blk = 0; blk < n_blocks; ++blk) {
+            for (int p = 0; p < layout.n_pat; ++p) {
+              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p]);
+            }
+          }
+        }
+        // Each pattern's int8 steps per lane.
+        alignas(64) float f[WP][Layout::kMaxVec][kLanes];
+        for (int p = 0; p < layout.n_pat; ++p) {
+          for (int x = 0; x < kLanes; ++x) {
+            f[0][p][x] = step[layout.group[p][x]];
+            f[WP - 1][p][x] = WP == 2 ? step[layout.group[p][x]] / float(2 * kWMax) : f[0][p][x];
+          }
+        }
+        float* out = acc_perm[r];
+        for (int k = 0; k < NV; ++k) {
+          const int p = layout.pat[k];
+          for (int plane = 0; plane < WP; ++plane) {
+            IVec s = dot4(ivec_zero(), xv[0][k], wl[plane][0][p]);
+            for (int blk = 1; blk < n_blocks; ++blk) {
+              s = dot4(s, xv[blk][k], wl[plane][blk][p]);
+            }
+            fma_lanes(out + kLanes * k, s, f[plane][p]);
+          }
+        }
+      }
+    }
+    t = run_end;
+  }
+  // Back to element order, bias sums added.
+  for (int r = 0; r < R; ++r) {
+    float* out = acc + size_t(r) * D;
+    for (int x = 0; x < NV * kLanes; ++x) {
+      int d = layout.elem[x];
+      if (d >= 0) {
+        out[d] = acc_perm[r][x] + bias_sum[r][d / gs];
+      }
+    }
+  }
+}
+
+} // namespace
+
+} // namespace kvsnap::cpu::KVSNAP_ISA
