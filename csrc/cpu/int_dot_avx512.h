@@ -258,55 +258,6 @@ void interleave4(const uint8_t* const* v, int row_bytes, __m512i* x) {
 }
 
 // attend_block's job for all R <= kMaxRows rows of a tile at once, in integers.
-// add_score_bias (kernels_impl.h) on 16-key registers, four rows sharing
-// each table read: sc[r][j] + c_0 T_0t + c_1 T_1t + ... in that order. The
-// chunks here never cross a table block (they start at multiples of 32 or
-// end at one); lanes past key n read nothing.
-template <int NR>
-inline void add_score_bias512_rows(
-    const AttentionArgs& a, const Row* rows, int c0, int n, float (*sc)[kChunk]) {
-  static_assert(kChunk == kBiasBlock);
-  const int E = a.bias_rank;
-  const float* tab = a.bias_table + int64_t(c0 / kBiasBlock) * E * kBiasBlock + c0 % kBiasBlock;
-  const __mmask16 m0 = n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1);
-  const __mmask16 m1 = n >= 32 ? __mmask16(0xFFFF) : n > 16 ? __mmask16((1u << (n - 16)) - 1) : 0;
-  __m512 s[NR][2];
-  for (int r = 0; r < NR; ++r) {
-    s[r][0] = _mm512_load_ps(sc[r]);
-    s[r][1] = _mm512_load_ps(sc[r] + 16);
-  }
-  for (int e = 0; e < E; ++e, tab += kBiasBlock) {
-    const __m512 t0 = _mm512_maskz_loadu_ps(m0, tab), t1 = _mm512_maskz_loadu_ps(m1, tab + 16);
-    for (int r = 0; r < NR; ++r) {
-      const __m512 c = _mm512_set1_ps(rows[r].coef[e]);
-      s[r][0] = _mm512_fmadd_ps(c, t0, s[r][0]);
-      s[r][1] = _mm512_fmadd_ps(c, t1, s[r][1]);
-    }
-  }
-  for (int r = 0; r < NR; ++r) {
-    _mm512_store_ps(sc[r], s[r][0]);
-    _mm512_store_ps(sc[r] + 16, s[r][1]);
-  }
-}
-
-inline void add_score_bias512(const AttentionArgs& a, const Row* rows, int R, int c0, int n, float (*sc)[kChunk]) {
-  int r = 0;
-  for (; r + 4 <= R; r += 4) {
-    add_score_bias512_rows<4>(a, rows + r, c0, n, sc + r);
-  }
-  switch (R - r) {
-    case 3:
-      add_score_bias512_rows<3>(a, rows + r, c0, n, sc + r);
-      break;
-    case 2:
-      add_score_bias512_rows<2>(a, rows + r, c0, n, sc + r);
-      break;
-    case 1:
-      add_score_bias512_rows<1>(a, rows + r, c0, n, sc + r);
-      break;
-  }
-}
-
 template <int KB, int VB, DType SD>
 void attend_rows_int(
     const AttentionArgs& a,
@@ -413,7 +364,9 @@ void attend_rows_int(
         }
       }
       if (a.bias_rank > 0) {
-        add_score_bias512(a, rows, R, c0, n, sc);
+        // The key-offset correction (kernels_impl.h), in 256-bit FMAs: 512-bit
+        // float FMAs would lower the core's clock for the whole kernel.
+        add_score_bias(a, rows, R, c0, n, sc);
       }
       // Softmax update: sc becomes the chunk's probabilities.
       for (int r = 0; r < R; ++r) {

@@ -20,9 +20,13 @@ position s of a KV head is
   goes to) is far from the others; at position 0 it is subtracted as well.
 
 The last two do not cancel in softmax: attention adds q . (R_s m + [s == 0] z)
-back to the score of key s, as a float mask computed per query row from a
-small table (cos and sin of each treated pair's angle per position, and a
-one at position 0): a few multiply-adds per score.
+back to the score of key s. That is a low-rank score bias the CPU kernels
+compute themselves (kernel_bias): 2P + 1 coefficients per query row (q
+dotted with the cos and sin components of each treated pair's offset, and
+with z), times a table of cos and sin of each pair's angle per position and
+a one at position 0: 2P + 1 multiply-adds per score, no mask in memory. On a
+GPU stream the same bias is passed as a float mask (``correction`` is that
+mask, kept as the reference the tests compare with).
 
 Then the key channels are balanced: keys are stored divided by d and queries
 multiplied by d (q . k unchanged), with d equal within each RoPE pair (so it
