@@ -327,10 +327,18 @@ NB_MODULE(_ext, m) {
         "The CPU kernel set in use: 'generic', 'avx2' or 'avx512-vnni'.");
   m.def("available_isas", &kvsnap::cpu::available_isas,
         "The CPU kernel sets this build and CPU can run, baseline first.");
-  m.def("set_isa", [](const std::string& name) { kvsnap::cpu::set_isa(name.c_str()); },
-        "name"_a,
-        "Use CPU kernel set `name` from now on (as KVSNAP_ISA=name at import); "
-        "ValueError if this build or CPU cannot run it.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        try {
+          kvsnap::cpu::set_isa(name.c_str());
+        } catch (const std::invalid_argument& e) {
+          throw kvsnap::InvalidArgument("name", e.what());
+        }
+      },
+      "name"_a,
+      "Use CPU kernel set `name` from now on (as KVSNAP_ISA=name at import); "
+      "kvsnap.errors.InvalidArgumentError if this build or CPU cannot run it.");
   m.def("num_threads", &kvsnap::cpu::num_threads, "Threads the CPU kernels use.");
   m.def(
       "_parallel_for_failing_at",

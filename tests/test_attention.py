@@ -30,6 +30,7 @@ from conftest import (
 )
 from kernel_isa import attention_tol, integer_dot
 from kvsnap import _ext
+from kvsnap.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.usefixtures("poison")
 
@@ -535,7 +536,7 @@ def test_kernel_sets_are_chosen_by_name():
             assert _ext.isa() == isa
     finally:
         _ext.set_isa(default)
-    with pytest.raises(ValueError, match="one of: generic"):
+    with pytest.raises(InvalidArgumentError, match="one of: generic"):
         _ext.set_isa("sse9")
     env = dict(os.environ, KVSNAP_ISA="sse9")
     r = subprocess.run(
