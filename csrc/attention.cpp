@@ -195,7 +195,8 @@ mx::array paged_attention(
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s,
     const std::optional<mx::array>& bias_w,
-    const std::optional<mx::array>& bias_table) {
+    const std::optional<mx::array>& bias_table,
+    const QueryForm& form) {
   mx::Stream stream = kernel_stream(s, "attention");
   const ArenaGeometry& g = arena->geometry();
   if (layer < 0 || layer >= g.n_layers) {
@@ -261,6 +262,27 @@ mx::array paged_attention(
     inputs.push_back(mx::contiguous(*bias_w, false, stream));
     inputs.push_back(mx::contiguous(*bias_table, false, stream));
   }
+  if (form.rotate || form.query_scale) {
+    if (stream.device.type != mx::Device::cpu) {
+      throw InvalidArgument(
+          form.rotate ? "rotate" : "query_scale",
+          "the stored basis is applied on CPU streams only; transform the queries first on the GPU");
+    }
+    const int D = g.head_dim;
+    if (form.rotate && (D & (D - 1))) {
+      throw InvalidArgument("rotate", "needs a power-of-two head_dim, got " + std::to_string(D));
+    }
+  }
+  if (form.query_scale) {
+    const mx::array& qs = *form.query_scale;
+    if (qs.dtype() != mx::float32 || qs.shape() != mx::Shape{g.n_kv_heads, g.head_dim}) {
+      throw InvalidArgument(
+          "query_scale",
+          "must be float32 of shape (" + std::to_string(g.n_kv_heads) + ", " +
+              std::to_string(g.head_dim) + "), got " + shape_str(qs.shape()));
+    }
+    inputs.push_back(mx::contiguous(qs, false, stream));
+  }
   inputs.insert(inputs.end(), after.begin(), after.end());
   PagedSpec spec{arena, layer, block_table, lengths, std::move(pins)};
   return mx::array(
@@ -268,7 +290,7 @@ mx::array paged_attention(
       queries.dtype(),
       std::make_shared<QuantizedAttention>(
           stream, std::move(spec), scale, causal, window, g.group_size, g.k_bits, g.v_bits,
-          mask.has_value(), bias_rank),
+          mask.has_value(), bias_rank, form.rotate, form.query_scale.has_value()),
       std::move(inputs));
 }
 
@@ -369,7 +391,9 @@ void QuantizedAttention::eval_cpu(
                 k_bits = k_bits_,
                 v_bits = v_bits_,
                 has_mask = has_mask_,
-                bias_rank = bias_rank_]() mutable {
+                bias_rank = bias_rank_,
+                rotate = rotate_,
+                has_query_scale = has_query_scale_]() mutable {
     const mx::array& q = ins[0];
     cpu::AttentionArgs a;
     a.B = q.shape(0);
@@ -416,6 +440,10 @@ void QuantizedAttention::eval_cpu(
         a.bias_rank = bias_rank;
         a.bias_w = w.data<float>();
         a.bias_table = tab.data<float>();
+      }
+      a.rotate = rotate;
+      if (has_query_scale) {
+        a.query_scale = ins[1 + has_mask + (bias_rank > 0 ? 2 : 0)].data<float>();
       }
     } else {
       src.n_kv_heads = ins[1].shape(1);

@@ -24,6 +24,15 @@ namespace kvsnap {
 // gaining sum_e (scale * q . bias_w[hq / G, e]) bias_table[t / 32, e, t % 32]
 // (the same correction without materializing a mask). `after`: tokens of kv_write
 // calls this read must follow. The op pins the slots it reads.
+// The basis the paged K/V are stored in (kv_write's StoredForm; CPU
+// streams): each query row is multiplied by query_scale[hq / G]
+// ([n_kv_heads, D] float32) and rotated by the orthonormal Hadamard
+// transform if `rotate`; the output is rotated back.
+struct QueryForm {
+  bool rotate = false;
+  std::optional<mx::array> query_scale;
+};
+
 mx::array paged_attention(
     std::shared_ptr<Arena> arena,
     int layer,
@@ -37,7 +46,8 @@ mx::array paged_attention(
     const std::vector<mx::array>& after,
     mx::StreamOrDevice s = {},
     const std::optional<mx::array>& bias_w = std::nullopt,
-    const std::optional<mx::array>& bias_table = std::nullopt);
+    const std::optional<mx::array>& bias_table = std::nullopt,
+    const QueryForm& form = {});
 
 // The same over contiguous quantized K/V: keys and values are
 // (packed [B, Hkv, T, D * bits / 32] uint32, scales, biases [B, Hkv, T,
@@ -77,7 +87,9 @@ class QuantizedAttention : public mx::UnaryPrimitive {
       int k_bits,
       int v_bits,
       bool has_mask,
-      int bias_rank = 0)
+      int bias_rank = 0,
+      bool rotate = false,
+      bool has_query_scale = false)
       : mx::UnaryPrimitive(stream),
         paged_(std::move(paged)),
         scale_(scale),
@@ -87,7 +99,9 @@ class QuantizedAttention : public mx::UnaryPrimitive {
         k_bits_(k_bits),
         v_bits_(v_bits),
         has_mask_(has_mask),
-        bias_rank_(bias_rank) {}
+        bias_rank_(bias_rank),
+        rotate_(rotate),
+        has_query_scale_(has_query_scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
@@ -105,6 +119,8 @@ class QuantizedAttention : public mx::UnaryPrimitive {
   int v_bits_;
   bool has_mask_;
   int bias_rank_; // > 0: inputs bias_w and bias_table follow the mask (CPU only)
+  bool rotate_; // QueryForm (CPU only)
+  bool has_query_scale_; // input query_scale follows the bias
 };
 
 } // namespace kvsnap

@@ -280,12 +280,18 @@ NB_MODULE(_ext, m) {
          const mx::array& values, const Int32Table& block_table,
          const std::vector<int32_t>& offsets,
          const std::optional<std::vector<int32_t>>& counts,
-         const std::vector<mx::array>& after, mx::StreamOrDevice s) {
+         const std::vector<mx::array>& after, mx::StreamOrDevice s,
+         bool rotate, const std::optional<mx::array>& key_scale,
+         const std::optional<mx::array>& shift_const, const std::optional<mx::array>& shift_w,
+         const std::optional<mx::array>& shift_table) {
         return kvsnap::kv_write(
-            arena.impl, layer, keys, values, to_table(block_table), offsets, counts, after, s);
+            arena.impl, layer, keys, values, to_table(block_table), offsets, counts, after, s,
+            kvsnap::StoredForm{rotate, key_scale, shift_const, shift_w, shift_table});
       },
       "arena"_a, "layer"_a, "keys"_a, "values"_a, "block_table"_a, "offsets"_a,
-      "counts"_a.none(), "after"_a, "stream"_a = nb::none());
+      "counts"_a.none(), "after"_a, "stream"_a = nb::none(), "rotate"_a = false,
+      "key_scale"_a = nb::none(), "shift_const"_a = nb::none(), "shift_w"_a = nb::none(),
+      "shift_table"_a = nb::none());
 
   m.def(
       "attention",
@@ -293,14 +299,17 @@ NB_MODULE(_ext, m) {
          const Int32Table& block_table, const std::vector<int32_t>& lengths,
          float scale, bool causal, int window, const std::vector<mx::array>& after,
          mx::StreamOrDevice s, const std::optional<mx::array>& mask,
-         const std::optional<mx::array>& bias_w, const std::optional<mx::array>& bias_table) {
+         const std::optional<mx::array>& bias_w, const std::optional<mx::array>& bias_table,
+         bool rotate, const std::optional<mx::array>& query_scale) {
         return kvsnap::paged_attention(
             arena.impl, layer, queries, to_table(block_table), lengths,
-            scale, causal, window, mask, after, s, bias_w, bias_table);
+            scale, causal, window, mask, after, s, bias_w, bias_table,
+            kvsnap::QueryForm{rotate, query_scale});
       },
       "arena"_a, "layer"_a, "queries"_a, "block_table"_a, "lengths"_a, "scale"_a,
       "causal"_a, "window"_a, "after"_a, "stream"_a = nb::none(), "mask"_a = nb::none(),
-      "bias_w"_a = nb::none(), "bias_table"_a = nb::none());
+      "bias_w"_a = nb::none(), "bias_table"_a = nb::none(), "rotate"_a = false,
+      "query_scale"_a = nb::none());
 
   m.def(
       "q4_attention",

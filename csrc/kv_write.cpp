@@ -1,11 +1,88 @@
 #include "kv_write.h"
 
+#include <algorithm>
 #include <string>
+#include <utility>
 
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 
 namespace kvsnap {
+
+namespace {
+
+void check_f32(const mx::array& x, const char* arg, const mx::Shape& want, const std::string& what) {
+  if (x.dtype() != mx::float32) {
+    throw InvalidArgument(arg, "must be float32");
+  }
+  if (x.shape() != want) {
+    throw InvalidArgument(arg, "must have shape " + what + ", got " + shape_str(x.shape()));
+  }
+}
+
+// Checks `form` and appends its arrays to `inputs`; returns (KVWrite form
+// flags, shift rank).
+std::pair<int, int> check_form(
+    const StoredForm& form,
+    int n_kv_heads,
+    int D,
+    int max_end,
+    const mx::Stream& stream,
+    std::vector<mx::array>& inputs) {
+  const bool shift = form.shift_const || form.shift_w || form.shift_table;
+  if (!form.rotate && !form.key_scale && !shift) {
+    return {0, 0};
+  }
+  if (stream.device.type != mx::Device::cpu) {
+    throw InvalidArgument(
+        "form", "the stored-form transform runs on CPU streams only; transform the rows first on the GPU");
+  }
+  const std::string hd = std::to_string(D), hkv = std::to_string(n_kv_heads);
+  int flags = 0, rank = 0;
+  if (form.rotate) {
+    if (D & (D - 1)) {
+      throw InvalidArgument("rotate", "needs a power-of-two head_dim, got " + hd);
+    }
+    flags |= KVWrite::kRotate;
+  }
+  if (form.key_scale) {
+    check_f32(*form.key_scale, "key_scale", {n_kv_heads, D}, "(" + hkv + ", " + hd + ")");
+    inputs.push_back(mx::contiguous(*form.key_scale, false, stream));
+    flags |= KVWrite::kKeyScale;
+  }
+  if (shift) {
+    if (!form.shift_const || bool(form.shift_w) != bool(form.shift_table)) {
+      throw InvalidArgument(
+          !form.shift_const ? "shift_const" : !form.shift_w ? "shift_w" : "shift_table",
+          "shift_w and shift_table go together, and with shift_const");
+    }
+    check_f32(*form.shift_const, "shift_const", {n_kv_heads, D}, "(" + hkv + ", " + hd + ")");
+    inputs.push_back(mx::contiguous(*form.shift_const, false, stream));
+    flags |= KVWrite::kShift;
+  }
+  if (form.shift_w) {
+    const mx::array& w = *form.shift_w;
+    rank = w.ndim() == 3 ? w.shape(1) : 0;
+    if (rank < 1 || rank > cpu::kMaxBiasRank) {
+      throw InvalidArgument(
+          "shift_w", "must have shape (" + hkv + ", E, " + hd + ") with 1 <= E <= " +
+              std::to_string(cpu::kMaxBiasRank) + ", got " + shape_str(w.shape()));
+    }
+    check_f32(w, "shift_w", {n_kv_heads, rank, D}, "(" + hkv + ", E, " + hd + ")");
+    const mx::array& t = *form.shift_table;
+    if (t.dtype() != mx::float32 || t.ndim() != 2 || t.shape(1) != rank || t.shape(0) < max_end) {
+      throw InvalidArgument(
+          "shift_table", "must be float32 of shape (>= " + std::to_string(max_end) +
+              " positions, E=" + std::to_string(rank) + "), got " + shape_str(t.shape()));
+    }
+    inputs.push_back(mx::contiguous(w, false, stream));
+    inputs.push_back(mx::contiguous(t, false, stream));
+    flags |= KVWrite::kShiftRank;
+  }
+  return {flags, rank};
+}
+
+} // namespace
 
 mx::array kv_write(
     std::shared_ptr<Arena> arena,
@@ -16,7 +93,8 @@ mx::array kv_write(
     const std::vector<int32_t>& offsets,
     const std::optional<std::vector<int32_t>>& counts,
     const std::vector<mx::array>& after,
-    mx::StreamOrDevice s) {
+    mx::StreamOrDevice s,
+    const StoredForm& form) {
   mx::Stream stream = kernel_stream(s, "kv_write");
   const ArenaGeometry& g = arena->geometry();
   if (layer < 0 || layer >= g.n_layers) {
@@ -100,16 +178,21 @@ mx::array kv_write(
       }
     }
   }
-  auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
-
+  int max_end = 0;
+  for (int64_t e : end) {
+    max_end = std::max<int>(max_end, int(e));
+  }
   std::vector<mx::array> inputs = {
       mx::contiguous(keys, false, stream), mx::contiguous(values, false, stream)};
+  auto [flags, shift_rank] = check_form(form, g.n_kv_heads, g.head_dim, max_end, stream, inputs);
+  auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
   inputs.insert(inputs.end(), after.begin(), after.end());
   return mx::array(
       {1},
       mx::uint32,
       std::make_shared<KVWrite>(
-          stream, arena, layer, block_table, offsets, std::move(n_written), std::move(pins)),
+          stream, arena, layer, block_table, offsets, std::move(n_written), std::move(pins),
+          flags, shift_rank),
       std::move(inputs));
 }
 
@@ -121,8 +204,18 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   }
   enc.set_output_array(out);
   const mx::array& keys = inputs[0];
+  // The StoredForm arrays, in the order kv_write appended them.
+  const int n_form = ((form_flags_ & kKeyScale) ? 1 : 0) + ((form_flags_ & kShift) ? 1 : 0) +
+      ((form_flags_ & kShiftRank) ? 2 : 0);
+  std::vector<mx::array> form;
+  for (int i = 0; i < n_form; ++i) {
+    form.push_back(mx::array::unsafe_weak_copy(inputs[2 + i]));
+  }
   enc.dispatch([keys = mx::array::unsafe_weak_copy(keys),
                 values = mx::array::unsafe_weak_copy(inputs[1]),
+                form = std::move(form),
+                flags = form_flags_,
+                shift_rank = shift_rank_,
                 out = mx::array::unsafe_weak_copy(out),
                 arena = arena_,
                 layer = layer_,
@@ -156,6 +249,19 @@ void KVWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
     d.block_table = table.data.data();
     d.max_blocks = table.shape[1];
     a.arena = arena->base();
+    size_t next = 0;
+    a.rotate = (flags & kRotate) != 0;
+    if (flags & kKeyScale) {
+      a.key_scale = form[next++].data<float>();
+    }
+    if (flags & kShift) {
+      a.shift_const = form[next++].data<float>();
+    }
+    if (flags & kShiftRank) {
+      a.shift_w = form[next++].data<float>();
+      a.shift_table = form[next++].data<float>();
+      a.shift_rank = shift_rank;
+    }
     cpu::kv_write(a);
     out.data<uint32_t>()[0] = 0;
   });

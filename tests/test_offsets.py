@@ -271,3 +271,105 @@ def test_bad_arguments():
         kc.make_cache(model, quality="best")
     accurate = kc.make_cache(model, quality="accurate")
     assert accurate.sequences[0].arena.key_bits == 8
+
+
+def stored_codes(seq, layer, keys, values, offsets, counts=None, python=False):
+    """The arena bytes of the blocks sequence 0..B-1 write, through the
+    kernel's stored form (kc.write_blocks) or kc.store_form then a plain write."""
+    table = seq.table()
+    if python:
+        L = keys.shape[2]
+        pos = mx.array(offsets, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)[None]
+        k, v = kc.store_form(seq, layer, keys, values, pos, max(offsets) + L)
+        mx.eval(ops_write(seq, layer, k, v, table, offsets, counts))
+    else:
+        mx.eval(kc.write_blocks(seq, layer, keys, values, table, offsets, counts=counts))
+    return [np.array(x) for x in seq.arena.read_block(int(np.array(table)[0][0]), layer)]
+
+
+def ops_write(seq, layer, k, v, table, offsets, counts):
+    from kvsnap import ops
+
+    return ops.kv_write(seq.arena, layer, k, v, table, offsets, counts=counts)
+
+
+@pytest.mark.parametrize("rotate, key_offsets", [(True, True), (False, True), (True, False)])
+def test_kernel_stored_form_is_store_form(llama, rotate, key_offsets):
+    """kv_write computes the stored form itself (offsets removed, keys
+    divided by the balance scale, rotated; values rotated): the codes it
+    writes are those of writing kc.store_form's keys and values (all but
+    rare rounding ties, each then one step off), at the positions given."""
+    rng = np.random.default_rng(7)
+    written = {}
+    for python in (False, True):
+        cache = kc.make_cache(llama, block_tokens=32, rotate=rotate, key_offsets=key_offsets)
+        seq = cache.sequences[0]
+        seq.reserve_all(64)
+        lo = None if seq.offsets is None else seq.offsets.layers[0]
+        hkv, D = seq.arena.n_kv_heads, seq.arena.head_dim
+        k = mx.array(rng.standard_normal((1, hkv, 20, D)).astype(np.float32))
+        if lo is not None:  # keys that carry the offsets, as real keys do
+            k = k + 3 * lo.shift(mx.arange(5, 25)[None], 25)
+        v = mx.array(np.random.default_rng(8).standard_normal((1, hkv, 20, D)).astype(np.float32))
+        written[python] = stored_codes(seq, 0, k, v, [5], python=python)
+        rng = np.random.default_rng(7)  # the same rows for both
+        cache.release()
+    for got, want in zip(written[False], written[True]):
+        assert (got == want).mean() > 0.98
+    # the form was applied: the plain rows give other codes
+    assert (written[False][0] != stored_codes_plain(llama, k, v, rotate, key_offsets)[0]).mean() > 0.3
+
+
+def stored_codes_plain(llama, k, v, rotate, key_offsets):
+    cache = kc.make_cache(llama, block_tokens=32, rotate=rotate, key_offsets=key_offsets)
+    seq = cache.sequences[0]
+    seq.reserve_all(64)
+    mx.eval(ops_write(seq, 0, k, v, seq.table(), [5], None))
+    out = [np.array(x) for x in seq.arena.read_block(int(np.array(seq.table())[0][0]), 0)]
+    cache.release()
+    return out
+
+
+def test_kernel_stored_form_alone_or_batched(llama):
+    """A sequence's tokens get the same stored bits written alone or in a
+    batch with another sequence at other positions (the shift is per token)."""
+    rng = np.random.default_rng(3)
+    cache = kc.make_cache(llama, block_tokens=32)
+    seq = cache.sequences[0]
+    arena = seq.arena
+    hkv, D = arena.n_kv_heads, arena.head_dim
+    k = mx.array(rng.standard_normal((2, hkv, 6, D)).astype(np.float32))
+    v = mx.array(rng.standard_normal((2, hkv, 6, D)).astype(np.float32))
+    slots = [arena.alloc() for _ in range(6)]
+    mx.eval(kc.write_blocks(seq, 0, k[:1], v[:1], [slots[:2]], [9]))
+    mx.eval(kc.write_blocks(seq, 0, k, v, [slots[2:4], slots[4:6]], [9, 30], counts=[6, 4]))
+    for a, b in zip(arena.read_block(slots[0], 0), arena.read_block(slots[2], 0)):
+        np.testing.assert_array_equal(np.array(a), np.array(b))
+    for s in slots:
+        arena.decref(s)
+    cache.release()
+
+
+@pytest.mark.parametrize("bad, name", [
+    ({"key_matrix": mx.zeros((1, 64, 64))}, "key_matrix"),
+    ({"value_matrix": mx.zeros((64, 64), dtype=mx.float16)}, "value_matrix"),
+    ({"shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((64, 4))}, "shift_const"),
+    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 4, 64))}, "shift_table"),
+    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((8, 4))}, "shift_table"),
+    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 40, 64)), "shift_table": mx.zeros((64, 40))}, "shift_w"),
+    ({"rotation": mx.zeros((64, 64))}, "form"),
+])
+def test_bad_stored_form_is_refused(bad, name):
+    """A stored form of the wrong shape, dtype or parts raises
+    InvalidArgumentError naming the argument, and writes nothing."""
+    from kvsnap import ops
+
+    arena = kvsnap.Arena(1, 3, 64, block_tokens=32, budget_bytes=1 << 20)
+    slot = arena.alloc()
+    before = [np.array(x) for x in arena.read_block(slot, 0)]
+    k = mx.ones((1, 3, 20, 64))
+    with pytest.raises(InvalidArgumentError) as e:
+        mx.eval(ops.kv_write(arena, 0, k, k, [[slot]], [0], form=bad))
+    assert name in str(e.value)
+    for x, y in zip(before, arena.read_block(slot, 0)):
+        np.testing.assert_array_equal(x, np.array(y))

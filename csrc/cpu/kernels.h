@@ -80,6 +80,12 @@ struct AttentionArgs {
   const float* bias_w = nullptr; // [Hkv, bias_rank, D]
   const float* bias_table = nullptr; // [>= max kv_len / 32, bias_rank, 32]
   int bias_rank = 0; // <= kMaxBiasRank
+  // Optional basis of the stored K/V (kvsnap's key balance and rotation):
+  // each query row is multiplied by query_scale[hq / G] ([Hkv, D]), then
+  // rotated by the orthonormal Hadamard transform if `rotate`, and the output
+  // rows rotated back.
+  const float* query_scale = nullptr;
+  bool rotate = false;
   QuantSource kv;
 };
 
@@ -99,6 +105,18 @@ struct WriteArgs {
   const int32_t* counts = nullptr; // [B] tokens l < counts[b] are written, the rest is padding
   QuantSource dst; // paged
   uint8_t* arena = nullptr; // writable alias of dst.arena
+  // Optional stored form (kvsnap's key offsets and rotation), float32: a
+  // key row x of KV head h at position p is quantized as
+  //   H((x - shift_const[h] - sum_e shift_table[p * shift_rank + e] shift_w[h * shift_rank + e]) / key_scale[h])
+  // (each term in that order, so a token gets the same bits alone or
+  // batched), a value row as H(x); H is the orthonormal Hadamard transform
+  // if `rotate`, else nothing. Null arrays: no such term.
+  bool rotate = false;
+  const float* key_scale = nullptr; // [Hkv, D]
+  const float* shift_const = nullptr; // [Hkv, D]
+  const float* shift_w = nullptr; // [Hkv, shift_rank, D] (with shift_table and shift_const)
+  const float* shift_table = nullptr; // [> every position written, shift_rank]
+  int shift_rank = 0;
 };
 
 // Quantizes keys/values (MLX affine algorithm, float16 scales/biases) into

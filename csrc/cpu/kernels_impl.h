@@ -90,6 +90,24 @@ inline void scale_row(float alpha, float* y, int D) {
   }
 }
 
+// The orthonormal Hadamard transform of x[0..D) in place (Sylvester order,
+// as mx.hadamard_transform; D a power of two).
+inline void hadamard_row(float* x, int D) {
+  for (int h = 1; h < D; h *= 2) {
+    for (int i = 0; i < D; i += 2 * h) {
+      for (int j = i; j < i + h; ++j) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+    }
+  }
+  const float norm = 1.0f / std::sqrt(float(D));
+  for (int i = 0; i < D; ++i) {
+    x[i] *= norm;
+  }
+}
+
 // One query row of a tile: its float query (already multiplied by the
 // softmax scale), the keys it may see [kmin, kmax), and its mask row.
 struct IntQuery; // the int8 form of a query row (int_dot_common.h)
@@ -115,6 +133,38 @@ inline void add_score_bias_rows(
   static_assert(kChunk == kBiasBlock);
   constexpr int X = kChunk / 8;
   const int E = a.bias_rank;
+#if defined(__AVX512F__)
+  // The same multiply-adds in the same order, 16 lanes at a time (the same bits).
+  if (n == kChunk && c0 % kBiasBlock == 0) {
+    typedef float v16f __attribute__((vector_size(64)));
+    constexpr int X16 = kChunk / 16;
+    const float* tab = a.bias_table + int64_t(c0) * E;
+    v16f acc[NR][X16];
+    for (int r = 0; r < NR; ++r) {
+      for (int x = 0; x < X16; ++x) {
+        std::memcpy(&acc[r][x], sc[r] + 16 * x, sizeof(v16f));
+      }
+    }
+    for (int e = 0; e < E; ++e, tab += kBiasBlock) {
+      v16f t[X16];
+      for (int x = 0; x < X16; ++x) {
+        std::memcpy(&t[x], tab + 16 * x, sizeof(v16f));
+      }
+      for (int r = 0; r < NR; ++r) {
+        const float c = rows[r].coef[e];
+        for (int x = 0; x < X16; ++x) {
+          acc[r][x] += c * t[x];
+        }
+      }
+    }
+    for (int r = 0; r < NR; ++r) {
+      for (int x = 0; x < X16; ++x) {
+        std::memcpy(sc[r] + 16 * x, &acc[r][x], sizeof(v16f));
+      }
+    }
+    return;
+  }
+#endif
   if (n == kChunk && c0 % kBiasBlock == 0) {
     const float* tab = a.bias_table + int64_t(c0) * E;
     v8f acc[NR][X];
@@ -155,6 +205,11 @@ inline void add_score_bias_rows(
 
 inline void add_score_bias(const AttentionArgs& a, const Row* rows, int R, int c0, int n, float (*sc)[kChunk]) {
   int r = 0;
+#if defined(__AVX512F__)
+  for (; r + 4 <= R; r += 4) {
+    add_score_bias_rows<4>(a, rows + r, c0, n, sc + r);
+  }
+#endif
   for (; r + 2 <= R; r += 2) {
     add_score_bias_rows<2>(a, rows + r, c0, n, sc + r);
   }
@@ -424,9 +479,16 @@ void attend_range(
 }
 
 template <DType OT>
-void store_row(void* out, int64_t row, const float* x, float inv, int D) {
+void store_row(void* out, int64_t row, const float* x, float inv, int D, bool rotate) {
+  float y[kMaxDim];
   for (int i = 0; i < D; ++i) {
-    store_elem<OT>(out, row * D + i, x[i] * inv);
+    y[i] = x[i] * inv;
+  }
+  if (rotate) {
+    hadamard_row(y, D); // back from the stored basis
+  }
+  for (int i = 0; i < D; ++i) {
+    store_elem<OT>(out, row * D + i, y[i]);
   }
 }
 
@@ -435,22 +497,43 @@ void store_out(const AttentionArgs& a, int64_t row, const float* x, float l) {
   float inv = l > 0.f ? 1.f / l : 0.f;
   switch (a.q_dtype) {
     case DType::f32:
-      store_row<DType::f32>(a.out, row, x, inv, D);
+      store_row<DType::f32>(a.out, row, x, inv, D, a.rotate);
       break;
     case DType::f16:
-      store_row<DType::f16>(a.out, row, x, inv, D);
+      store_row<DType::f16>(a.out, row, x, inv, D, a.rotate);
       break;
     case DType::bf16:
-      store_row<DType::bf16>(a.out, row, x, inv, D);
+      store_row<DType::bf16>(a.out, row, x, inv, D, a.rotate);
       break;
   }
 }
 
+// The queries as the kernel uses them: times the key scale of their KV head
+// (a.query_scale), rotated (a.rotate), times the softmax scale.
 template <DType QT>
 void load_queries(const AttentionArgs& a, float* qf) {
-  const int64_t n = int64_t(a.B) * a.Hq * a.L * a.kv.head_dim;
-  for (int64_t i = 0; i < n; ++i) {
-    qf[i] = load_elem<QT>(a.q, i) * a.scale;
+  const int D = a.kv.head_dim;
+  if (!a.rotate && a.query_scale == nullptr) {
+    const int64_t n = int64_t(a.B) * a.Hq * a.L * D;
+    for (int64_t i = 0; i < n; ++i) {
+      qf[i] = load_elem<QT>(a.q, i) * a.scale;
+    }
+    return;
+  }
+  const int G = a.Hq / a.kv.n_kv_heads;
+  const int64_t n_rows = int64_t(a.B) * a.Hq * a.L;
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* y = qf + r * D;
+    const float* s = a.query_scale == nullptr ? nullptr : a.query_scale + int64_t(r / a.L % a.Hq / G) * D;
+    for (int i = 0; i < D; ++i) {
+      y[i] = s == nullptr ? load_elem<QT>(a.q, r * D + i) : load_elem<QT>(a.q, r * D + i) * s[i];
+    }
+    if (a.rotate) {
+      hadamard_row(y, D);
+    }
+    for (int i = 0; i < D; ++i) {
+      y[i] *= a.scale;
+    }
   }
 }
 
@@ -681,6 +764,36 @@ void quantize_row(
   }
 }
 
+// Row x (D elements from x_off) of KV head h at position pos as WriteArgs
+// stores it: a key (`key`) shifted and divided by its scale, then rotated
+// (a.rotate): the order and operations of kvsnap.cache.store_form.
+template <DType T>
+void stored_form(const WriteArgs& a, const void* x, int64_t x_off, int D, int h, int pos, bool key, float* out) {
+  for (int j = 0; j < D; ++j) {
+    out[j] = load_elem<T>(x, x_off + j);
+  }
+  if (key && a.shift_const != nullptr) {
+    const float* c = a.shift_const + int64_t(h) * D;
+    const float* t = a.shift_table == nullptr ? nullptr : a.shift_table + int64_t(pos) * a.shift_rank;
+    for (int i = 0; i < D; i += 8) {
+      v8f y = load(out + i) - load(c + i);
+      for (int e = 0; e < a.shift_rank; ++e) {
+        y -= splat(t[e]) * load(a.shift_w + (int64_t(h) * a.shift_rank + e) * D + i);
+      }
+      store(out + i, y);
+    }
+  }
+  if (key && a.key_scale != nullptr) {
+    const float* s = a.key_scale + int64_t(h) * D;
+    for (int i = 0; i < D; i += 8) {
+      store(out + i, load(out + i) / load(s + i));
+    }
+  }
+  if (a.rotate) {
+    hadamard_row(out, D);
+  }
+}
+
 template <int KB, int VB, DType T>
 void kv_write_impl(const WriteArgs& a) {
   const QuantSource& dst = a.dst;
@@ -707,10 +820,16 @@ void kv_write_impl(const WriteArgs& a) {
       int64_t r = kv_row_in_block(h, pos, bt);
       for (int kv = 0; kv < 2; ++kv) {
         const size_t* off = dst.off + 3 * kv;
-        auto quantize = kv == 0 ? quantize_row<KB, T> : quantize_row<VB, T>;
+        const bool formed = a.rotate || (kv == 0 && (a.shift_const != nullptr || a.key_scale != nullptr));
+        float form[kMaxDim];
+        if (formed) {
+          stored_form<T>(a, kv == 0 ? a.keys : a.values, row * D, D, h, pos, kv == 0, form);
+        }
+        auto quantize = kv == 0 ? (formed ? quantize_row<KB, DType::f32> : quantize_row<KB, T>)
+                                : (formed ? quantize_row<VB, DType::f32> : quantize_row<VB, T>);
         quantize(
-            kv == 0 ? a.keys : a.values,
-            row * D,
+            formed ? static_cast<const void*>(form) : (kv == 0 ? a.keys : a.values),
+            formed ? 0 : row * D,
             D,
             dst.group_size,
             reinterpret_cast<uint32_t*>(base + off[0]) + r * wpr[kv],

@@ -27,8 +27,7 @@ import copy
 import mlx.core as mx
 import numpy as np
 
-from kvsnap import ops
-from kvsnap.cache import BlockSequence, KVSnapCache, PromptCache, attend_blocks, store_form
+from kvsnap.cache import BlockSequence, KVSnapCache, PromptCache, attend_blocks, write_blocks
 from kvsnap.errors import InvalidArgumentError
 
 
@@ -225,13 +224,10 @@ class BatchLayerCache:
             batch.begin_step(L)
         group, caches = batch.group_of(self.layer)
         offsets = [c.offset for c in caches]
-        positions = mx.array(offsets, dtype=mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)[None]
-        stored = store_form(group.seqs[0], caches[0].layer, keys, values, positions, max(offsets) + L)
         counts = batch.step_counts or [L] * B
         after = [c._read for c in caches if c._read is not None]
-        table = group.table()
-        layer = caches[0].layer
-        write = ops.kv_write(group.arena, layer, *stored, table, offsets, counts=counts, after=after)
+        write = write_blocks(group.seqs[0], caches[0].layer, keys, values, group.table(), offsets,
+                             counts=counts, after=after)
         self._lengths = [o + L for o in offsets]
         for c, n in zip(caches, counts):
             c.offset += n

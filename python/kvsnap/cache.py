@@ -72,6 +72,24 @@ def store_form(seq, layer: int, keys: mx.array, values: mx.array, positions: mx.
     return (hadamard(keys), hadamard(values)) if seq.rotate else (keys, values)
 
 
+def write_blocks(seq, layer: int, keys: mx.array, values: mx.array, table, offsets: list[int], *,
+                 counts=None, after=()) -> mx.array:
+    """ops.kv_write of keys/values [B, Hkv, L, D] (token l of sequence b at
+    position offsets[b] + l) in the group's stored form (``store_form``),
+    which the kernel computes per token."""
+    return ops.kv_write(
+        seq.arena, layer, keys, values, table, offsets, counts=counts, after=after,
+        form=_write_form(seq, layer, max(offsets, default=0) + keys.shape[2]),
+    )
+
+
+def _write_form(seq, layer: int, end: int) -> dict | None:
+    lo = None if seq.offsets is None else seq.offsets.layers[layer]
+    if lo is None:
+        return {"rotate": True} if seq.rotate else None
+    return {**lo.write_form(end), "rotate": seq.rotate}
+
+
 def _scaled_queries(lo, queries: mx.array) -> mx.array:
     """Queries times the key scale of their KV head (keys were divided by it)."""
     if lo is None or lo.scale is None:
@@ -88,13 +106,11 @@ def attend_blocks(seq, layer: int, queries, table, lengths: list[int], scale: fl
     computes from each query row and a per-position table)."""
     rotate = seq.rotate
     lo = None if seq.offsets is None else seq.offsets.layers[layer]
-    q = _scaled_queries(lo, queries)
     bias = None if lo is None else lo.kernel_bias(rotate, max(lengths, default=0))
-    out = ops.attention(
-        seq.arena, layer, hadamard(q) if rotate else q, table, lengths,
-        scale=scale, causal=True, window=window, bias=bias, after=after,
+    return ops.attention(
+        seq.arena, layer, queries, table, lengths, scale=scale, causal=True, window=window, bias=bias,
+        after=after, rotate=rotate, query_scale=None if lo is None else lo.query_scale(),
     )
-    return hadamard(out) if rotate else out
 
 
 def can_rotate(head_dim: int) -> bool:
@@ -430,9 +446,6 @@ class KVSnapCache:
                 "keys",
             )
         n_new = keys.shape[2]
-        stored = store_form(
-            self.seq, self.layer, keys, values, mx.arange(self.offset, self.offset + n_new)[None], self.offset + n_new
-        )
         if self.window is not None and self.seq.layers[0] is self:
             self.seq.release_outside_window(self.offset)
         if self.leader:
@@ -443,9 +456,7 @@ class KVSnapCache:
             for s in self.seq.siblings:
                 s.make_writable(self.offset, self.offset + n_new)
         after = [] if self._read is None else [self._read]
-        self._write = ops.kv_write(
-            self.seq.arena, self.layer, *stored, self.seq.table(), [self.offset], after=after
-        )
+        self._write = write_blocks(self.seq, self.layer, keys, values, self.seq.table(), [self.offset], after=after)
         self.offset += n_new
         return keys, values  # unused by the routed attention, which reads the blocks
 

@@ -155,6 +155,33 @@ class LayerOffsets:
         self._table(n_keys)
         return w, self.__dict__["_positions_t"]
 
+    def query_scale(self) -> mx.array | None:
+        """kvsnap.ops.attention's ``query_scale``: queries are multiplied by
+        the key scale (float32 [Hkv, D]; None without one)."""
+        if self.scale is None:
+            return None
+        qs = self.__dict__.get("_query_scale")
+        if qs is None:
+            qs = mx.contiguous(self.scale.astype(mx.float32))
+            mx.eval(qs)
+            self.__dict__["_query_scale"] = qs
+        return qs
+
+    def write_form(self, end: int) -> dict[str, mx.array]:
+        """``remove`` as kvsnap.ops.kv_write's ``form`` for keys at positions
+        below ``end`` (the kernel computes it per token)."""
+        form = self.__dict__.get("_form")
+        if form is None:
+            form = {"shift_const": self.const}
+            if self.scale is not None:
+                form["key_scale"] = self.scale
+            if self.w is not None:
+                form["shift_w"] = mx.transpose(self.w, (0, 2, 1))
+            form = {k: mx.contiguous(v.astype(mx.float32)) for k, v in form.items()}
+            mx.eval(form)
+            self.__dict__["_form"] = form
+        return form if self.w is None else {**form, "shift_table": self._table(end)}
+
     def _scaled_w(self, scale: float) -> mx.array:
         cached = self.__dict__.get("_w_scaled")
         if cached is None or cached[0] != scale:

@@ -98,6 +98,7 @@ def kv_write(
     counts=None,
     after: Sequence[mx.array] = (),
     stream=None,
+    form: dict[str, mx.array] | None = None,
 ) -> mx.array:
     """Quantize keys/values ``[B, n_kv_heads, L, head_dim]`` into the arena.
 
@@ -113,6 +114,16 @@ def kv_write(
     Returns a token array: pass it in ``after`` of the reads that must see the
     write. ``after`` here lists earlier reads of the same slots that must run
     before this write.
+
+    ``form`` (CPU streams): the rows are quantized in kvsnap's stored form
+    instead of as given, computed per token in the kernel: a dict of
+    ``rotate`` (bool) and float32 arrays ``key_scale`` [n_kv_heads, D],
+    ``shift_const`` [n_kv_heads, D], ``shift_w`` [n_kv_heads, E, D] with
+    ``shift_table`` [> last position, E] (any may be left out). The key of KV
+    head h at position p is stored as ``H((k - shift_const[h] - sum_e
+    shift_table[p, e] * shift_w[h, e]) / key_scale[h])`` and a value as
+    ``H(v)``, H the orthonormal Hadamard transform if ``rotate`` (else
+    none): kvsnap.cache.store_form's key offsets and rotation.
     """
     _check_array(keys, "keys")
     _check_array(values, "values")
@@ -129,7 +140,25 @@ def kv_write(
         None if counts is None else _int_list(counts, "counts"),
         list(after),
         stream,
+        **_form_args(form),
     )
+
+
+_FORM_KEYS = ("rotate", "key_scale", "shift_const", "shift_w", "shift_table")
+
+
+def _form_args(form) -> dict:
+    if form is None:
+        return {}
+    if not isinstance(form, dict) or any(k not in _FORM_KEYS for k in form):
+        raise InvalidArgumentError(f"form: a dict with keys among {', '.join(_FORM_KEYS)}, got {sorted(form) if isinstance(form, dict) else type(form).__name__}", "form")
+    for k, v in form.items():
+        if k == "rotate":
+            if not isinstance(v, bool):
+                raise InvalidArgumentError(f"rotate: must be a bool, got {type(v).__name__}", "rotate")
+        elif v is not None:
+            _check_array(v, k)
+    return form
 
 
 def attention(
@@ -146,6 +175,8 @@ def attention(
     bias: tuple[mx.array, mx.array] | None = None,
     after: Sequence[mx.array] = (),
     stream=None,
+    rotate: bool = False,
+    query_scale: mx.array | None = None,
 ) -> mx.array:
     """Fused quantized attention over arena blocks.
 
@@ -160,9 +191,20 @@ def attention(
     table in blocks of 32 key positions), a low-rank score bias: the score of
     query row q (of KV head h) and key t gains ``sum_e (scale * q .
     bias_w[h, e]) * bias_table[t // 32, e, t % 32]`` (kvsnap.offsets'
-    correction, computed in the kernel; on a GPU stream as a mask). Returns
-    ``[B, n_heads, L, head_dim]`` in the queries' dtype.
+    correction, computed in the kernel; on a GPU stream as a mask).
+    ``rotate`` and ``query_scale`` (float32 ``[n_kv_heads, head_dim]``): the
+    basis kv_write's ``form`` stored the K/V in; each query row is multiplied
+    by the query_scale row of its KV head and Hadamard-rotated, and the
+    output rotated back (in the kernel on CPU streams). Returns ``[B,
+    n_heads, L, head_dim]`` in the queries' dtype.
     """
+    if not isinstance(rotate, bool):
+        raise InvalidArgumentError(f"rotate: must be a bool, got {type(rotate).__name__}", "rotate")
+    if query_scale is not None:
+        _check_array(query_scale, "query_scale")
+    if (rotate or query_scale is not None) and _is_gpu(_stream(stream, "attention")):
+        return _attention_in_basis(arena, layer, queries, block_table, lengths, rotate, query_scale, scale=scale,
+                                   causal=causal, window=window, mask=mask, bias=bias, after=after, stream=stream)
     _check_array(queries, "queries")
     if mask is not None:
         _check_array(mask, "mask")
@@ -185,9 +227,26 @@ def attention(
         _ext.attention(*args, list(after), mx.cpu, mask=mask)
         mx.eval(list(after))
         return metal.fallback_attention(*args, stream=stream, additive=mask)
+    form = {"rotate": rotate, "query_scale": query_scale}
     if bias is None:
-        return _ext.attention(*args, list(after), stream, mask=mask)
-    return _ext.attention(*args, list(after), stream, mask=mask, bias_w=bias[0], bias_table=bias[1])
+        return _ext.attention(*args, list(after), stream, mask=mask, **form)
+    return _ext.attention(*args, list(after), stream, mask=mask, bias_w=bias[0], bias_table=bias[1], **form)
+
+
+def _attention_in_basis(arena, layer, queries, block_table, lengths, rotate, query_scale, **kw) -> mx.array:
+    """attention's ``rotate`` and ``query_scale`` as array ops around it (GPU streams)."""
+    q = queries
+    if query_scale is not None:
+        B, Hq, L, D = q.shape
+        hkv = query_scale.shape[0]
+        if query_scale.shape != (hkv, D) or hkv == 0 or Hq % hkv:
+            raise InvalidArgumentError(f"query_scale: must have shape (n_kv_heads, {D}), got {query_scale.shape}",
+                                       "query_scale")
+        q = (q.reshape(B, hkv, Hq // hkv, L, D) * query_scale[None, :, None, None, :].astype(q.dtype)).reshape(q.shape)
+    if rotate:
+        q = mx.hadamard_transform(q, scale=q.shape[-1] ** -0.5)
+    out = attention(arena, layer, q, block_table, lengths, **kw)
+    return mx.hadamard_transform(out, scale=out.shape[-1] ** -0.5) if rotate else out
 
 
 def _bias_mask(queries: mx.array, bias, n_keys: int, scale: float, mask: mx.array | None) -> mx.array:
