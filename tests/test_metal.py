@@ -69,7 +69,7 @@ def plant(tmp_path: Path, name: str, old: str, new: str) -> Path:
     ("name", "old", "new", "message"),
     [
         # a type error: a struct of pointers used as a float
-        ("attention.metal", "float dot = 0.0f;", "float dot = r;", "cannot convert"),
+        ("attention.metal", "float dot = 0.0f;", "float dot = kv;", "cannot convert"),
         # a typo in a name
         ("attention.metal", "simd_sum(dot)", "simd_summ(dot)", "simd_summ"),
         # a type error inside a template, seen only when it is instantiated
