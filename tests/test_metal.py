@@ -247,6 +247,11 @@ def test_the_cases_cover_the_issue():
     assert min(c.head_dim for c in cases) == 64 and max(c.head_dim for c in cases) == 256
     assert {c.dtype for c in cases} == {mx.float32, mx.float16, mx.bfloat16}
     assert any(c.n_heads > c.n_kv_heads for c in cases)  # GQA
+    # the Metal kernel's groups of 8 query rows (heads x positions) of a KV
+    # head: one that ends inside a position, in a chunk whose rows see different keys
+    assert any(
+        c.queries > 1 and c.causal and 8 % (c.n_heads // c.n_kv_heads) for c in cases
+    )
     assert any(len(set(c.lengths)) > 1 for c in cases)  # ragged
     assert any(c.window for c in cases) and any(not c.causal for c in cases)
     assert {c.queries == 1 for c in cases} == {True, False}  # decode and prefill
