@@ -69,7 +69,7 @@ def plant(tmp_path: Path, name: str, old: str, new: str) -> Path:
     ("name", "old", "new", "message"),
     [
         # a type error: a struct of pointers used as a float
-        ("attention.metal", "float dot = 0.0f;", "float dot = r;", "cannot convert"),
+        ("attention.metal", "float dot = 0.0f;", "float dot = kv;", "cannot convert"),
         # a typo in a name
         ("attention.metal", "simd_sum(dot)", "simd_summ(dot)", "simd_summ"),
         # a type error inside a template, seen only when it is instantiated
@@ -247,6 +247,11 @@ def test_the_cases_cover_the_issue():
     assert min(c.head_dim for c in cases) == 64 and max(c.head_dim for c in cases) == 256
     assert {c.dtype for c in cases} == {mx.float32, mx.float16, mx.bfloat16}
     assert any(c.n_heads > c.n_kv_heads for c in cases)  # GQA
+    # the Metal kernel's groups of 8 query rows (heads x positions) of a KV
+    # head: one that ends inside a position, in a chunk whose rows see different keys
+    assert any(
+        c.queries > 1 and c.causal and 8 % (c.n_heads // c.n_kv_heads) for c in cases
+    )
     assert any(len(set(c.lengths)) > 1 for c in cases)  # ragged
     assert any(c.window for c in cases) and any(not c.causal for c in cases)
     assert {c.queries == 1 for c in cases} == {True, False}  # decode and prefill

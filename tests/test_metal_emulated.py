@@ -10,9 +10,11 @@ and grids come from csrc/metal/launch.h, as on a Mac (primitives.cpp).
 Each test runs the emulated kernels on small random problems and compares
 them with kvsnap's CPU kernels (the float ones: kernel_isa.float_isa(), not
 the integer-dot set): kv_write bit for bit, attention within the float32
-accumulation error (or the output dtype's rounding). What this
-cannot show: Apple's compiler, the GPU memory model, real concurrency
-between threadgroups, speed (docs/METAL.md).
+accumulation error (or the output dtype's rounding). The harness also
+counts the K and V elements attention's pass 1 dequantizes, which shows
+that the query rows sharing a KV head share each read. What this cannot
+show: Apple's compiler, the GPU memory model, real concurrency between
+threadgroups, speed (docs/METAL.md).
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def harness(tmp_path_factory) -> Path:
     return build_harness(tmp_path_factory.mktemp("metal_emu"))
 
 
-def run(exe: Path, op: str, spec: dict, tmp: Path) -> str:
-    """Run one op of the harness; array values of `spec` go to files."""
+def run(exe: Path, op: str, spec: dict, tmp: Path) -> dict[str, int]:
+    """Run one op of the harness; array values of `spec` go to files.
+    Returns what it prints ("name number" lines)."""
     lines = []
     for name, value in spec.items():
         if isinstance(value, np.ndarray):
@@ -89,7 +92,8 @@ def run(exe: Path, op: str, spec: dict, tmp: Path) -> str:
         [str(exe), op, str(spec_path)], capture_output=True, text=True, check=False, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    lines = (line.split() for line in result.stdout.splitlines())
+    return {name: int(value) for name, value in lines}
 
 
 # ------------------------------------------------------------------ buffers
@@ -224,7 +228,7 @@ PAGED = (
 
 def random_case(rng: np.random.Generator, i: int) -> Case:
     """A random paged case: head_dim 64/96/128/256 (96: lanes past head_dim),
-    group sizes dividing it, GQA ratios 1/2/4, decode or prefill, ragged
+    group sizes dividing it, GQA ratios 1/2/3/4/7, decode or prefill, ragged
     lengths, windows, bits 4/8 each, the three query dtypes."""
     D = int(rng.choice([64, 96, 128, 256]))
     gs = int(rng.choice([g for g in (16, 32, 64, 128) if D % g == 0]))
@@ -235,7 +239,7 @@ def random_case(rng: np.random.Generator, i: int) -> Case:
     causal = bool(rng.random() < 0.8)
     return Case(
         f"random {i}",
-        Hkv * int(rng.choice([1, 2, 4])),
+        Hkv * int(rng.choice([1, 2, 3, 4, 7])),
         Hkv,
         D,
         L,
@@ -319,19 +323,14 @@ def emulated_paged_attention(exe, case, arena, used, table, layer, queries, scal
             "out": tmp / "out.bin",
         }
     )
-    stdout = run(exe, "attention", spec, tmp)
-    n_splits = int(stdout.split()[1])
-    return from_raw(tmp / "out.bin", queries.dtype, queries.shape), n_splits
+    report = run(exe, "attention", spec, tmp)
+    return from_raw(tmp / "out.bin", queries.dtype, queries.shape), report
 
 
-# -------------------------------------------------------------- attention
-
-
-RANDOM = tuple(random_case(np.random.default_rng(i), i) for i in range(12))
-
-
-@pytest.mark.parametrize("case", PAGED + RANDOM, ids=lambda c: c.name)
-def test_paged_attention_matches_the_cpu_kernel(harness, case, rng, tmp_path):
+def compare_paged(exe: Path, case: Case, rng, tmp: Path) -> tuple[float, dict[str, int]]:
+    """Paged attention of `case` by the CPU kernel and by the emulated one:
+    their relative difference and the harness's report (n_splits,
+    dequantized_k, dequantized_v)."""
     arena, used, table = paged(case, rng)
     T = max(case.lengths)
     # Layer 1 is attended; layer 0 holds other data, so a wrong layer offset shows.
@@ -364,11 +363,60 @@ def test_paged_attention_matches_the_cpu_kernel(harness, case, rng, tmp_path):
         stream=mx.cpu,
     )
     mx.eval(want)
-    got, n_splits = emulated_paged_attention(
-        harness, case, arena, used, table, 1, queries, scale, tmp_path
-    )
-    assert n_splits >= case.min_splits
-    err = rel_error(got, want)
+    got, report = emulated_paged_attention(exe, case, arena, used, table, 1, queries, scale, tmp)
+    return rel_error(got, want), report
+
+
+# -------------------------------------------------------------- attention
+
+
+RANDOM = tuple(random_case(np.random.default_rng(i), i) for i in range(12))
+
+
+# Pass 1 runs the L * G query rows that share a KV head (G query heads per KV
+# head, L positions) in groups of 8, row k being position k // G of head
+# h * G + k % G, each K/V element read once per group: GQA ratios 1, 3
+# (SmolLM2: 9/3) and 7 (Qwen2.5: 14/2), groups that end inside a query
+# position, more positions than one group holds, rows of one group that see
+# different keys (windows narrower than the chunk), ragged lengths (a
+# sequence as short as its queries), non-causal.
+GROUPED = (
+    Case("gqa 3 decode ragged", 9, 3, 64, 1, (700, 33, 1), min_splits=2),
+    Case("gqa 3 prefill window ragged", 9, 3, 64, 5, (400, 5, 64), window=20, block_tokens=16),
+    Case(
+        "gqa 3 prefill 8 k4v8 window",
+        6,
+        2,
+        128,
+        8,
+        (1000, 9),
+        bits=8,
+        group_size=32,
+        window=300,
+        min_splits=3,
+    ),
+    Case("gqa 7 prefill f16 ragged", 14, 2, 64, 3, (500, 3, 40), dtype=mx.float16, min_splits=1),
+    Case(
+        "gqa 7 decode window bf16 k8",
+        14,
+        2,
+        128,
+        1,
+        (600, 90),
+        key_bits=8,
+        window=100,
+        dtype=mx.bfloat16,
+        min_splits=2,
+    ),
+    Case("gqa 7 non-causal d96", 7, 1, 96, 2, (300, 17), causal=False, group_size=32),
+    Case("gqa 1 prefill 11 positions window 5", 2, 2, 64, 11, (260, 11), window=5, block_tokens=16),
+)
+
+
+@pytest.mark.parametrize("case", PAGED + GROUPED + RANDOM, ids=lambda c: c.name)
+def test_paged_attention_matches_the_cpu_kernel(harness, case, rng, tmp_path):
+    err, report = compare_paged(harness, case, rng, tmp_path)
+    assert report["n_splits"] >= case.min_splits
     assert err <= TOL[DTYPE_NAMES[case.dtype]], f"relative error {err:.3g} against the CPU kernel"
 
 
@@ -382,13 +430,27 @@ Q4 = (
         mx.float32,
     ),
     (Case("additive mask d96", 2, 2, 96, 2, (600,), group_size=32), "additive", mx.float16),
+    # a mask row per query head and position, 9 rows per KV head
+    (Case("additive gqa 3", 6, 2, 64, 3, (600,), group_size=32), "additive", mx.float16),
+    (
+        Case("bool gqa 7 f16", 7, 1, 64, 2, (520, 520), dtype=mx.float16),
+        "bool",
+        mx.float32,
+    ),
+    (
+        Case("causal gqa 7 8-bit", 14, 2, 64, 4, (600,), key_bits=8, bits=8),
+        "causal",
+        mx.bfloat16,
+    ),
 )
 
 
-@pytest.mark.parametrize("case,mask_kind,scale_dtype", Q4, ids=lambda x: getattr(x, "name", None))
-def test_contiguous_attention_matches_the_cpu_kernel(
-    harness, case, mask_kind, scale_dtype, rng, tmp_path
-):
+def compare_contiguous(
+    exe: Path, case: Case, mask_kind: str, scale_dtype, rng, tmp_path: Path
+) -> tuple[float, dict[str, int]]:
+    """q4_attention of `case` (its first length for every sequence) by the
+    CPU kernel and by the emulated one: their relative difference and the
+    harness's report."""
     B, T, L, Hq = len(case.lengths), case.lengths[0], case.queries, case.n_heads
     kv_shape = (B, case.n_kv_heads, T, case.head_dim)
     k, _ = random_quantized(rng, kv_shape, case.bits, case.group_size, scale_dtype)
@@ -447,11 +509,69 @@ def test_contiguous_attention_matches_the_cpu_kernel(
             0 if n == 1 and f != 1 else int(s) for n, f, s in zip(mask_shape, full, contiguous)
         ]
         spec["mask"] = np.array(mask).astype(np.uint8 if mask.dtype == mx.bool_ else np.float32)
-    stdout = run(harness, "attention", spec, tmp_path)
-    assert int(stdout.split()[1]) >= 2
+    report = run(exe, "attention", spec, tmp_path)
     got = from_raw(tmp_path / "out.bin", case.dtype, queries.shape)
-    err = rel_error(got, want)
+    return rel_error(got, want), report
+
+
+@pytest.mark.parametrize("case,mask_kind,scale_dtype", Q4, ids=lambda x: getattr(x, "name", None))
+def test_contiguous_attention_matches_the_cpu_kernel(
+    harness, case, mask_kind, scale_dtype, rng, tmp_path
+):
+    err, report = compare_contiguous(harness, case, mask_kind, scale_dtype, rng, tmp_path)
+    assert report["n_splits"] >= 2
     assert err <= TOL[DTYPE_NAMES[case.dtype]], f"relative error {err:.3g} against the CPU kernel"
+
+
+# -------------------------------------------------- reads shared by a group
+
+
+def visible(case: Case, T: int, l: int) -> range:
+    """Keys query l of a sequence of T tokens sees (layout.h's rule)."""
+    if not case.causal:
+        return range(T)
+    pos = T - case.queries + l
+    lo = max(pos - case.window + 1, 0) if case.window > 0 else 0
+    return range(lo, max(pos + 1, 0))
+
+
+def key_reads(case: Case, rows_per_read: int) -> int:
+    """Key rows pass 1 dequantizes when each group of `rows_per_read` query
+    rows of a KV head (row k: position k // G, G query heads per KV head)
+    reads every key any of them sees once: rows_per_read=1 is one query row
+    per threadgroup, the kernel before rows were grouped."""
+    G, L = case.n_heads // case.n_kv_heads, case.queries
+    reads = 0
+    for T in case.lengths:
+        for first in range(0, L * G, rows_per_read):
+            rows = range(first, min(first + rows_per_read, L * G))
+            reads += len(set().union(*(visible(case, T, k // G) for k in rows)))
+    return reads * case.n_kv_heads
+
+
+READS = (
+    Case("SmolLM2-like decode 4K", 9, 3, 64, 1, (4096,), min_splits=16),
+    Case("Qwen2.5-like prefill chunk", 14, 2, 64, 4, (1024, 300), window=500),
+)
+
+
+@pytest.mark.parametrize("case", READS, ids=lambda c: c.name)
+def test_the_rows_of_a_kv_head_share_each_key_and_value_read(harness, case, rng, tmp_path):
+    """Pass 1 dequantizes each K and V element a query sees once per group
+    of up to 8 query rows of its KV head, not once per query row: for a
+    SmolLM2-like decode (9 query heads over 3 KV heads) 3x fewer, for a
+    Qwen2.5-like prefill chunk (14 over 2, 4 positions) up to 8x fewer."""
+    err, report = compare_paged(harness, case, rng, tmp_path)
+    assert err <= TOL[DTYPE_NAMES[case.dtype]], f"relative error {err:.3g} against the CPU kernel"
+    assert report["n_splits"] >= case.min_splits
+    grouped, per_row = key_reads(case, 8), key_reads(case, 1)
+    # No mask: every key read is used by some row, so its value is read too.
+    assert report["dequantized_k"] == grouped * case.head_dim
+    assert report["dequantized_v"] == grouped * case.head_dim
+    if case.queries == 1:
+        assert per_row == grouped * (case.n_heads // case.n_kv_heads)
+    else:
+        assert per_row > 6 * grouped
 
 
 # ---------------------------------------------------------------- kv_write
@@ -630,44 +750,52 @@ def test_kv_write_with_counts_writes_the_cpu_kernels_bytes(harness, case, offset
 # ------------------------------------------------------- planted bugs
 
 
+def planted_harness(tmp_path: Path, old: str, new: str) -> Path:
+    """The harness built with attention.metal's `old` replaced by `new`."""
+    source = (METAL_DIR / "attention.metal").read_text()
+    assert old in source, f"{old!r} is no longer in attention.metal; update the planted bug"
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "attention.metal").write_text(source.replace(old, new))
+    return build_harness(bad_dir, kernels_dir=bad_dir)
+
+
 def test_a_planted_bug_in_the_merge_is_caught(rng, tmp_path):
     """The comparison above is not vacuous: the merge pass skipping the first
     split (an off-by-one) makes the emulated kernel disagree."""
-    source = (METAL_DIR / "attention.metal").read_text()
-    old = "for (int s = 0; s < n; ++s) {\n      const float ms"
-    assert old in source, "update the planted bug to the current merge loop"
-    bad_dir = tmp_path / "bad"
-    bad_dir.mkdir()
-    (bad_dir / "attention.metal").write_text(
-        source.replace(old, "for (int s = 1; s < n; ++s) {\n      const float ms")
+    exe = planted_harness(
+        tmp_path,
+        "for (int s = 0; s < n; ++s) {\n      const float ms",
+        "for (int s = 1; s < n; ++s) {\n      const float ms",
     )
-    exe = build_harness(bad_dir, kernels_dir=bad_dir)
-    case = PAGED[0]
-    arena, used, table = paged(case, rng)
-    keys, values = random_kv(case, rng, max(case.lengths))
-    for b, n in enumerate(case.lengths):
-        mx.eval(
-            kvsnap.kv_write(
-                arena,
-                1,
-                keys[b : b + 1, :, :n],
-                values[b : b + 1, :, :n],
-                table[b : b + 1],
-                [0],
-                stream=mx.cpu,
-            )
-        )
-    queries = to_mx(rng.standard_normal((len(case.lengths), case.n_heads, 1, case.head_dim)))
-    scale = case.head_dim**-0.5
-    want = kvsnap.attention(
-        arena, 1, queries, table, list(case.lengths), scale=scale, stream=mx.cpu
+    err, report = compare_paged(exe, PAGED[0], rng, tmp_path)
+    assert report["n_splits"] > 1
+    assert err > 100 * TOL["float32"]
+
+
+def test_a_row_that_reads_another_rows_keys_is_caught(rng, tmp_path):
+    """Every row of a group walking the keys of its first row (right for
+    decode, where the G heads of a position see the same keys; wrong for a
+    prefill chunk) makes the emulated kernel disagree."""
+    exe = planted_harness(
+        tmp_path,
+        "seen[r] = t >= kmin[r] && t < kmax[r];",
+        "seen[r] = r < R && t >= kmin[0] && t < kmax[0];",
     )
-    mx.eval(want)
-    got, n_splits = emulated_paged_attention(
-        exe, case, arena, used, table, 1, queries, scale, tmp_path
+    case = next(c for c in GROUPED if c.name == "gqa 3 prefill window ragged")
+    err, _ = compare_paged(exe, case, rng, tmp_path)
+    assert err > 100 * TOL["float32"]
+
+
+def test_a_row_that_reads_another_rows_mask_is_caught(rng, tmp_path):
+    """Every row of a group taking its first row's mask makes the emulated
+    kernel disagree on a mask with one row per query head and position."""
+    exe = planted_harness(
+        tmp_path, "mask + mask_off[r] * mask_bytes", "mask + mask_off[0] * mask_bytes"
     )
-    assert n_splits > 1
-    assert rel_error(got, want) > 100 * TOL["float32"]
+    case, mask_kind, scale_dtype = next(q for q in Q4 if q[0].name == "additive gqa 3")
+    err, _ = compare_contiguous(exe, case, mask_kind, scale_dtype, rng, tmp_path)
+    assert err > 100 * TOL["float16"]
 
 
 def test_a_planted_bug_in_the_counts_is_caught(rng, tmp_path):

@@ -3,12 +3,19 @@
 // dequantized in registers, never a float K/V or a score matrix in memory),
 // in two passes:
 //
-// 1. kvsnap_attention_partial: threadgroup (split s, query row) walks its
-//    part of the keys the query sees. Each of its simdgroups takes every
-//    kSimds-th key; the 32 lanes of a simdgroup hold the head dimension
-//    (lane j owns elements j, j + 32, ...), so a dot product is one
-//    simd_sum. The simdgroups' running (max, sum, accumulator) are merged in
-//    threadgroup memory and written as the split's partial result.
+// 1. kvsnap_attention_partial: threadgroup (split s, group of query rows of
+//    KV head h, sequence b). The L * G query rows that share KV head h (G =
+//    Hq / n_kv_heads query heads, L query positions) are taken kGroupRows at
+//    a time, in the CPU kernel's tile order (row k: position k / G of head
+//    h * G + k % G), and the threadgroup walks its part of the keys any of
+//    them sees. Each of its simdgroups takes every kSimds-th key; the 32
+//    lanes of a simdgroup hold the head dimension (lane j owns elements j,
+//    j + 32, ...). A key and its value are read and dequantized once into
+//    registers and used by every row of the group that sees them (a dot
+//    product is one simd_sum per row); each row keeps its own window, mask
+//    and running (max, sum, accumulator). Per row, the simdgroups' results
+//    are merged in threadgroup memory and written as the split's partial
+//    result of that row.
 // 2. kvsnap_attention_merge: one simdgroup per query row rescales and sums
 //    the partial results of its splits and writes the output row.
 //
@@ -27,6 +34,28 @@ static constant constexpr const int kLanes = 32;
 static constant constexpr const int kMaxDim = 256;
 static constant constexpr const int kPerLane = kMaxDim / kLanes; // head-dim elements per lane
 static constant constexpr const int kSplitChunk = 32; // split bounds are multiples of this
+// Query rows per threadgroup of pass 1: registers hold kGroupRows x kPerLane
+// accumulators per thread. launch.h sizes the grid with the same numbers.
+static constant constexpr const int kGroupRows = 8;
+
+// The emulation harness (emu/harness.cpp) defines this to count the K (0)
+// and V (1) elements pass 1 dequantizes; nothing for Apple's compiler.
+#ifndef KVSNAP_COUNT_DEQUANT
+#define KVSNAP_COUNT_DEQUANT(what)
+#endif
+
+// Groups of kGroupRows among the L * G query rows of one KV head.
+inline int row_groups_per_kv_head(int L, int G) {
+  return (L * G + kGroupRows - 1) / kGroupRows;
+}
+
+// Output row ([B, Hq, L] index) of row k of the L * G query rows of
+// (sequence b, KV head h): position k / G of query head h * G + k % G.
+inline long group_row(constant AttentionParams& p, int b, int h, int G, int k) {
+  const int l = k / G;
+  const int hq = h * G + k % G;
+  return (long(b) * p.Hq + hq) * p.L + l;
+}
 
 // Where the six arrays of one row (token t of KV head h in sequence b) are.
 template <typename ST>
@@ -108,112 +137,185 @@ template <typename QT, typename ST, int KB, int VB>
     uint tid [[thread_index_in_threadgroup]],
     uint simd_gid [[simdgroup_index_in_threadgroup]],
     uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float tg_q[kGroupRows * kMaxDim];
   threadgroup float tg_m[kSimds];
   threadgroup float tg_l[kSimds];
   threadgroup float tg_acc[kSimds * kMaxDim];
 
   const int D = p.head_dim;
   const int gs = p.group_size;
+  const int G = p.Hq / p.n_kv_heads; // query heads per KV head
+  const int groups = row_groups_per_kv_head(p.L, G);
   const int split = int(tgid.x);
-  const int hq = int(tgid.y) / p.L;
-  const int l = int(tgid.y) % p.L;
+  const int h = int(tgid.y) / groups;
+  const int first = (int(tgid.y) % groups) * kGroupRows; // first of this group's rows of (b, h)
+  const int R = min(kGroupRows, p.L * G - first);
   const int b = int(tgid.z);
-  const int h = hq / (p.Hq / p.n_kv_heads); // GQA: KV head of query head hq
-  const long row_index = (long(b) * p.Hq + hq) * p.L + l; // output row
-  const long part = row_index * p.n_splits + split;
-
-  // This split's share of the keys the query sees.
   const int T = kv_len[b];
-  const int kmin = kv_key_min(T, p.L, l, p.causal != 0, p.window);
-  const int kmax = kv_key_max(T, p.L, l, p.causal != 0);
-  const int span = max(kmax - kmin, 0);
-  const int step = kv_split_step(span, p.n_splits, kSplitChunk);
-  const int t0 = min(kmax, kmin + split * step);
-  const int t1 = min(kmax, t0 + step);
 
-  float q[kPerLane];
-  float acc[kPerLane];
-  device const QT* qrow = queries + row_index * D;
-  for (int j = 0; j < kPerLane; ++j) {
-    const int i = int(lane) + j * kLanes;
-    q[j] = i < D ? to_float(qrow[i]) * p.scale : 0.0f;
-    acc[j] = 0.0f;
+  // The group's rows: the keys each sees and where its mask row is. Rows
+  // past R see no key. The group walks the union of their keys, [lo, hi).
+  int kmin[kGroupRows];
+  int kmax[kGroupRows];
+  long mask_off[kGroupRows];
+  int lo = T;
+  int hi = 0;
+  for (int r = 0; r < kGroupRows; ++r) {
+    kmin[r] = 0;
+    kmax[r] = 0;
+    mask_off[r] = 0;
+    if (r < R) {
+      const long row = group_row(p, b, h, G, first + r);
+      const int l = int(row % p.L);
+      const int hq = int(row / p.L % p.Hq);
+      kmin[r] = kv_key_min(T, p.L, l, p.causal != 0, p.window);
+      kmax[r] = kv_key_max(T, p.L, l, p.causal != 0);
+      mask_off[r] = b * p.mask_stride[0] + hq * p.mask_stride[1] + l * p.mask_stride[2];
+      if (kmax[r] > kmin[r]) {
+        lo = min(lo, kmin[r]);
+        hi = max(hi, kmax[r]);
+      }
+    }
   }
-  float m = -INFINITY;
-  float sum = 0.0f;
-  device const uchar* mask_row = mask;
-  if (p.has_mask != 0) {
-    const long off = b * p.mask_stride[0] + hq * p.mask_stride[1] + l * p.mask_stride[2];
-    mask_row = mask + off * (p.mask_is_bool != 0 ? 1 : 4);
+  // This split's share of them.
+  const int step = kv_split_step(max(hi - lo, 0), p.n_splits, kSplitChunk);
+  const int t0 = min(hi, lo + split * step);
+  const int t1 = min(hi, t0 + step);
+
+  // The rows' queries, scaled, shared by the simdgroups (zeros past D).
+  for (int e = int(tid); e < kGroupRows * kMaxDim; e += kSimds * kLanes) {
+    const int r = e / kMaxDim;
+    const int i = e % kMaxDim;
+    tg_q[e] = r < R && i < D ? to_float(queries[group_row(p, b, h, G, first + r) * D + i]) * p.scale : 0.0f;
   }
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+
+  float m[kGroupRows];
+  float sum[kGroupRows];
+  float acc[kGroupRows][kPerLane];
+  for (int r = 0; r < kGroupRows; ++r) {
+    m[r] = -INFINITY;
+    sum[r] = 0.0f;
+    for (int j = 0; j < kPerLane; ++j) {
+      acc[r][j] = 0.0f;
+    }
+  }
+  const int mask_bytes = p.mask_is_bool != 0 ? 1 : 4;
 
   for (int t = t0 + int(simd_gid); t < t1; t += kSimds) {
-    KVRow<ST> r = kv_row<ST>(
+    bool seen[kGroupRows];
+    bool any_seen = false;
+    for (int r = 0; r < kGroupRows; ++r) {
+      seen[r] = t >= kmin[r] && t < kmax[r];
+      any_seen = any_seen || seen[r];
+    }
+    if (!any_seen) {
+      continue;
+    }
+    KVRow<ST> kv = kv_row<ST>(
         p, arena, block_table, k_packed, k_scales, k_biases, v_packed,
         v_scales, v_biases, KB, VB, b, h, t);
-    float dot = 0.0f;
+    // Key t, dequantized once for every row of the group.
+    float k[kPerLane];
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = int(lane) + j * kLanes;
+      k[j] = 0.0f;
+      if (i < D) {
+        k[j] = dequant<KB, ST>(kv.kp, kv.ks, kv.kb, i, gs);
+        KVSNAP_COUNT_DEQUANT(0);
+      }
+    }
+    float score[kGroupRows];
+    bool any_weight = false;
+    for (int r = 0; r < kGroupRows; ++r) {
+      score[r] = -INFINITY;
+      if (!seen[r]) {
+        continue;
+      }
+      float dot = 0.0f;
+      for (int j = 0; j < kPerLane; ++j) {
+        dot += tg_q[r * kMaxDim + int(lane) + j * kLanes] * k[j];
+      }
+      float qk = simd_sum(dot); // the same in every lane
+      if (p.has_mask != 0) {
+        device const uchar* mask_row = mask + mask_off[r] * mask_bytes;
+        const long mi = t * p.mask_stride[3];
+        if (p.mask_is_bool != 0) {
+          qk = mask_row[mi] != 0 ? qk : -INFINITY;
+        } else {
+          qk += ((device const float*)mask_row)[mi];
+        }
+      }
+      score[r] = qk;
+      any_weight = any_weight || qk != -INFINITY;
+    }
+    if (!any_weight) {
+      continue; // masked out for every row: V is not read
+    }
+    // Value t, dequantized once for every row that gives it weight.
+    float v[kPerLane];
+    for (int j = 0; j < kPerLane; ++j) {
+      const int i = int(lane) + j * kLanes;
+      v[j] = 0.0f;
+      if (i < D) {
+        v[j] = dequant<VB, ST>(kv.vp, kv.vs, kv.vb, i, gs);
+        KVSNAP_COUNT_DEQUANT(1);
+      }
+    }
+    for (int r = 0; r < kGroupRows; ++r) {
+      if (score[r] == -INFINITY) {
+        continue; // no weight, and exp(-inf - -inf) must not run
+      }
+      const float m_new = max(m[r], score[r]);
+      const float corr = exp(m[r] - m_new); // 0 while m is still -inf
+      const float w = exp(score[r] - m_new);
+      sum[r] = sum[r] * corr + w;
+      for (int j = 0; j < kPerLane; ++j) {
+        acc[r][j] = acc[r][j] * corr + w * v[j];
+      }
+      m[r] = m_new;
+    }
+  }
+
+  // Per row, merge the simdgroups' partial results into the split's.
+  for (int r = 0; r < kGroupRows; ++r) {
+    if (r >= R) {
+      break; // the same in every thread: the barriers below are uniform
+    }
+    if (lane == 0) {
+      tg_m[simd_gid] = m[r];
+      tg_l[simd_gid] = sum[r];
+    }
     for (int j = 0; j < kPerLane; ++j) {
       const int i = int(lane) + j * kLanes;
       if (i < D) {
-        dot += q[j] * dequant<KB, ST>(r.kp, r.ks, r.kb, i, gs);
+        tg_acc[simd_gid * kMaxDim + i] = acc[r][j];
       }
     }
-    float score = simd_sum(dot); // the same in every lane
-    if (p.has_mask != 0) {
-      const long mi = t * p.mask_stride[3];
-      if (p.mask_is_bool != 0) {
-        score = mask_row[mi] != 0 ? score : -INFINITY;
-      } else {
-        score += ((device const float*)mask_row)[mi];
-      }
-    }
-    if (score == -INFINITY) {
-      continue; // masked out: no weight, and exp(-inf - -inf) must not run
-    }
-    const float m_new = max(m, score);
-    const float corr = exp(m - m_new); // 0 while m is still -inf
-    const float w = exp(score - m_new);
-    sum = sum * corr + w;
-    for (int j = 0; j < kPerLane; ++j) {
-      const int i = int(lane) + j * kLanes;
-      const float v = i < D ? dequant<VB, ST>(r.vp, r.vs, r.vb, i, gs) : 0.0f;
-      acc[j] = acc[j] * corr + w * v;
-    }
-    m = m_new;
-  }
-
-  // Merge the simdgroups' partial results into the split's.
-  if (lane == 0) {
-    tg_m[simd_gid] = m;
-    tg_l[simd_gid] = sum;
-  }
-  for (int j = 0; j < kPerLane; ++j) {
-    const int i = int(lane) + j * kLanes;
-    if (i < D) {
-      tg_acc[simd_gid * kMaxDim + i] = acc[j];
-    }
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float m_all = -INFINITY;
-  for (int s = 0; s < kSimds; ++s) {
-    m_all = max(m_all, tg_m[s]);
-  }
-  float weight[kSimds];
-  float l_all = 0.0f;
-  for (int s = 0; s < kSimds; ++s) {
-    weight[s] = m_all == -INFINITY || tg_m[s] == -INFINITY ? 0.0f : exp(tg_m[s] - m_all);
-    l_all += weight[s] * tg_l[s];
-  }
-  for (int i = int(tid); i < D; i += kSimds * kLanes) {
-    float x = 0.0f;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float m_all = -INFINITY;
     for (int s = 0; s < kSimds; ++s) {
-      x += weight[s] * tg_acc[s * kMaxDim + i];
+      m_all = max(m_all, tg_m[s]);
     }
-    part_acc[part * D + i] = x;
-  }
-  if (tid == 0) {
-    part_m[part] = m_all;
-    part_l[part] = l_all;
+    float weight[kSimds];
+    float l_all = 0.0f;
+    for (int s = 0; s < kSimds; ++s) {
+      weight[s] = m_all == -INFINITY || tg_m[s] == -INFINITY ? 0.0f : exp(tg_m[s] - m_all);
+      l_all += weight[s] * tg_l[s];
+    }
+    const long part = group_row(p, b, h, G, first + r) * p.n_splits + split;
+    for (int i = int(tid); i < D; i += kSimds * kLanes) {
+      float x = 0.0f;
+      for (int s = 0; s < kSimds; ++s) {
+        x += weight[s] * tg_acc[s * kMaxDim + i];
+      }
+      part_acc[part * D + i] = x;
+    }
+    if (tid == 0) {
+      part_m[part] = m_all;
+      part_l[part] = l_all;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup); // tg_* are rewritten for the next row
   }
 }
 

@@ -16,6 +16,7 @@ namespace kvsnap::metal_launch {
 
 constexpr int kSimds = 4; // attention.metal: simdgroups per threadgroup of pass 1
 constexpr int kLanes = 32;
+constexpr int kGroupRows = 8; // attention.metal: query rows per threadgroup of pass 1
 
 struct Size3 {
   uint64_t x, y, z;
@@ -39,17 +40,31 @@ inline Launch kv_write_launch(const KVWriteParams& p) {
   return {true, {uint64_t(groups), uint64_t(rows), 2}, {uint64_t(groups), rows_per_group, 1}};
 }
 
+// Pass 1 takes the L * G query rows that share a KV head (G = Hq /
+// n_kv_heads query heads, L positions) kGroupRows at a time: the groups of
+// one KV head, and of a whole split (every KV head of every sequence).
+inline int64_t attention_row_groups_per_kv_head(const AttentionParams& p) {
+  const int64_t rows = int64_t(p.Hq / p.n_kv_heads) * p.L;
+  return (rows + kGroupRows - 1) / kGroupRows;
+}
+inline int64_t attention_row_groups(const AttentionParams& p) {
+  return int64_t(p.B) * p.n_kv_heads * attention_row_groups_per_kv_head(p);
+}
+
 // Flash-decoding: split the keys until there are enough threadgroups to
-// fill the GPU, keeping at least 256 keys per split.
-inline int attention_splits(int64_t rows, int longest_kv_len) {
-  const int64_t want = (1024 + rows - 1) / rows;
+// fill the GPU (row_groups of them per split), keeping at least 256 keys
+// per split.
+inline int attention_splits(int64_t row_groups, int longest_kv_len) {
+  const int64_t want = (1024 + row_groups - 1) / row_groups;
   return int(std::max<int64_t>(1, std::min<int64_t>({want, longest_kv_len / 256, 64})));
 }
 
-// Pass 1: a threadgroup of kSimds simdgroups per (split, query head and row, sequence).
+// Pass 1: a threadgroup of kSimds simdgroups per (split, KV head and group
+// of its query rows, sequence).
 inline Launch attention_partial_launch(const AttentionParams& p) {
+  const int64_t groups_per_sequence = int64_t(p.n_kv_heads) * attention_row_groups_per_kv_head(p);
   return {false,
-          {uint64_t(p.n_splits), uint64_t(p.Hq) * uint64_t(p.L), uint64_t(p.B)},
+          {uint64_t(p.n_splits), uint64_t(groups_per_sequence), uint64_t(p.B)},
           {uint64_t(kSimds * kLanes), 1, 1}};
 }
 

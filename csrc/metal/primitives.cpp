@@ -230,7 +230,7 @@ void QuantizedAttention::eval_gpu(const std::vector<mx::array>& inputs, mx::arra
 
   const int64_t rows = int64_t(p.B) * p.Hq * p.L;
   const int longest = kv_len.empty() ? 0 : *std::max_element(kv_len.begin(), kv_len.end());
-  p.n_splits = launch::attention_splits(rows, longest);
+  p.n_splits = launch::attention_splits(launch::attention_row_groups(p), longest);
 
   mx::array lengths = int32_array(kv_len, {p.B});
   mx::array part_m = float_scratch(size_t(rows) * p.n_splits);

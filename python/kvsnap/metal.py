@@ -79,7 +79,10 @@ class Case:
 
 # Decode and prefill, GQA, ragged batches, windows, bits 4/8, group sizes
 # 32/64/128, head_dim 64-256 (96: lanes past head_dim), the three dtypes,
-# and enough keys for several flash-decoding splits.
+# and enough keys for several flash-decoding splits. The attention kernel
+# runs the query rows of a KV head in groups of 8 (heads x positions): 3
+# query heads per KV head make a group end inside a query position, and the
+# window makes the rows of a group see different keys.
 CASES = (
     Case("decode gqa ragged", 8, 2, 128, 1, (300, 17)),
     Case(
@@ -96,9 +99,9 @@ CASES = (
         mask="bool",
     ),
     Case(
-        "prefill window k8v4 bf16",
-        4,
-        1,
+        "prefill window gqa 3 k8v4 bf16",
+        6,
+        2,
         256,
         8,
         (700,),

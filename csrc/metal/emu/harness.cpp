@@ -2,13 +2,15 @@
 // (tests/test_metal_emulated.py compiles and drives it).
 //
 //     harness kv_write SPEC      # reads and rewrites the arena file
-//     harness attention SPEC     # writes the output file; prints n_splits
+//     harness attention SPEC     # writes the output file; prints n_splits and
+//                                # the K and V elements pass 1 dequantized
 //
 // SPEC is a text file of "name value..." lines: the kernel arguments as
 // numbers and the paths of raw binary files (native byte order) holding the
 // buffers. Arguments and grids are built by ../launch.h, as primitives.cpp
 // builds them for the GPU.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -20,9 +22,18 @@
 
 #include "launch.h"
 
+// K (0) and V (1) elements dequantized by pass 1 (attention.metal's hook).
+std::atomic<long> dequantized[2];
+#define KVSNAP_COUNT_DEQUANT(what) dequantized[what].fetch_add(1, std::memory_order_relaxed)
+
 // The kernels, compiled against the emulation (-I csrc/metal/emu first).
 #include "kv_write.metal"
 #include "attention.metal"
+
+static_assert(
+    kvsnap::metal_launch::kSimds == kSimds && kvsnap::metal_launch::kLanes == kLanes &&
+        kvsnap::metal_launch::kGroupRows == kGroupRows,
+    "launch.h sizes pass 1's grid with attention.metal's numbers");
 
 namespace {
 
@@ -228,7 +239,7 @@ void attention(const Spec& s) {
   const int* lengths = in.lengths.as<int>();
   const int longest = p.B ? *std::max_element(lengths, lengths + p.B) : 0;
   const int64_t rows = int64_t(p.B) * p.Hq * p.L;
-  p.n_splits = launch::attention_splits(rows, longest);
+  p.n_splits = launch::attention_splits(launch::attention_row_groups(p), longest);
   // NaN: a partial result the kernel forgets to write shows up in the output.
   const float nan = __builtin_nanf("");
   in.part_m.assign(size_t(rows) * p.n_splits, nan);
@@ -244,6 +255,8 @@ void attention(const Spec& s) {
     attention_typed<bf16>(s, in, p);
   }
   std::printf("n_splits %d\n", p.n_splits);
+  std::printf("dequantized_k %ld\n", dequantized[0].load());
+  std::printf("dequantized_v %ld\n", dequantized[1].load());
 }
 
 } // namespace
