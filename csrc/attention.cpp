@@ -242,7 +242,7 @@ mx::array paged_attention(
       check_block_table(*arena, block_table, B, begin, end, "attention");
   auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
 
-  std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
+  std::vector<mx::array> inputs = {row_major(queries, stream)};
   if (mask) {
     // Input 1 (before the kv_write tokens); float only: positions are masked
     // by causal/window.
@@ -259,8 +259,8 @@ mx::array paged_attention(
       T = std::max<int>(T, n);
     }
     bias_rank = check_bias(bias_w, bias_table, g.n_kv_heads, g.head_dim, T, stream);
-    inputs.push_back(mx::contiguous(*bias_w, false, stream));
-    inputs.push_back(mx::contiguous(*bias_table, false, stream));
+    inputs.push_back(row_major(*bias_w, stream));
+    inputs.push_back(row_major(*bias_table, stream));
   }
   if (form.rotate || form.query_scale) {
     if (stream.device.type != mx::Device::cpu) {
@@ -281,7 +281,7 @@ mx::array paged_attention(
           "must be float32 of shape (" + std::to_string(g.n_kv_heads) + ", " +
               std::to_string(g.head_dim) + "), got " + shape_str(qs.shape()));
     }
-    inputs.push_back(mx::contiguous(qs, false, stream));
+    inputs.push_back(row_major(qs, stream));
   }
   inputs.insert(inputs.end(), after.begin(), after.end());
   PagedSpec spec{arena, layer, block_table, lengths, std::move(pins)};
@@ -337,13 +337,13 @@ mx::array q4_attention(
   }
   (void)Tv;
 
-  std::vector<mx::array> inputs = {mx::contiguous(queries, false, stream)};
+  std::vector<mx::array> inputs = {row_major(queries, stream)};
   // The Metal kernel reads rows as dense runs (the CPU kernel copies the
   // rare strided row itself).
   const bool gpu = stream.device.type == mx::Device::gpu;
   for (const auto* triple : {&keys, &values}) {
     for (const mx::array& x : *triple) {
-      inputs.push_back(gpu ? mx::contiguous(x, false, stream) : x);
+      inputs.push_back(gpu ? row_major(x, stream) : x);
     }
   }
   if (mask) {

@@ -4,6 +4,7 @@
 #include <variant>
 
 #include "arena.h"
+#include "mlx/ops.h"
 #include "mlx/utils.h"
 
 namespace kvsnap {
@@ -21,6 +22,13 @@ cpu::DType float_dtype(const mx::array& a, const char* arg) {
   std::ostringstream msg;
   msg << "must be float32, float16 or bfloat16, got " << a.dtype();
   throw InvalidArgument(arg, msg.str());
+}
+
+mx::array row_major(const mx::array& x, const mx::Stream& stream) {
+  if (x.is_available() && x.flags().row_contiguous) {
+    return x;
+  }
+  return mx::contiguous(x, false, stream);
 }
 
 std::string shape_str(const mx::Shape& s) {

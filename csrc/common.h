@@ -20,6 +20,11 @@ cpu::DType float_dtype(const mx::array& a, const char* arg);
 
 std::string shape_str(const mx::Shape& s);
 
+// `x` as a kernel input in row-major order: itself when it is computed and
+// row-contiguous already (a constant such as a table: no graph node added),
+// else mx::contiguous of it.
+mx::array row_major(const mx::array& x, const mx::Stream& stream);
+
 // A table of int32 values with its shape, copied from the caller.
 struct IntTable {
   std::vector<int32_t> data;

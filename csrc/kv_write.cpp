@@ -47,7 +47,7 @@ std::pair<int, int> check_form(
   }
   if (form.key_scale) {
     check_f32(*form.key_scale, "key_scale", {n_kv_heads, D}, "(" + hkv + ", " + hd + ")");
-    inputs.push_back(mx::contiguous(*form.key_scale, false, stream));
+    inputs.push_back(row_major(*form.key_scale, stream));
     flags |= KVWrite::kKeyScale;
   }
   if (shift) {
@@ -57,7 +57,7 @@ std::pair<int, int> check_form(
           "shift_w and shift_table go together, and with shift_const");
     }
     check_f32(*form.shift_const, "shift_const", {n_kv_heads, D}, "(" + hkv + ", " + hd + ")");
-    inputs.push_back(mx::contiguous(*form.shift_const, false, stream));
+    inputs.push_back(row_major(*form.shift_const, stream));
     flags |= KVWrite::kShift;
   }
   if (form.shift_w) {
@@ -75,8 +75,8 @@ std::pair<int, int> check_form(
           "shift_table", "must be float32 of shape (>= " + std::to_string(max_end) +
               " positions, E=" + std::to_string(rank) + "), got " + shape_str(t.shape()));
     }
-    inputs.push_back(mx::contiguous(w, false, stream));
-    inputs.push_back(mx::contiguous(t, false, stream));
+    inputs.push_back(row_major(w, stream));
+    inputs.push_back(row_major(t, stream));
     flags |= KVWrite::kShiftRank;
   }
   return {flags, rank};
@@ -183,7 +183,7 @@ mx::array kv_write(
     max_end = std::max<int>(max_end, int(e));
   }
   std::vector<mx::array> inputs = {
-      mx::contiguous(keys, false, stream), mx::contiguous(values, false, stream)};
+      row_major(keys, stream), row_major(values, stream)};
   auto [flags, shift_rank] = check_form(form, g.n_kv_heads, g.head_dim, max_end, stream, inputs);
   auto pins = std::make_shared<SlotPins>(arena, std::move(slots));
   inputs.insert(inputs.end(), after.begin(), after.end());

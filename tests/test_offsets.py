@@ -373,3 +373,56 @@ def test_bad_stored_form_is_refused(bad, name):
     assert name in str(e.value)
     for x, y in zip(before, arena.read_block(slot, 0)):
         np.testing.assert_array_equal(x, np.array(y))
+
+
+@pytest.mark.parametrize("isa", kvsnap._ext.available_isas())
+@pytest.mark.parametrize("L", [1, 24])
+def test_kernel_query_basis_is_the_python_one(llama, L, isa):
+    """attention(rotate=True, query_scale=s) (queries scaled and rotated,
+    output rotated back, in the kernel) equals doing those steps as array ops
+    around a plain attention call, in every CPU kernel set; and leaving them
+    out gives something else (they carry weight)."""
+    from kvsnap import ops
+
+    before = kvsnap._ext.isa()
+    kvsnap._ext.set_isa(isa)
+    try:
+        T = 150
+        cache = kc.make_cache(llama, block_tokens=32)
+        mx.eval(llama(prompt(T, seed=5)[None], cache=cache))
+        seq = cache.sequences[0]
+        lo = seq.offsets.layers[0]
+        hkv, D = lo.const.shape
+        q = mx.array(np.random.default_rng(L).standard_normal((1, hkv * 4, L, D)).astype(np.float32))
+        scale = 1 / math.sqrt(D)
+        bias = lo.kernel_bias(True, T)
+        fused = ops.attention(seq.arena, 0, q, seq.table(), [T], scale=scale, bias=bias, rotate=True,
+                              query_scale=lo.query_scale())
+        steps = kc.hadamard(ops.attention(seq.arena, 0, kc.hadamard(kc._scaled_queries(lo, q)), seq.table(), [T],
+                                          scale=scale, bias=bias))
+        np.testing.assert_allclose(np.array(fused), np.array(steps), atol=2e-4, rtol=1e-3)
+        plain = ops.attention(seq.arena, 0, q, seq.table(), [T], scale=scale, bias=bias)
+        assert mx.abs(plain - steps).max().item() > 1e-2
+        cache.release()
+    finally:
+        kvsnap._ext.set_isa(before)
+
+
+def test_bad_query_basis_is_refused(llama):
+    """A query_scale of the wrong shape or dtype, or a non-bool rotate, raises
+    InvalidArgumentError naming it."""
+    from kvsnap import ops
+
+    cache = kc.make_cache(llama, block_tokens=32)
+    mx.eval(llama(prompt(40, seed=5)[None], cache=cache))
+    seq = cache.sequences[0]
+    hkv, D = seq.arena.n_kv_heads, seq.arena.head_dim
+    q = mx.zeros((1, hkv * 4, 1, D))
+    for kw, name in [({"query_scale": mx.ones((hkv + 1, D))}, "query_scale"),
+                     ({"query_scale": mx.ones((hkv, D), dtype=mx.float16)}, "query_scale"),
+                     ({"query_scale": np.ones((hkv, D))}, "query_scale"),
+                     ({"rotate": 1}, "rotate")]:
+        with pytest.raises(InvalidArgumentError) as e:
+            mx.eval(ops.attention(seq.arena, 0, q, seq.table(), [40], scale=0.1, **kw))
+        assert name in str(e.value)
+    cache.release()
