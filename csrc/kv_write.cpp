@@ -70,10 +70,13 @@ std::pair<int, int> check_form(
     }
     check_f32(w, "shift_w", {n_kv_heads, rank, D}, "(" + hkv + ", E, " + hd + ")");
     const mx::array& t = *form.shift_table;
-    if (t.dtype() != mx::float32 || t.ndim() != 2 || t.shape(1) != rank || t.shape(0) < max_end) {
+    const int blocks = (max_end + cpu::kBiasBlock - 1) / cpu::kBiasBlock;
+    if (t.dtype() != mx::float32 || t.ndim() != 3 || t.shape(1) != rank ||
+        t.shape(2) != cpu::kBiasBlock || t.shape(0) < blocks) {
       throw InvalidArgument(
-          "shift_table", "must be float32 of shape (>= " + std::to_string(max_end) +
-              " positions, E=" + std::to_string(rank) + "), got " + shape_str(t.shape()));
+          "shift_table", "must be float32 of shape (>= " + std::to_string(blocks) + " blocks, E=" +
+              std::to_string(rank) + ", " + std::to_string(cpu::kBiasBlock) + ") for " +
+              std::to_string(max_end) + " positions, got " + shape_str(t.shape()));
     }
     inputs.push_back(row_major(w, stream));
     inputs.push_back(row_major(t, stream));

@@ -24,15 +24,15 @@ namespace kvsnap {
 //
 // `form` (CPU streams; float32 arrays) is the stored form of the rows, what
 // kvsnap's key offsets and rotation make of them: a key x of KV head h at
-// position p is quantized as H((x - shift_const[h] - sum_e shift_table[p, e]
-// shift_w[h, e]) / key_scale[h]), a value v as H(v), where H is the
+// position p is quantized as H((x - shift_const[h] - sum_e T(e, p)
+// shift_w[h, e]) / key_scale[h]) (T(e, p) = shift_table[p / 32, e, p % 32]), a value v as H(v), where H is the
 // orthonormal Hadamard transform if `rotate` (else nothing).
 struct StoredForm {
   bool rotate = false;
   std::optional<mx::array> key_scale; // [n_kv_heads, D]
   std::optional<mx::array> shift_const; // [n_kv_heads, D]
   std::optional<mx::array> shift_w; // [n_kv_heads, E, D], with shift_table and shift_const
-  std::optional<mx::array> shift_table; // [> last position written, E]
+  std::optional<mx::array> shift_table; // [> last position written / 32, E, 32]: T(e, p) at [p / 32, e, p % 32]
 };
 
 mx::array kv_write(

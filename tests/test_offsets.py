@@ -353,10 +353,11 @@ def test_kernel_stored_form_alone_or_batched(llama):
 @pytest.mark.parametrize("bad, name", [
     ({"key_matrix": mx.zeros((1, 64, 64))}, "key_matrix"),
     ({"value_matrix": mx.zeros((64, 64), dtype=mx.float16)}, "value_matrix"),
-    ({"shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((64, 4))}, "shift_const"),
+    ({"shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((2, 4, 32))}, "shift_const"),
     ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 4, 64))}, "shift_table"),
-    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((8, 4))}, "shift_table"),
-    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 40, 64)), "shift_table": mx.zeros((64, 40))}, "shift_w"),
+    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((64, 4))}, "shift_table"),
+    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 4, 64)), "shift_table": mx.zeros((0, 4, 32))}, "shift_table"),
+    ({"shift_const": mx.zeros((3, 64)), "shift_w": mx.zeros((3, 40, 64)), "shift_table": mx.zeros((2, 40, 32))}, "shift_w"),
     ({"rotation": mx.zeros((64, 64))}, "form"),
 ])
 def test_bad_stored_form_is_refused(bad, name):

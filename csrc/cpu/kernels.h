@@ -107,7 +107,8 @@ struct WriteArgs {
   uint8_t* arena = nullptr; // writable alias of dst.arena
   // Optional stored form (kvsnap's key offsets and rotation), float32: a
   // key row x of KV head h at position p is quantized as
-  //   H((x - shift_const[h] - sum_e shift_table[p * shift_rank + e] shift_w[h * shift_rank + e]) / key_scale[h])
+  //   H((x - shift_const[h] - sum_e T(e, p) shift_w[h * shift_rank + e]) / key_scale[h]),
+  //   T(e, p) = shift_table[((p / 32) * shift_rank + e) * 32 + p % 32]
   // (each term in that order, so a token gets the same bits alone or
   // batched), a value row as H(x); H is the orthonormal Hadamard transform
   // if `rotate`, else nothing. Null arrays: no such term.
@@ -115,7 +116,7 @@ struct WriteArgs {
   const float* key_scale = nullptr; // [Hkv, D]
   const float* shift_const = nullptr; // [Hkv, D]
   const float* shift_w = nullptr; // [Hkv, shift_rank, D] (with shift_table and shift_const)
-  const float* shift_table = nullptr; // [> every position written, shift_rank]
+  const float* shift_table = nullptr; // [> every position written / 32, shift_rank, 32] (bias_table's layout)
   int shift_rank = 0;
 };
 

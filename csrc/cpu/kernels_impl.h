@@ -774,11 +774,14 @@ void stored_form(const WriteArgs& a, const void* x, int64_t x_off, int D, int h,
   }
   if (key && a.shift_const != nullptr) {
     const float* c = a.shift_const + int64_t(h) * D;
-    const float* t = a.shift_table == nullptr ? nullptr : a.shift_table + int64_t(pos) * a.shift_rank;
+    // Position pos's entries: block pos / 32, element pos % 32 of each row e.
+    const float* t = a.shift_table == nullptr
+        ? nullptr
+        : a.shift_table + int64_t(pos / kBiasBlock) * a.shift_rank * kBiasBlock + pos % kBiasBlock;
     for (int i = 0; i < D; i += 8) {
       v8f y = load(out + i) - load(c + i);
       for (int e = 0; e < a.shift_rank; ++e) {
-        y -= splat(t[e]) * load(a.shift_w + (int64_t(h) * a.shift_rank + e) * D + i);
+        y -= splat(t[e * kBiasBlock]) * load(a.shift_w + (int64_t(h) * a.shift_rank + e) * D + i);
       }
       store(out + i, y);
     }

@@ -66,7 +66,9 @@ def hadamard(x: mx.array) -> mx.array:
 
 def store_form(seq, layer: int, keys: mx.array, values: mx.array, positions: mx.array, end: int):
     """The keys and values as a group stores them: key offsets removed
-    (``positions`` [B, L] of the tokens, all below ``end``), then rotated."""
+    (``positions`` [B, L] of the tokens, all below ``end``), then rotated.
+    As array ops: the reference for what kv_write's ``form`` computes per
+    token in the kernel (``write_blocks``), and for GPU streams."""
     if seq.offsets is not None:
         keys = seq.offsets.layers[layer].remove(keys, positions, end)
     return (hadamard(keys), hadamard(values)) if seq.rotate else (keys, values)
@@ -91,7 +93,8 @@ def _write_form(seq, layer: int, end: int) -> dict | None:
 
 
 def _scaled_queries(lo, queries: mx.array) -> mx.array:
-    """Queries times the key scale of their KV head (keys were divided by it)."""
+    """Queries times the key scale of their KV head (keys were divided by it),
+    as array ops (the kernel does it itself: attention's ``query_scale``)."""
     if lo is None or lo.scale is None:
         return queries
     B, Hq, L, D = queries.shape
@@ -102,8 +105,9 @@ def _scaled_queries(lo, queries: mx.array) -> mx.array:
 
 def attend_blocks(seq, layer: int, queries, table, lengths: list[int], scale: float, window, after):
     """kvsnap.attention of queries [B, Hq, L, D] over a group's blocks, with
-    the group's rotation and key-offset correction (a score bias the kernel
-    computes from each query row and a per-position table)."""
+    the group's rotation, key scale and key-offset correction, all in the
+    kernel (the correction is a score bias it computes from each query row
+    and a per-position table)."""
     rotate = seq.rotate
     lo = None if seq.offsets is None else seq.offsets.layers[layer]
     bias = None if lo is None else lo.kernel_bias(rotate, max(lengths, default=0))

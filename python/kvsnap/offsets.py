@@ -152,8 +152,7 @@ class LayerOffsets:
             w = mx.contiguous(w.astype(mx.float32))
             mx.eval(w)
             self.__dict__[key] = w
-        self._table(n_keys)
-        return w, self.__dict__["_positions_t"]
+        return w, self._blocks(n_keys)
 
     def query_scale(self) -> mx.array | None:
         """kvsnap.ops.attention's ``query_scale``: queries are multiplied by
@@ -180,7 +179,7 @@ class LayerOffsets:
             form = {k: mx.contiguous(v.astype(mx.float32)) for k, v in form.items()}
             mx.eval(form)
             self.__dict__["_form"] = form
-        return form if self.w is None else {**form, "shift_table": self._table(end)}
+        return form if self.w is None else {**form, "shift_table": self._blocks(end)}
 
     def _scaled_w(self, scale: float) -> mx.array:
         cached = self.__dict__.get("_w_scaled")
@@ -192,21 +191,25 @@ class LayerOffsets:
 
     def _table(self, n_keys: int) -> mx.array:
         """[>= n_keys, 2P + 1]: cos and sin of each pair's angle at positions
-        0, 1, ..., and 1 at position 0; kept and grown by doubling (one per
-        layer, shared by every cache of the model)."""
+        0, 1, ..., and 1 at position 0 (the rows of ``_blocks``)."""
+        blocks = self._blocks(n_keys)
+        return mx.transpose(blocks, (0, 2, 1)).reshape(-1, blocks.shape[1])
+
+    def _blocks(self, n_keys: int) -> mx.array:
+        """The position table in the kernels' layout, blocks of 32 positions:
+        [>= n_keys / 32, 2P + 1, 32] (a chunk of keys reads one run of
+        memory); kept and grown by doubling (one per layer, shared by every
+        cache of the model)."""
         table = self.__dict__.get("_positions")
-        if table is None or table.shape[0] < n_keys:
+        if table is None or table.shape[0] * 32 < n_keys:
             n = max(1024, 1 << (max(1, n_keys) - 1).bit_length())
             t = mx.arange(n, dtype=mx.float32)
             ang = t[None, :] * self.theta_pairs[:, None]
             first = (t == 0).astype(mx.float32)[None, :]
-            table = mx.contiguous(mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0).T)
-            # The kernel's layout: blocks of 32 positions, [n / 32, 2P + 1, 32]
-            # (a chunk of keys reads one run of memory).
-            table_t = mx.contiguous(mx.transpose(table.reshape(n // 32, 32, -1), (0, 2, 1)))
-            mx.eval(table, table_t)
+            rows = mx.concatenate([mx.cos(ang), mx.sin(ang), first], axis=0)  # [2P + 1, n]
+            table = mx.contiguous(mx.transpose(rows.reshape(rows.shape[0], n // 32, 32), (1, 0, 2)))
+            mx.eval(table)
             self.__dict__["_positions"] = table
-            self.__dict__["_positions_t"] = table_t
         return table
 
 

@@ -119,9 +119,10 @@ def kv_write(
     instead of as given, computed per token in the kernel: a dict of
     ``rotate`` (bool) and float32 arrays ``key_scale`` [n_kv_heads, D],
     ``shift_const`` [n_kv_heads, D], ``shift_w`` [n_kv_heads, E, D] with
-    ``shift_table`` [> last position, E] (any may be left out). The key of KV
-    head h at position p is stored as ``H((k - shift_const[h] - sum_e
-    shift_table[p, e] * shift_w[h, e]) / key_scale[h])`` and a value as
+    ``shift_table`` [> last position / 32, E, 32] (attention's bias_table
+    layout; any may be left out). The key of KV head h at position p is
+    stored as ``H((k - shift_const[h] - sum_e shift_table[p // 32, e, p % 32]
+    * shift_w[h, e]) / key_scale[h])`` and a value as
     ``H(v)``, H the orthonormal Hadamard transform if ``rotate`` (else
     none): kvsnap.cache.store_form's key offsets and rotation.
     """
