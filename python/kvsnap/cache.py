@@ -95,12 +95,7 @@ def _write_form(seq, layer: int, end: int) -> dict | None:
 def _scaled_queries(lo, queries: mx.array) -> mx.array:
     """Queries times the key scale of their KV head (keys were divided by it),
     as array ops (the kernel does it itself: attention's ``query_scale``)."""
-    if lo is None or lo.scale is None:
-        return queries
-    B, Hq, L, D = queries.shape
-    hkv = lo.scale.shape[0]
-    q = queries.reshape(B, hkv, Hq // hkv, L, D) * lo.scale[None, :, None, None, :].astype(queries.dtype)
-    return q.reshape(B, Hq, L, D)
+    return queries if lo is None or lo.scale is None else ops.scale_queries(queries, lo.scale)
 
 
 def attend_blocks(seq, layer: int, queries, table, lengths: list[int], scale: float, window, after):

@@ -33,6 +33,13 @@ multiplied by d (q . k unchanged), with d equal within each RoPE pair (so it
 commutes with RoPE) and d = sqrt(key RMS / query RMS) per pair, which evens
 out what a group's rounding error costs the scores.
 
+On CPU streams all of it happens in the kernels, with no array op per layer:
+kv_write removes the offsets and divides by d per token (``write_form``),
+attention multiplies the queries by d (``query_scale``) and adds the
+correction (``kernel_bias``). ``remove``, ``shift`` and ``correction`` are
+the same as array ops (the reference the tests compare with, and GPU
+streams).
+
 RoPE is read from the model itself: each layer's rope module is probed on
 unit vectors, which gives every channel's angle per position and its partner
 channel, and the probe is checked against the module at far positions. A

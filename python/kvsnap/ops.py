@@ -234,16 +234,22 @@ def attention(
     return _ext.attention(*args, list(after), stream, mask=mask, bias_w=bias[0], bias_table=bias[1], **form)
 
 
+def scale_queries(queries: mx.array, query_scale: mx.array) -> mx.array:
+    """Queries [B, Hq, L, D] times the query_scale row [n_kv_heads, D] of
+    their KV head, as array ops (what attention's ``query_scale`` does)."""
+    B, Hq, L, D = queries.shape
+    hkv = query_scale.shape[0] if query_scale.ndim == 2 else 0
+    if query_scale.shape != (hkv, D) or hkv == 0 or Hq % hkv:
+        raise InvalidArgumentError(
+            f"query_scale: must have shape (n_kv_heads, {D}), got {tuple(query_scale.shape)}", "query_scale"
+        )
+    q = queries.reshape(B, hkv, Hq // hkv, L, D) * query_scale[None, :, None, None, :].astype(queries.dtype)
+    return q.reshape(B, Hq, L, D)
+
+
 def _attention_in_basis(arena, layer, queries, block_table, lengths, rotate, query_scale, **kw) -> mx.array:
     """attention's ``rotate`` and ``query_scale`` as array ops around it (GPU streams)."""
-    q = queries
-    if query_scale is not None:
-        B, Hq, L, D = q.shape
-        hkv = query_scale.shape[0]
-        if query_scale.shape != (hkv, D) or hkv == 0 or Hq % hkv:
-            raise InvalidArgumentError(f"query_scale: must have shape (n_kv_heads, {D}), got {query_scale.shape}",
-                                       "query_scale")
-        q = (q.reshape(B, hkv, Hq // hkv, L, D) * query_scale[None, :, None, None, :].astype(q.dtype)).reshape(q.shape)
+    q = queries if query_scale is None else scale_queries(queries, query_scale)
     if rotate:
         q = mx.hadamard_transform(q, scale=q.shape[-1] ** -0.5)
     out = attention(arena, layer, q, block_table, lengths, **kw)
