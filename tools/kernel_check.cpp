@@ -31,7 +31,7 @@ struct Case {
   int k_bits, v_bits, gs, D, L, T;
   bool causal;
   int window;
-  int mask; // 0 none, 1 float, 2 bool, 3 a low-rank score bias (kvsnap.offsets)
+  int mask; // 0 none, 1 float, 2 bool, 3 a low-rank score bias (kvsnap.offsets), 4 that and the stored basis
   float scale = 0.f; // 0: 1 / sqrt(D)
 };
 
@@ -125,7 +125,16 @@ std::vector<float> run(const std::string& set, const Case& c, uint32_t seed) {
   a.kv_len = kv_len.data();
   a.causal = c.causal;
   a.window = c.window;
-  if (c.mask == 3) {
+  // The stored basis: queries times a per-KV-head scale, rotated, output rotated back.
+  std::vector<float> query_scale = randn(size_t(Hkv) * D, 0.3f);
+  for (float& x : query_scale) {
+    x = 1.f + x;
+  }
+  if (c.mask == 4) {
+    a.rotate = true;
+    a.query_scale = query_scale.data();
+  }
+  if (c.mask >= 3) {
     a.bias_w = bias_w.data();
     a.bias_table = bias_table.data();
     a.bias_rank = E;
@@ -191,6 +200,13 @@ int main(int argc, char** argv) {
     cases.push_back({kv[0], kv[1], 64, 64, 1, 150, false, 0, 2}); // bool mask
     cases.push_back({kv[0], kv[1], 64, 64, 1, 300, false, 0, 3}); // score bias, decode
     cases.push_back({kv[0], kv[1], 64, 64, 9, 150, true, 50, 3}); // score bias, prefill, window
+    if (kv[1] == 8) {
+      // Bias, scaled and rotated queries, the output rotated back. 8-bit values
+      // only: rotating the output back gathers the int8 weights' rounding of
+      // these random (unrotated) values, equal across a group's elements, into
+      // a few elements (0.15-0.2 of the largest output with 4-bit values).
+      cases.push_back({kv[0], kv[1], 64, 64, 4, 150, true, 0, 4});
+    }
     if (kv[0] == 8) {
       // Scores in the thousands (probabilities down to 0 through denormals).
       // With 4-bit keys the int8 queries flip near ties of such peaked
