@@ -89,6 +89,20 @@ inline __m512i bcast4(const int8_t* p) {
   return _mm512_set1_epi32(x);
 }
 
+// v with 128-bit lane i (0..3) replaced by x.
+inline __m512i insert128(__m512i v, __m128i x, int i) {
+  switch (i) {
+    case 0:
+      return _mm512_inserti32x4(v, x, 0);
+    case 1:
+      return _mm512_inserti32x4(v, x, 1);
+    case 2:
+      return _mm512_inserti32x4(v, x, 2);
+    default:
+      return _mm512_inserti32x4(v, x, 3);
+  }
+}
+
 // simd::exp_neg on 16 lanes: exp(x) for x <= 0 (-inf and below -87.3: 0).
 inline __m512 exp_neg16(__m512 x) {
   const __m512 lo = _mm512_set1_ps(-87.3f);
@@ -203,15 +217,20 @@ void int_scores16(
       for (int c = 0; c < n_cols;) {
         int g = (col0 + c) / cols_per_group;
         int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
+        // Two sums (low and high nibbles, or codes and residuals): half the
+        // dependency chain.
         __m512i acc = _mm512_setzero_si512(), acc_res = _mm512_setzero_si512();
         for (; c < c_end; ++c) {
           int byte = (col0 + c) * 4;
           acc = _mm512_dpbusd_epi32(acc, lo[c], bcast4(q.lo + byte));
           if constexpr (KB == 4) {
-            acc = _mm512_dpbusd_epi32(acc, hi[c], bcast4(q.hi + byte));
+            acc_res = _mm512_dpbusd_epi32(acc_res, hi[c], bcast4(q.hi + byte));
           } else {
             acc_res = _mm512_dpbusd_epi32(acc_res, lo[c], bcast4(q.res + byte));
           }
+        }
+        if constexpr (KB == 4) {
+          acc = _mm512_add_epi32(acc, acc_res);
         }
         __m512 f = _mm512_mul_ps(_mm512_load_ps(scale[g]), _mm512_set1_ps(q.qs[g]));
         s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, s);
@@ -237,23 +256,24 @@ void interleave4(const uint8_t* const* v, int row_bytes, __m512i* x) {
     for (int u = 0; u < 4; ++u) {
       r[u] = v[u] ? _mm512_maskz_loadu_epi8(m, v[u] + cb) : _mm512_setzero_si512();
     }
-    for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
-      __m512i c[4];
-      for (int u = 0; u < 4; ++u) {
-        if constexpr (VB == 4) {
-          c[u] = plane == 0 ? _mm512_and_si512(r[u], nib)
-                            : _mm512_and_si512(_mm512_srli_epi16(r[u], 4), nib);
-        } else {
-          c[u] = r[u];
-        }
+    // Byte unpacks commute with the nibble split: interleave the packed
+    // bytes once, then split each result (8 shuffles per 4 rows, not 16).
+    __m512i a01 = _mm512_unpacklo_epi8(r[0], r[1]), b01 = _mm512_unpackhi_epi8(r[0], r[1]);
+    __m512i a23 = _mm512_unpacklo_epi8(r[2], r[3]), b23 = _mm512_unpackhi_epi8(r[2], r[3]);
+    __m512i y[4] = {
+        _mm512_unpacklo_epi16(a01, a23),
+        _mm512_unpackhi_epi16(a01, a23),
+        _mm512_unpacklo_epi16(b01, b23),
+        _mm512_unpackhi_epi16(b01, b23)};
+    for (int i = 0; i < 4; ++i) {
+      if constexpr (VB == 4) {
+        x[k + i] = _mm512_and_si512(y[i], nib);
+        x[k + 4 + i] = _mm512_and_si512(_mm512_srli_epi16(y[i], 4), nib);
+      } else {
+        x[k + i] = y[i];
       }
-      __m512i a01 = _mm512_unpacklo_epi8(c[0], c[1]), b01 = _mm512_unpackhi_epi8(c[0], c[1]);
-      __m512i a23 = _mm512_unpacklo_epi8(c[2], c[3]), b23 = _mm512_unpackhi_epi8(c[2], c[3]);
-      x[k++] = _mm512_unpacklo_epi16(a01, a23);
-      x[k++] = _mm512_unpackhi_epi16(a01, a23);
-      x[k++] = _mm512_unpacklo_epi16(b01, b23);
-      x[k++] = _mm512_unpackhi_epi16(b01, b23);
     }
+    k += VB == 4 ? 8 : 4;
   }
 }
 
@@ -424,14 +444,18 @@ void attend_rows_int(
         interleave4<VB>(v, v_row_bytes, xv[blk]);
       }
       const int n_blocks = (n + 3) / 4;
+      constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
       for (int r = 0; r < R; ++r) {
         if (!active[r]) {
           continue;
         }
         // Weights w_tg = p_t s_tg in int8, one step per group; bias sums.
-        alignas(64) int8_t w8[16][kChunk];
-        alignas(64) int8_t w8_res[16][kChunk]; // 8-bit values: residuals in steps step / 254
+        // wz[plane]: dword g * 8 + blk holds the weights of keys 4 blk ..
+        // 4 blk + 3 for group g (groups 0-3, kept in registers); more groups
+        // go through w8 in memory.
+        alignas(64) int8_t w8[WP][16][kChunk];
         alignas(64) float step[16] = {};
+        __m512i wz[WP][2] = {};
         for (int g = 0; g < n_groups; ++g) {
           __m512 w0 = _mm512_mul_ps(_mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_scale[g][0]));
           __m512 w1 = _mm512_mul_ps(_mm512_load_ps(&sc[r][16]), _mm512_load_ps(&v_scale[g][16]));
@@ -445,32 +469,36 @@ void attend_rows_int(
           for (int half = 0; half < 2; ++half) {
             __m512 x = _mm512_mul_ps(half ? w1 : w0, vi);
             __m512i xi = _mm512_cvtps_epi32(x);
-            _mm_store_si128(reinterpret_cast<__m128i*>(&w8[g][16 * half]), _mm512_cvtepi32_epi8(xi));
+            __m128i b8[WP];
+            b8[0] = _mm512_cvtepi32_epi8(xi);
             if constexpr (VB == 8) {
-              __m512 r = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_cvtepi32_ps(xi)), _mm512_set1_ps(254.f));
-              _mm_store_si128(
-                  reinterpret_cast<__m128i*>(&w8_res[g][16 * half]),
-                  _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+              __m512 res = _mm512_mul_ps(_mm512_sub_ps(x, _mm512_cvtepi32_ps(xi)), _mm512_set1_ps(254.f));
+              b8[1] = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(res));
+            }
+            for (int plane = 0; plane < WP; ++plane) {
+              if (n_groups <= 4) {
+                wz[plane][g / 2] = insert128(wz[plane][g / 2], b8[plane], 2 * (g % 2) + half);
+              } else {
+                _mm_store_si128(reinterpret_cast<__m128i*>(&w8[plane][g][16 * half]), b8[plane]);
+              }
             }
           }
         }
-        // Per block of 4 keys: the weights of every group, then of each lane.
-        constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
-        alignas(64) int32_t wg[WP][kBlocks][16] = {};
-        for (int blk = 0; blk < n_blocks; ++blk) {
-          for (int g = 0; g < n_groups; ++g) {
-            std::memcpy(&wg[0][blk][g], &w8[g][4 * blk], 4);
-            if constexpr (VB == 8) {
-              std::memcpy(&wg[1][blk][g], &w8_res[g][4 * blk], 4);
-            }
-          }
-        }
+        // wl[plane][blk][p]: lane x holds the 4 weights of block blk for the
+        // group of lane x in pattern p.
         alignas(64) __m512i wl[WP][kBlocks][16];
-        for (int plane = 0; plane < WP; ++plane) {
+        for (int p = 0; p < layout.n_pat; ++p) {
+          const __m512i gidx = _mm512_slli_epi32(_mm512_load_si512(layout.group[p]), 3);
           for (int blk = 0; blk < n_blocks; ++blk) {
-            __m512i wv = _mm512_load_si512(wg[plane][blk]);
-            for (int p = 0; p < layout.n_pat; ++p) {
-              wl[plane][blk][p] = _mm512_permutexvar_epi32(_mm512_load_si512(layout.group[p]), wv);
+            const __m512i idx = _mm512_add_epi32(gidx, _mm512_set1_epi32(blk));
+            for (int plane = 0; plane < WP; ++plane) {
+              if (n_groups <= 2) {
+                wl[plane][blk][p] = _mm512_permutexvar_epi32(idx, wz[plane][0]);
+              } else if (n_groups <= 4) {
+                wl[plane][blk][p] = _mm512_permutex2var_epi32(wz[plane][0], idx, wz[plane][1]);
+              } else {
+                wl[plane][blk][p] = _mm512_i32gather_epi32(idx, w8[plane], 4);
+              }
             }
           }
         }
