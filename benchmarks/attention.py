@@ -79,8 +79,8 @@ CHECK_TOLERANCE = 1e-3  # max |kvsnap - sdpa on the dequantized K/V|, float kern
 # causal prefill (few keys, so no averaging of the rounding).
 INT_CHECK_TOLERANCE = 2e-2
 INTEGER_ISAS = ("avx2-int", "avx512-vnni")
-FLUSH_BYTES = 64 << 20  # twice the 32 MiB L3 of the machines this was written on
-COPY_BYTES = 512 << 20  # size of the bandwidth-measuring copy
+MIN_FLUSH_BYTES = 64 << 20  # the flush reads at least this much, and twice the last-level cache
+MIN_COPY_BYTES = 512 << 20  # the bandwidth-measuring copy: at least this, and the flush's size
 
 # mlx-lm with float16 queries takes ~1.2 s per decode step at 4K on CPU (with
 # float32 queries, float16 scales cost nothing extra); it runs only for decode
@@ -389,15 +389,44 @@ def make_variants(case: Case, seed: int, gpu: bool = False) -> list[Variant]:
 # Timing
 
 
+def last_level_cache_bytes() -> int | None:
+    """The largest CPU cache Linux reports (sysfs), in bytes; None where it reports none."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text and text[-1] in units and text[:-1].isdigit():
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes) if sizes else None
+
+
+def flush_bytes() -> int:
+    """Twice the last-level cache (at least MIN_FLUSH_BYTES): a read of that
+    many bytes leaves none of the K/V in any cache. Machines differ: this VM
+    reported a 32 MiB L3 until 2026-11-27 and 480 MiB since."""
+    llc = last_level_cache_bytes()
+    return max(MIN_FLUSH_BYTES, 2 * llc) if llc else MIN_FLUSH_BYTES
+
+
 class CacheFlusher:
-    """Evicts the CPU caches by reading a buffer larger than the last-level cache."""
+    """Evicts the CPU caches by reading a buffer larger than the last-level cache,
+    on every core (each has its own L2), as the rest of a model's decode step
+    keeps every core busy between two attention calls."""
 
     def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
         self._buffer = np.ones(nbytes // 8, dtype=np.int64)
+        n = max(1, os.cpu_count() or 1)
+        self._parts = np.array_split(self._buffer, n)
+        self._pool = ThreadPoolExecutor(n)
 
     def __call__(self) -> None:
         # A read, not a write: dirty lines would be written back during the timed run.
-        self._buffer.sum()
+        # numpy's sum releases the GIL, so the parts are read in parallel.
+        list(self._pool.map(np.sum, self._parts))
 
 
 def time_call(
@@ -691,17 +720,25 @@ def main(argv: list[str] | None = None) -> None:
     timing = QUICK_TIMING if args.quick else FULL_TIMING
     mx.set_default_device(mx.cpu)
 
-    bandwidth = measure_bandwidth(COPY_BYTES, repeats=2 if args.quick else 5)
+    copy_bytes = max(MIN_COPY_BYTES, flush_bytes())
+    bandwidth = measure_bandwidth(copy_bytes, repeats=2 if args.quick else 5)
     machine = machine_info(bandwidth)
     bench_common.print_machine(machine)
     print(
-        f"memory bandwidth ({COPY_BYTES >> 20} MiB numpy copy, best of a few): read "
+        f"memory bandwidth ({copy_bytes >> 20} MiB numpy copy, best of a few): read "
         f"{bandwidth['read_gb_per_s_1_thread']:.2f} GB/s on 1 thread, "
         f"{bandwidth['read_gb_per_s_all_threads']:.2f} GB/s on {bandwidth['threads']}; "
         f"read+write {bandwidth['read_write_gb_per_s_1_thread']:.2f} / "
         f"{bandwidth['read_write_gb_per_s_all_threads']:.2f} GB/s"
     )
-    print(f"caches {'NOT flushed' if args.warm_cache else 'flushed'} between runs")
+    flusher = (lambda: None) if args.warm_cache else CacheFlusher(flush_bytes())
+    llc = last_level_cache_bytes()
+    llc_text = f"last-level cache reported: {llc >> 20} MiB" if llc else "no cache size reported"
+    print(
+        "caches NOT flushed between runs"
+        if args.warm_cache
+        else f"caches flushed between runs: {flusher.nbytes >> 20} MiB read on every core ({llc_text})"
+    )
     gpu = metal_available() and not args.cpu_only
     self_check = metal_self_check() if gpu else None
     if gpu:
@@ -715,7 +752,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"no [gpu] rows ({reason})")
     print()
 
-    flusher = (lambda: None) if args.warm_cache else CacheFlusher(FLUSH_BYTES)
     cases = [Case(1, context) for context in args.contexts] + [
         Case(PREFILL_QUERIES, PREFILL_CONTEXT)
     ]
@@ -755,6 +791,8 @@ def main(argv: list[str] | None = None) -> None:
             **asdict(timing),
             "statistic": "median",
             "caches_flushed": not args.warm_cache,
+            "flush_bytes": 0 if args.warm_cache else flusher.nbytes,
+            "last_level_cache_bytes": llc,
             "elapsed_s": elapsed,
         },
         "metal_self_check": self_check,
