@@ -9,7 +9,8 @@ random data:
                         scales/biases (kvsnap's storage format), with the CPU
                         kernel set kvsnap picks here (kvsnap._ext.isa())
   kvsnap q4 g64 [isa]   the same call with each other kernel set this CPU runs
-                        (_ext.set_isa: "avx2-int" integer on AVX2, "avx2" float,
+                        (_ext.set_isa: "avx2-vnni" integer on AVX-VNNI, "avx2-int"
+                        integer on AVX2, "avx2" float,
                         "generic" float baseline)
   kvsnap paged q4 g64   kvsnap.attention over arena blocks written by kv_write
   sdpa f32 / f16        mx.fast.scaled_dot_product_attention on float K/V
@@ -78,7 +79,7 @@ CHECK_TOLERANCE = 1e-3  # max |kvsnap - sdpa on the dequantized K/V|, float kern
 # csrc/cpu/int_dot_avx512.h): about 1e-3 in decode, 1e-2 in the first rows of a
 # causal prefill (few keys, so no averaging of the rounding).
 INT_CHECK_TOLERANCE = 2e-2
-INTEGER_ISAS = ("avx2-int", "avx512-vnni")
+INTEGER_ISAS = ("avx2-int", "avx2-vnni", "avx512-vnni")
 MIN_FLUSH_BYTES = 64 << 20  # the flush reads at least this much, and twice the last-level cache
 MIN_COPY_BYTES = 512 << 20  # the bandwidth-measuring copy: at least this, and the flush's size
 

@@ -1,7 +1,7 @@
 """Tolerances of the CPU kernel sets (kvsnap._ext.isa()) against float64.
 
 The float kernel sets ("generic", "avx2") stay within float32 rounding
-(conftest.TOL). The integer sets ("avx512-vnni"; "avx2-int" and, on arm64,
+(conftest.TOL). The integer sets ("avx512-vnni"; "avx2-int", "avx2-vnni" and, on arm64,
 "neon-dotprod" with the same math) take the query-key scores in integers: each
 query row is rounded to int8 with one scale per key group (error up to half
 a step, max |q_g| / 254, per element), which moves a score by about 0.5% of
@@ -19,7 +19,7 @@ import pytest
 from conftest import TOL
 from kvsnap import _ext
 
-INTEGER_DOT_ISAS = frozenset({"avx2-int", "avx512-vnni", "neon-dotprod"})
+INTEGER_DOT_ISAS = frozenset({"avx2-int", "avx2-vnni", "avx512-vnni", "neon-dotprod"})
 INT_DOT_TOL = 5e-2
 
 

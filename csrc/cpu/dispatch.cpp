@@ -6,6 +6,10 @@
 #include <string>
 #include <string_view>
 
+#if defined(KVSNAP_HAVE_X86_KERNELS)
+#include <cpuid.h>
+#endif
+
 #if defined(KVSNAP_HAVE_NEON_DOTPROD)
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
@@ -37,6 +41,12 @@ bool cpu_has_avx2() {
       __builtin_cpu_supports("f16c");
 }
 
+// AVX-VNNI (VEX-encoded vpdpbusd): CPUID leaf 7, subleaf 1, eax bit 4.
+bool cpu_has_avx_vnni() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return cpu_has_avx2() && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 4) & 1);
+}
+
 bool cpu_has_avx512_vnni() {
   return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
@@ -57,6 +67,7 @@ const KernelSet kSets[] = {
     {"avx2", avx2::attention, avx2::kv_write, cpu_has_avx2},
     // kv_write has no integer form: the AVX2 one (the same bits as before).
     {"avx2-int", avx2_int::attention, avx2::kv_write, cpu_has_avx2},
+    {"avx2-vnni", avx2_vnni::attention, avx2::kv_write, cpu_has_avx_vnni},
     {"avx512-vnni", avx512_vnni::attention, avx2::kv_write, cpu_has_avx512_vnni},
 #endif
 #if defined(KVSNAP_HAVE_NEON_DOTPROD)

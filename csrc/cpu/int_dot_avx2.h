@@ -10,6 +10,11 @@
 // 8-bit values are rounded to [-63, 63] instead (2 * 255 * 63 = 32130),
 // one bit less per plane: with the residual plane about 13 bits.
 //
+// With KVSNAP_AVX_VNNI (the "avx2-vnni" set: CPUs with AVX-VNNI but no
+// AVX-512, e.g. Intel's since Alder Lake) dot4 is one vpdpbusd on 256 bits,
+// summing into int32 directly: no saturation, so 8-bit planes keep int8 of
+// full range, as in int_dot_avx512.h.
+//
 // Keys are scored 8 at a time with the keys in the lanes (8 x 8 dword
 // transpose of 32 packed bytes per key), as int_dot_avx512.h does 16.
 #pragma once
@@ -29,10 +34,17 @@ namespace {
 using IVec = __m256i;
 constexpr int kVecBytes = 32;
 
+#if defined(KVSNAP_AVX_VNNI)
+template <int KB>
+constexpr int kQueryMax = 127;
+template <int VB>
+constexpr int kWeightMax = 127;
+#else
 template <int KB>
 constexpr int kQueryMax = KB == 8 ? 63 : 127;
 template <int VB>
 constexpr int kWeightMax = VB == 8 ? 63 : 127;
+#endif
 template <int VB>
 constexpr int kValueCodeOffset = 0;
 
@@ -43,8 +55,12 @@ inline IVec ivec_zero() {
 // acc + sum of four u8 x s8 products per int32 lane (no overflow within the
 // ranges above).
 inline IVec dot4(IVec acc, IVec codes, IVec w) {
+#if defined(KVSNAP_AVX_VNNI)
+  return _mm256_dpbusd_avx_epi32(acc, codes, w);
+#else
   const __m256i ones = _mm256_set1_epi16(1);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, w), ones));
+#endif
 }
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at

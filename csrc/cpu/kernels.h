@@ -138,6 +138,10 @@ namespace avx2_int {
 void attention(const AttentionArgs& args);
 void kv_write(const WriteArgs& args);
 } // namespace avx2_int
+namespace avx2_vnni {
+void attention(const AttentionArgs& args);
+void kv_write(const WriteArgs& args);
+} // namespace avx2_vnni
 namespace avx512_vnni {
 void attention(const AttentionArgs& args);
 void kv_write(const WriteArgs& args);
@@ -152,6 +156,8 @@ void kv_write(const WriteArgs& args);
 //   "avx2"         float kernels for AVX2+FMA+F16C
 //   "avx2-int"     both dot products in integers on AVX2 (vpmaddubsw; int8
 //                  of 7 bits against 8-bit codes), the rest as "avx2"
+//   "avx2-vnni"    as "avx2-int" with 256-bit vpdpbusd (AVX-VNNI, no
+//                  AVX-512): int8 of full range, as "avx512-vnni"
 //   "avx512-vnni"  both dot products in integers (int8 queries and weights
 //                  times 4/8-bit codes, vpdpbusd), the rest as "avx2"
 //   "neon-dotprod" arm64 with the dot-product extension: integers (sdot),
