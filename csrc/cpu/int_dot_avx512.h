@@ -302,9 +302,7 @@ void attend_rows_int(
   const int NV = layout.n_vec;
 
   alignas(64) float acc_perm[kMaxRows][kMaxDim]; // sum_t w_t c_t, ValueLayout order
-  // sum_t p_t b_tg and sum_t p_t, in 16 partial sums each (reduced at the end).
-  alignas(64) float bias_acc[kMaxRows][16][16];
-  alignas(64) float l_acc[kMaxRows][16];
+  float bias_sum[kMaxRows][16]; // sum_t p_t b_tg
   alignas(64) float sc[kMaxRows][kChunk];
   alignas(64) __m512i xv[kBlocks][16]; // the chunk's value codes, interleaved
   alignas(64) float v_scale[16][32], v_bias[16][32]; // [group][key of chunk]
@@ -315,8 +313,7 @@ void attend_rows_int(
     m[r] = kNegInf;
     l[r] = 0.f;
     std::fill(acc_perm[r], acc_perm[r] + NV * 16, 0.f);
-    std::fill(l_acc[r], l_acc[r] + 16, 0.f);
-    std::fill(&bias_acc[r][0][0], &bias_acc[r][0][0] + 16 * n_groups, 0.f);
+    std::fill(bias_sum[r], bias_sum[r] + n_groups, 0.f);
   }
 
   for (int t = t0; t < t1;) {
@@ -402,11 +399,10 @@ void attend_rows_int(
         float m_new = std::max(m[r], cmax);
         if (m_new != m[r]) {
           float corr = std::exp(m[r] - m_new);
-          const __m512 cv = _mm512_set1_ps(corr);
-          _mm512_store_ps(l_acc[r], _mm512_mul_ps(_mm512_load_ps(l_acc[r]), cv));
+          l[r] *= corr;
           scale_row(corr, acc_perm[r], NV * 16);
           for (int g = 0; g < n_groups; ++g) {
-            _mm512_store_ps(bias_acc[r][g], _mm512_mul_ps(_mm512_load_ps(bias_acc[r][g]), cv));
+            bias_sum[r][g] *= corr;
           }
           m[r] = m_new;
         }
@@ -414,7 +410,7 @@ void attend_rows_int(
         __m512 p0 = exp_neg16(_mm512_sub_ps(s0, mv)), p1 = exp_neg16(_mm512_sub_ps(s1, mv));
         _mm512_store_ps(&sc[r][0], p0);
         _mm512_store_ps(&sc[r][16], p1);
-        _mm512_store_ps(l_acc[r], _mm512_add_ps(_mm512_load_ps(l_acc[r]), _mm512_add_ps(p0, p1)));
+        l[r] += _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
       }
       // Values of the chunk: scales/biases by group, codes interleaved.
       for (int j = 0; j < kChunk; j += 16) {
@@ -463,10 +459,9 @@ void attend_rows_int(
         for (int g = 0; g < n_groups; ++g) {
           __m512 w0 = _mm512_mul_ps(_mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_scale[g][0]));
           __m512 w1 = _mm512_mul_ps(_mm512_load_ps(&sc[r][16]), _mm512_load_ps(&v_scale[g][16]));
-          __m512 bs = _mm512_fmadd_ps(
-              _mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_bias[g][0]), _mm512_load_ps(bias_acc[r][g]));
+          __m512 bs = _mm512_mul_ps(_mm512_load_ps(&sc[r][0]), _mm512_load_ps(&v_bias[g][0]));
           bs = _mm512_fmadd_ps(_mm512_load_ps(&sc[r][16]), _mm512_load_ps(&v_bias[g][16]), bs);
-          _mm512_store_ps(bias_acc[r][g], bs);
+          bias_sum[r][g] += _mm512_reduce_add_ps(bs);
           float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1)));
           float inv = amax > 0.f ? 127.f / amax : 0.f;
           step[g] = amax / 127.f;
@@ -532,15 +527,10 @@ void attend_rows_int(
   // Back to element order, bias sums added.
   for (int r = 0; r < R; ++r) {
     float* out = acc + size_t(r) * D;
-    l[r] = _mm512_reduce_add_ps(_mm512_load_ps(l_acc[r]));
-    float bias_sum[16];
-    for (int g = 0; g < n_groups; ++g) {
-      bias_sum[g] = _mm512_reduce_add_ps(_mm512_load_ps(bias_acc[r][g]));
-    }
     for (int x = 0; x < NV * 16; ++x) {
       int d = layout.elem[x];
       if (d >= 0) {
-        out[d] = acc_perm[r][x] + bias_sum[d / gs];
+        out[d] = acc_perm[r][x] + bias_sum[r][d / gs];
       }
     }
   }
