@@ -46,8 +46,9 @@ void ArenaGeometry::validate() const {
   positive("head_dim", head_dim);
   positive("block_tokens", block_tokens);
   check_quant_format(v_bits, group_size, head_dim, "head_dim");
-  if (k_bits != 4 && k_bits != 8) {
-    throw InvalidArgument("key_bits", "must be 4 or 8, got " + std::to_string(k_bits));
+  // 6-bit rows fit whole words: group_size (at least 16) divides head_dim.
+  if (k_bits != 4 && k_bits != 6 && k_bits != 8) {
+    throw InvalidArgument("key_bits", "must be 4, 6 or 8, got " + std::to_string(k_bits));
   }
 }
 

@@ -5,7 +5,7 @@
 //   K packed, K scales, K biases, V packed, V scales, V biases, each holding
 //   every layer back to back ([n_layers, ...] of):
 //   packed  uint32  [n_kv_heads, block_tokens, head_dim * bits / 32]
-//           (keys at k_bits, values at v_bits: 4 or 8 each)
+//           (keys at k_bits: 4, 6 or 8; values at v_bits: 4 or 8)
 //   scales  float16 [n_kv_heads, block_tokens, head_dim / group_size]
 //   biases  float16 [n_kv_heads, block_tokens, head_dim / group_size]
 //

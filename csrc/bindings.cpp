@@ -170,7 +170,8 @@ NB_MODULE(_ext, m) {
           "n_layers"_a, "n_kv_heads"_a, "head_dim"_a, nb::kw_only(),
           "block_tokens"_a = 256, "bits"_a = 4, "group_size"_a = 64,
           "budget_bytes"_a = nb::none(), "key_bits"_a = nb::none(), "budget"_a = nb::none(),
-          "bits: of the values (and the keys unless key_bits is given); 4 or 8.\n"
+          "bits: of the values (and the keys unless key_bits is given); 4 or 8. "
+          "key_bits: 4, 6 or 8.\n"
           "budget_bytes: this arena's own limit; budget: a Budget shared with other "
           "arenas (then budget_bytes may be omitted: the arena can grow to the whole "
           "budget). One of the two is required.")

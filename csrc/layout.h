@@ -6,8 +6,11 @@
 // builds for: LP64 hosts and Metal) and `unsigned`.
 //
 // Terms: a row is the head_dim quantized elements of one token and KV head;
-// `bits` is 4 or 8; a uint32 word holds 32 / bits elements, element e of a
-// word at bits [e * bits, (e + 1) * bits) (MLX's affine layout).
+// `bits` is 4 or 8 (6 for keys); a row is one little-endian bit stream in
+// uint32 words, element i at bits [i * bits, (i + 1) * bits) (MLX's affine
+// layout). At 4 and 8 bits a word holds 32 / bits whole elements; at 6 bits
+// an element may straddle two words (kv_straddles), and a group of 16
+// elements fills 3 words exactly.
 #pragma once
 
 // ---------------------------------------------------------------- a row
@@ -32,9 +35,26 @@ inline unsigned kv_shift_of(int i, int bits) {
   return unsigned(i * bits) % 32u;
 }
 
-// The integer (0 .. 2^bits - 1) of element i, given its word.
+// The integer (0 .. 2^bits - 1) of element i, given its word (an element
+// that does not straddle: 4 and 8 bits always).
 inline unsigned kv_unpack(unsigned word, int i, int bits) {
   return (word >> kv_shift_of(i, bits)) & ((1u << bits) - 1u);
+}
+
+// Whether element i runs on into the next word (6 bits only).
+inline bool kv_straddles(int i, int bits) {
+  return kv_shift_of(i, bits) + unsigned(bits) > 32u;
+}
+
+// The integer of element i, given its word and the next one (read only when
+// kv_straddles(i, bits): the next word may lie past the row).
+inline unsigned kv_unpack2(unsigned word, unsigned next, int i, int bits) {
+  const unsigned s = kv_shift_of(i, bits);
+  unsigned v = word >> s;
+  if (s + unsigned(bits) > 32u) {
+    v |= next << (32u - s);
+  }
+  return v & ((1u << bits) - 1u);
 }
 
 // Group (scale/bias index) of element i.

@@ -39,6 +39,9 @@ constexpr int kMaxSplits = 16; // at most this many parts
 constexpr int kMaxSplitRows = 8; // tiles of more query rows are not split
 constexpr int kMaxDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Key bits the integer kernels read; 6-bit keys take the float blocks.
+template <int KB>
+constexpr bool kIntKeys = KB == 4 || KB == 8;
 
 template <DType T>
 inline float load_elem(const void* p, int64_t i) {
@@ -68,6 +71,13 @@ inline v8f unpack8(const uint32_t* row, unsigned i) {
   if constexpr (BITS == 4) {
     const v8u shifts = {0, 4, 8, 12, 16, 20, 24, 28};
     return to_float((splat_u(row[i / 8]) >> shifts) & 0xFu);
+  } else if constexpr (BITS == 6) {
+    // Elements i .. i + 7 (i a multiple of 8) are the 48 bits at bit 6 * i.
+    uint64_t x = 0;
+    std::memcpy(&x, reinterpret_cast<const unsigned char*>(row) + size_t(i) / 8 * 6, 6);
+    v8u w = {uint32_t(x), uint32_t(x >> 6), uint32_t(x >> 12), uint32_t(x >> 18),
+             uint32_t(x >> 24), uint32_t(x >> 30), uint32_t(x >> 36), uint32_t(x >> 42)};
+    return to_float(w & 0x3Fu);
   } else {
     uint32_t a = row[i / 4], b = row[i / 4 + 1];
     const v8u shifts = {0, 8, 16, 24, 0, 8, 16, 24};
@@ -463,9 +473,12 @@ void attend_range(
     float* acc) {
   const int D = a.kv.head_dim;
 #if defined(KVSNAP_INT_DOT)
-  (void)D;
-  attend_rows_int<KB, VB, SD>(a, b, h, rows, R, t0, t1, m, l, acc);
-#else
+  if constexpr (kIntKeys<KB>) {
+    (void)D;
+    attend_rows_int<KB, VB, SD>(a, b, h, rows, R, t0, t1, m, l, acc);
+    return;
+  }
+#endif
   if (R <= 4) {
     attend_block<KB, VB, SD, 4>(a, b, h, rows, R, t0, t1, m, l, acc);
     return;
@@ -475,7 +488,6 @@ void attend_range(
         a, b, h, rows + r0, std::min(8, R - r0), t0, t1, m + r0, l + r0,
         acc + size_t(r0) * D);
   }
-#endif
 }
 
 template <DType OT>
@@ -573,7 +585,9 @@ void attention_impl(const AttentionArgs& a) {
   parallel_for(int((n_query_rows + 63) / 64), [&](int task) {
     size_t end = std::min(n_query_rows, size_t(task + 1) * 64);
     for (size_t i = size_t(task) * 64; i < end; ++i) {
-      quantize_query<KB, kQueryMax<KB>>(qf.data() + i * D, D, src.group_size, qi[i]);
+      if constexpr (kIntKeys<KB>) {
+        quantize_query<KB, kQueryMax<KB>>(qf.data() + i * D, D, src.group_size, qi[i]);
+      }
     }
   });
   auto int_query = [&](size_t row) -> const IntQuery* { return &qi[row]; };
@@ -730,7 +744,6 @@ void quantize_row(
     uint16_t* biases) {
   constexpr float n_bins = (1 << BITS) - 1;
   constexpr float eps = 1e-7f;
-  constexpr int per_word = 32 / BITS;
   for (int g = 0; g < D / gs; ++g) {
     float w[kMaxDim];
     float w_min = std::numeric_limits<float>::infinity();
@@ -750,14 +763,21 @@ void quantize_row(
       scale = edge / q0;
       bias = edge;
     }
-    for (int k = 0; k < gs / per_word; ++k) {
-      uint32_t word = 0;
-      for (int e = 0; e < per_word; ++e) {
-        float q = std::rint((w[k * per_word + e] - bias) / scale);
-        q = std::min(std::max(q, 0.0f), n_bins);
-        word |= uint32_t(q) << (e * BITS);
+    // The group's codes as one little-endian bit stream: gs * BITS is a
+    // multiple of 32 (6 bits: gs a multiple of 16), so a group fills whole words.
+    uint32_t* out = packed + g * gs * BITS / 32;
+    uint64_t stream = 0;
+    int n_bits = 0;
+    for (int j = 0; j < gs; ++j) {
+      float q = std::rint((w[j] - bias) / scale);
+      q = std::min(std::max(q, 0.0f), n_bins);
+      stream |= uint64_t(q) << n_bits;
+      n_bits += BITS;
+      if (n_bits >= 32) {
+        *out++ = uint32_t(stream);
+        stream >>= 32;
+        n_bits -= 32;
       }
-      packed[g * gs / per_word + k] = word;
     }
     scales[g] = float_to_half(scale);
     biases[g] = float_to_half(bias);
@@ -876,8 +896,12 @@ void attention(const AttentionArgs& a) {
     attention_bits<4, 4>(a);
   } else if (kb == 8 && vb == 4) {
     attention_bits<8, 4>(a);
+  } else if (kb == 6 && vb == 4) {
+    attention_bits<6, 4>(a);
   } else if (kb == 4 && vb == 8) {
     attention_bits<4, 8>(a);
+  } else if (kb == 6 && vb == 8) {
+    attention_bits<6, 8>(a);
   } else {
     attention_bits<8, 8>(a);
   }
@@ -889,8 +913,12 @@ void kv_write(const WriteArgs& a) {
     kv_write_bits<4, 4>(a);
   } else if (kb == 8 && vb == 4) {
     kv_write_bits<8, 4>(a);
+  } else if (kb == 6 && vb == 4) {
+    kv_write_bits<6, 4>(a);
   } else if (kb == 4 && vb == 8) {
     kv_write_bits<4, 8>(a);
+  } else if (kb == 6 && vb == 8) {
+    kv_write_bits<6, 8>(a);
   } else {
     kv_write_bits<8, 8>(a);
   }
