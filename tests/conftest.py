@@ -74,13 +74,13 @@ def f16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
 
 
 def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
-    """uint32 words [..., W] -> integers [..., W * 32 / bits], element k of a
-    word at bits [k * bits, (k + 1) * bits)."""
-    packed = np.asarray(packed, dtype=np.uint32)
-    per_word = 32 // bits
-    shifts = np.arange(per_word, dtype=np.uint32) * bits
-    q = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-    return q.reshape(*packed.shape[:-1], packed.shape[-1] * per_word).astype(np.int64)
+    """uint32 words [..., W] -> integers [..., W * 32 / bits]: each row is one
+    little-endian bit stream, element k at bits [k * bits, (k + 1) * bits)
+    (at 6 bits an element may straddle two words)."""
+    packed = np.ascontiguousarray(packed, dtype="<u4")
+    stream = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")
+    fields = stream.reshape(*packed.shape[:-1], packed.shape[-1] * 32 // bits, bits).astype(np.int64)
+    return (fields << np.arange(bits, dtype=np.int64)).sum(axis=-1)
 
 
 def dequantize(packed, scales, biases, bits: int, group_size: int) -> np.ndarray:

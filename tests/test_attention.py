@@ -303,9 +303,10 @@ class Paged:
     through slots handed out in shuffled order; the reference K/V come from
     the arena's own bytes."""
 
-    def __init__(self, rng, lengths, *, Hkv=2, D=64, bits=4, gs=64, bt=256, n_layers=2, layer=1):
+    def __init__(self, rng, lengths, *, Hkv=2, D=64, bits=4, gs=64, bt=256, n_layers=2, layer=1, key_bits=None):
         self.arena = kvsnap.Arena(
-            n_layers, Hkv, D, block_tokens=bt, bits=bits, group_size=gs, budget_bytes=1 << 28
+            n_layers, Hkv, D, block_tokens=bt, bits=bits, group_size=gs, budget_bytes=1 << 28,
+            key_bits=key_bits,
         )
         self.layer, self.lengths = layer, list(lengths)
         n_blocks = [max(1, -(-n // bt)) for n in lengths]

@@ -173,6 +173,9 @@ class Case:
 
 PAGED = (
     Case("decode gqa ragged", 8, 2, 128, 1, (1100, 37, 300), min_splits=4),
+    Case("decode gqa 3 k6v4 gs16 f16", 6, 2, 64, 1, (900, 41), key_bits=6, group_size=16, dtype=mx.float16),
+    Case("prefill window k6v8 d96 gs32 bf16", 4, 2, 96, 5, (500, 9), key_bits=6, bits=8, group_size=32,
+         window=70, dtype=mx.bfloat16),
     Case(
         "prefill f16 k8v4 gs32",
         4,
@@ -229,7 +232,7 @@ PAGED = (
 def random_case(rng: np.random.Generator, i: int) -> Case:
     """A random paged case: head_dim 64/96/128/256 (96: lanes past head_dim),
     group sizes dividing it, GQA ratios 1/2/3/4/7, decode or prefill, ragged
-    lengths, windows, bits 4/8 each, the three query dtypes."""
+    lengths, windows, key bits 4/6/8, value bits 4/8, the three query dtypes."""
     D = int(rng.choice([64, 96, 128, 256]))
     gs = int(rng.choice([g for g in (16, 32, 64, 128) if D % g == 0]))
     Hkv = int(rng.choice([1, 2]))
@@ -244,7 +247,7 @@ def random_case(rng: np.random.Generator, i: int) -> Case:
         D,
         L,
         lengths,
-        key_bits=int(rng.choice([4, 8])),
+        key_bits=int(rng.choice([4, 6, 8])),
         bits=int(rng.choice([4, 8])),
         group_size=gs,
         block_tokens=int(rng.choice([16, 32, 64])),
@@ -594,6 +597,8 @@ WRITES = (
         "bfloat16 k4v8 gs128 d256", 2, 1, 256, 3, (3, 70), bits=8, group_size=128, dtype=mx.bfloat16
     ),
     Case("float32 8-bit gs32 d64", 2, 2, 64, 17, (17, 17), key_bits=8, bits=8, group_size=32),
+    Case("float32 k6v4 gs16 d64", 4, 2, 64, 9, (9, 300), key_bits=6, group_size=16),
+    Case("bfloat16 k6v8 gs64 d192", 2, 1, 192, 5, (5, 40), key_bits=6, bits=8, dtype=mx.bfloat16),
 )
 
 
@@ -653,7 +658,7 @@ def test_kv_write_writes_the_cpu_kernels_bytes(harness, case, rng, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16], ids=DTYPE_NAMES.get)
-@pytest.mark.parametrize("bits", [(4, 4), (8, 4), (4, 8), (8, 8)], ids=str)
+@pytest.mark.parametrize("bits", [(4, 4), (8, 4), (6, 4), (4, 8), (6, 8), (8, 8)], ids=str)
 def test_kv_write_special_values(harness, dtype, bits, rng, tmp_path):
     """Groups of zeros, constants, tiny values (float16 subnormal scales) and
     large ones, group size 16."""

@@ -111,7 +111,9 @@ KVRow<ST> kv_row(
 // Element i of a quantized row, dequantized.
 template <int BITS, typename ST>
 inline float dequant(device const uint* packed, device const ST* scales, device const ST* biases, int i, int gs) {
-  const uint q = kv_unpack(packed[kv_word_of(i, BITS)], i, BITS);
+  const int w = kv_word_of(i, BITS);
+  const uint q = kv_straddles(i, BITS) ? kv_unpack2(packed[w], packed[w + 1], i, BITS)
+                                       : kv_unpack(packed[w], i, BITS);
   const int g = kv_group_of(i, gs);
   return float(q) * to_float(scales[g]) + to_float(biases[g]);
 }
@@ -376,6 +378,8 @@ template <typename OT>
 #define KVSNAP_PARTIAL_BITS(qn, QT, sn, ST) \
   KVSNAP_PARTIAL(qn, QT, sn, ST, 4, 4)      \
   KVSNAP_PARTIAL(qn, QT, sn, ST, 4, 8)      \
+  KVSNAP_PARTIAL(qn, QT, sn, ST, 6, 4)      \
+  KVSNAP_PARTIAL(qn, QT, sn, ST, 6, 8)      \
   KVSNAP_PARTIAL(qn, QT, sn, ST, 8, 4)      \
   KVSNAP_PARTIAL(qn, QT, sn, ST, 8, 8)
 

@@ -65,16 +65,22 @@ template <typename T>
     scale = edge / q0;
     bias = edge;
   }
-  const int per_word = 32 / bits;
-  for (int k = 0; k < gs / per_word; ++k) {
-    uint word = 0;
-    for (int e = 0; e < per_word; ++e) {
-      const int i = g * gs + k * per_word + e; // element of the row
-      float q = rint((to_float(x[k * per_word + e]) - bias) / scale);
-      q = clamp(q, 0.0f, n_bins);
-      word |= uint(q) << kv_shift_of(i, bits);
+  // The group's codes as one little-endian bit stream: gs * bits is a
+  // multiple of 32 (6 bits: gs a multiple of 16), so a group fills whole
+  // words and no other thread writes them.
+  int w = kv_word_of(g * gs, bits);
+  ulong stream = 0;
+  int n_bits = 0;
+  for (int j = 0; j < gs; ++j) {
+    float q = rint((to_float(x[j]) - bias) / scale);
+    q = clamp(q, 0.0f, n_bins);
+    stream |= ulong(uint(q)) << n_bits;
+    n_bits += bits;
+    if (n_bits >= 32) {
+      packed[w++] = uint(stream);
+      stream >>= 32;
+      n_bits -= 32;
     }
-    packed[kv_word_of(g * gs + k * per_word, bits)] = word;
   }
   scales[g] = half(scale);
   biases[g] = half(bias);

@@ -168,10 +168,17 @@ void partial_bits(AttentionBuffers& in, AttentionParams& p, int k_bits, int v_bi
     partial<QT, ST, 4, 4>(in, p);
   } else if (k_bits == 4 && v_bits == 8) {
     partial<QT, ST, 4, 8>(in, p);
+  } else if (k_bits == 6 && v_bits == 4) {
+    partial<QT, ST, 6, 4>(in, p);
+  } else if (k_bits == 6 && v_bits == 8) {
+    partial<QT, ST, 6, 8>(in, p);
   } else if (k_bits == 8 && v_bits == 4) {
     partial<QT, ST, 8, 4>(in, p);
-  } else {
+  } else if (k_bits == 8 && v_bits == 8) {
     partial<QT, ST, 8, 8>(in, p);
+  } else {
+    throw std::runtime_error("no kernel for k_bits " + std::to_string(k_bits) + ", v_bits " +
+                             std::to_string(v_bits));
   }
 }
 

@@ -13,6 +13,7 @@
 typedef unsigned char uchar;
 typedef unsigned short ushort;
 typedef unsigned int uint;
+typedef unsigned long ulong; // 64-bit, as in Metal (LP64 hosts)
 
 namespace metal {
 
