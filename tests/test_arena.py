@@ -226,6 +226,9 @@ BASE = {
         ({"bits": 3}, "bits"),
         ({"bits": 2}, "bits"),
         ({"bits": 16}, "bits"),
+        ({"bits": 6}, "bits"),  # 6 bits: keys only
+        ({"key_bits": 5}, "key_bits"),
+        ({"key_bits": 16}, "key_bits"),
         ({"group_size": 8}, "group_size"),
         ({"group_size": 48}, "group_size"),
         ({"group_size": 256}, "group_size"),

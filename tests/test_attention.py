@@ -369,6 +369,22 @@ def test_paged_decode_ragged(rng, G, D, gs, bits):
     assert rel_error(out, ref) <= attention_tol("float32")
 
 
+@pytest.mark.parametrize(
+    "D,gs,bits,G,L,window",
+    [(64, 64, 4, 3, 1, None), (64, 16, 4, 1, 9, 100), (96, 32, 8, 4, 1, None), (128, 128, 4, 2, 5, None),
+     (256, 64, 8, 1, 1, 300)],
+)
+def test_paged_6bit_keys(rng, D, gs, bits, G, L, window):
+    # 6-bit keys (quality="accurate"): codes straddle words; every kernel set
+    # reads them (the integer sets through their float blocks).
+    lengths = [L, 255, 257, 700]
+    paged = Paged(rng, lengths, Hkv=2, D=D, bits=bits, gs=gs, key_bits=6)
+    assert paged.arena.key_bits == 6
+    q, qf = random_queries(rng, (len(lengths), 2 * G, L, D))
+    out, ref = paged.run(q, qf, window=window)
+    assert rel_error(out, ref) <= attention_tol("float32")
+
+
 @pytest.mark.parametrize("L", [7, 64])
 def test_paged_prefill_chunks_at_own_offsets(rng, L):
     lengths = [64, 300, 513, 257]

@@ -163,11 +163,14 @@ def test_gemma3_windowed_cache_agrees_with_the_float_cache():
     assert len(live) <= 3  # 512 + 1 tokens span at most 3 blocks of 256
 
 
-def test_8bit_keys_with_4bit_values_stay_within_1_percent_perplexity(smollm):
+def test_8bit_and_6bit_keys_with_4bit_values_stay_within_1_percent_perplexity(smollm):
     # SmolLM2's keys carry the outlier channels: with them at 8 bits (values at
-    # 4, rotated; 6.5 bits per element) perplexity stays within 1% of float.
+    # 4, rotated; 6.5 bits per element) or at 6 bits (quality="accurate", 5.5
+    # bits per element) perplexity stays within 1% of float.
     model, tokenizer = smollm
     ids = tokenizer.encode(TEXT)
     base = perplexity(model, ids, lambda: make_prompt_cache(model))
     k8v4 = perplexity(model, ids, lambda: kc.make_cache(model, key_bits=8))
     assert k8v4 < base * 1.01, (base, k8v4)
+    k6v4 = perplexity(model, ids, lambda: kc.make_cache(model, quality="accurate"))
+    assert k6v4 < base * 1.01, (base, k6v4)

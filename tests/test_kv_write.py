@@ -251,10 +251,11 @@ def test_read_before_later_write_sees_old_data(rng):
     assert np.max(np.abs(np.array(r1) - np.array(r2))) > 1e-2
 
 
-@pytest.mark.parametrize("key_bits,bits", [(8, 4), (4, 8)])
+@pytest.mark.parametrize("key_bits,bits", [(8, 4), (4, 8), (6, 4), (6, 8)])
 def test_keys_and_values_at_different_bits(key_bits, bits, poison):
-    # 8-bit keys with 4-bit values (or the reverse): each half is exactly what
-    # mx.quantize gives at its own bits, and attention reads both right.
+    # 8- or 6-bit keys with 4-bit values (or the other mixes): each half is
+    # exactly what mx.quantize gives at its own bits (6 bits: codes straddle
+    # words), and attention reads both right.
     D, H, T, bt = 64, 2, 40, 16
     arena = kvsnap.Arena(1, H, D, block_tokens=bt, bits=bits, key_bits=key_bits, group_size=32,
                          budget_bytes=1 << 20)

@@ -75,7 +75,7 @@ def plant(tmp_path: Path, name: str, old: str, new: str) -> Path:
         # a type error inside a template, seen only when it is instantiated
         ("kv_write.metal", "float w = to_float(x[j]);", "float w = to_float(x);", "to_float"),
         # a wrong argument count to a shared layout.h helper
-        ("kv_write.metal", "kv_shift_of(i, bits)", "kv_shift_of(i)", "kv_shift_of"),
+        ("kv_write.metal", "kv_word_of(g * gs, bits)", "kv_word_of(g * gs)", "kv_word_of"),
     ],
 )
 def test_the_shim_check_fails_on_a_planted_error(tmp_path, name, old, new, message):
@@ -242,7 +242,7 @@ def test_the_check_runs_once_per_op():
 
 def test_the_cases_cover_the_issue():
     cases = metal.CASES
-    assert {c.bits for c in cases} == {4, 8} and {c.key_bits for c in cases} == {4, 8}
+    assert {c.bits for c in cases} == {4, 8} and {c.key_bits for c in cases} == {4, 6, 8}
     assert {c.group_size for c in cases} >= {32, 64, 128}
     assert min(c.head_dim for c in cases) == 64 and max(c.head_dim for c in cases) == 256
     assert {c.dtype for c in cases} == {mx.float32, mx.float16, mx.bfloat16}
@@ -274,6 +274,7 @@ FALLBACK_CASES = [
     metal.Case("decode gqa ragged", 8, 2, 128, 1, (300, 17, 64)),
     metal.Case("prefill causal 8-bit", 4, 4, 64, 16, (40, 16), bits=8, key_bits=8, group_size=32),
     metal.Case("window k8v4", 4, 1, 128, 8, (700, 300), key_bits=8, group_size=128, window=100),
+    metal.Case("prefill k6v4", 4, 2, 64, 5, (300, 40), key_bits=6, group_size=32),
     metal.Case("window wider than the context", 6, 3, 64, 4, (20, 9), window=50),
     metal.Case("non-causal", 4, 2, 64, 3, (90, 5), bits=8, causal=False),
     metal.Case("empty sequence", 2, 1, 64, 1, (0, 33), causal=False),

@@ -270,7 +270,8 @@ def test_bad_arguments():
     with pytest.raises(InvalidArgumentError, match="quality"):
         kc.make_cache(model, quality="best")
     accurate = kc.make_cache(model, quality="accurate")
-    assert accurate.sequences[0].arena.key_bits == 8
+    assert (accurate.sequences[0].arena.key_bits, accurate.sequences[0].arena.bits) == (6, 4)
+    assert kc.make_cache(model, quality="accurate", key_bits=8).sequences[0].arena.key_bits == 8
 
 
 def stored_codes(seq, layer, keys, values, offsets, counts=None, python=False):

@@ -114,8 +114,8 @@ def test_restore_is_bit_exact_on_each_family(arch, tmp_path):
         np.testing.assert_array_equal(np.array(run(model, nxt, other)), np.array(want))
 
 
-def test_8bit_keys_and_unrotated_formats_round_trip(llama, tmp_path):
-    for kwargs in ({"key_bits": 8}, {"rotate": False, "group_size": 32}, {"bits": 8}):
+def test_8bit_and_6bit_keys_and_unrotated_formats_round_trip(llama, tmp_path):
+    for kwargs in ({"key_bits": 8}, {"key_bits": 6}, {"rotate": False, "group_size": 32}, {"bits": 8}):
         cache, tokens = filled(llama, 70, **kwargs)
         kvsnap.save(cache, tmp_path / "x.safetensors", tokens=tokens, model=llama)
         back = kvsnap.load(tmp_path / "x.safetensors", model=llama)

@@ -59,7 +59,8 @@ float from_half(uint16_t h) {
 }
 
 // Packed codes and float16 scales/biases of [rows, D] values (MLX's affine
-// layout: element e of a word at bits [e * bits, (e + 1) * bits)).
+// layout: each row one little-endian bit stream, element e at bits
+// [e * bits, (e + 1) * bits); at 6 bits an element may straddle two words).
 struct Quantized {
   std::vector<uint32_t> packed;
   std::vector<uint16_t> scales, biases;
@@ -67,8 +68,8 @@ struct Quantized {
 
 Quantized quantize(const std::vector<float>& x, int rows, int D, int gs, int bits) {
   Quantized q;
-  const int per_word = 32 / bits, levels = (1 << bits) - 1;
-  q.packed.assign(size_t(rows) * D / per_word, 0);
+  const int levels = (1 << bits) - 1;
+  q.packed.assign(size_t(rows) * D * bits / 32, 0);
   for (int r = 0; r < rows; ++r) {
     for (int g = 0; g < D / gs; ++g) {
       const float* w = &x[size_t(r) * D + g * gs];
@@ -79,8 +80,11 @@ Quantized quantize(const std::vector<float>& x, int rows, int D, int gs, int bit
       q.biases.push_back(b16);
       for (int i = 0; i < gs; ++i) {
         int c = std::clamp(int(std::lrint((w[i] - b) / s)), 0, levels);
-        int e = g * gs + i;
-        q.packed[(size_t(r) * D + e) / per_word] |= uint32_t(c) << (e % per_word * bits);
+        const size_t bit = (size_t(r) * D + g * gs + i) * bits;
+        q.packed[bit / 32] |= uint32_t(c) << (bit % 32);
+        if (bit % 32 + bits > 32) {
+          q.packed[bit / 32 + 1] |= uint32_t(c) >> (32 - bit % 32);
+        }
       }
     }
   }
@@ -183,7 +187,7 @@ int main(int argc, char** argv) {
     }
   }
   std::vector<Case> cases;
-  const int bits[4][2] = {{4, 4}, {8, 8}, {8, 4}, {4, 8}};
+  const int bits[6][2] = {{4, 4}, {8, 8}, {8, 4}, {4, 8}, {6, 4}, {6, 8}};
   for (auto& kv : bits) {
     for (int gs : {32, 64, 128}) {
       for (int D : {64, 128}) {

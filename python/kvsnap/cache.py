@@ -51,6 +51,7 @@ from kvsnap.offsets import GroupOffsets, KeyOffsets
 from kvsnap.offsets import for_model as offsets_for_model
 
 DEFAULT_BUDGET_BYTES = 2 << 30  # virtual: the arena's pages are touched only when used
+ACCURATE_KEY_BITS = 6  # quality="accurate": 5.5 bits per element at g64 (benchmarks/RESULTS.md)
 
 
 def hadamard(x: mx.array) -> mx.array:
@@ -867,10 +868,12 @@ def make_cache(
     smaller quantization error). None: on when head_dim is a power of two.
     Rotated caches convert to mlx-lm's quantized caches only by re-quantizing.
 
-    ``key_bits``: bits of the keys when they differ from ``bits`` (the
-    values'). Keys carry the outlier channels: 8-bit keys with 4-bit values
-    cost 6.5 bits per element at g64 and keep SmolLM2's perplexity within 1%
-    of float where 4-bit keys do not (benchmarks/RESULTS.md).
+    ``key_bits``: bits of the keys (4, 6 or 8) when they differ from ``bits``
+    (the values'). Keys carry the outlier channels: 6-bit keys with 4-bit
+    values cost 5.5 bits per element at g64 and keep perplexity within 1% of
+    float on the built-in models where 4-bit keys do not
+    (benchmarks/RESULTS.md). 6-bit keys are read by the float kernels (the
+    integer kernels hold 4- and 8-bit codes).
 
     ``key_offsets``: remove the model's key offsets (and balance its key
     channels) before quantizing (kvsnap.offsets: calibrated once per model
@@ -879,7 +882,7 @@ def make_cache(
     (mlx-lm's own layout). A ``KeyOffsets`` is used as given.
 
     ``quality``: "default" (4-bit keys and values, 4.5 bits per element) or
-    "accurate" (8-bit keys, 6.5 bits per element: within 1% of float
+    "accurate" (6-bit keys, 5.5 bits per element: within 1% of float
     perplexity on the built-in models, benchmarks/RESULTS.md); it sets
     ``key_bits`` when that is not given. ``tokenizer``: calibrate on kvsnap's
     built-in text with it (kvsnap.models.load registers its tokenizer);
@@ -888,7 +891,7 @@ def make_cache(
     if quality not in (None, "default", "accurate"):
         raise InvalidArgumentError(f"quality: 'default' or 'accurate', got {quality!r}", "quality")
     if key_bits is None and quality == "accurate":
-        key_bits = 8
+        key_bits = ACCURATE_KEY_BITS
     key_bits = bits if key_bits is None else key_bits
     if key_offsets is None:
         key_offsets = rotate is not False

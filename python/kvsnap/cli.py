@@ -405,8 +405,8 @@ def parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the user message (chat models) or text")
     gen.add_argument("--max-tokens", type=int, default=256)
     gen.add_argument(
-        "--key-bits", type=int, choices=(4, 8), default=None,
-        help="bits of the cached keys (default: 4, like the values; 8 is more accurate)",
+        "--key-bits", type=int, choices=(4, 6, 8), default=None,
+        help="bits of the cached keys (default: 4, like the values; 6 and 8 are more accurate)",
     )
     add_json_argument(gen)
     gen.set_defaults(run=generate)

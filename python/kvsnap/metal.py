@@ -77,7 +77,7 @@ class Case:
     mask: str = "causal"  # q4_attention: "none", "causal", "bool" or "additive"
 
 
-# Decode and prefill, GQA, ragged batches, windows, bits 4/8, group sizes
+# Decode and prefill, GQA, ragged batches, windows, bits 4/8 (keys 6), group sizes
 # 32/64/128, head_dim 64-256 (96: lanes past head_dim), the three dtypes,
 # and enough keys for several flash-decoding splits. The attention kernel
 # runs the query rows of a KV head in groups of 8 (heads x positions): 3
@@ -112,6 +112,7 @@ CASES = (
         mask="additive",
     ),
     Case("decode long d96", 2, 1, 96, 1, (2000,), group_size=32, mask="none"),
+    Case("decode gqa 3 k6v4 (accurate)", 6, 2, 64, 1, (500, 33), key_bits=6, group_size=32, mask="none"),
     Case("non-causal", 4, 2, 64, 3, (90, 5), bits=8, causal=False, mask="none"),
 )
 
@@ -232,10 +233,11 @@ def check_kv_write(
 
 
 def _dequantize(packed, scales, biases, bits: int, group_size: int) -> np.ndarray:
-    per_word = 32 // bits
-    shifts = np.arange(per_word, dtype=np.uint32) * bits
-    q = (np.asarray(packed, dtype=np.uint32)[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-    q = q.reshape(*packed.shape[:-1], -1).astype(np.float64)
+    # Each row is one little-endian bit stream (6-bit codes straddle words).
+    packed = np.ascontiguousarray(packed, dtype="<u4")
+    stream = np.unpackbits(packed.view(np.uint8), axis=-1, bitorder="little")
+    fields = stream.reshape(*packed.shape[:-1], -1, bits).astype(np.int64)
+    q = (fields << np.arange(bits, dtype=np.int64)).sum(axis=-1).astype(np.float64)
     s = np.repeat(scales.view(np.float16).astype(np.float64), group_size, axis=-1)
     b = np.repeat(biases.view(np.float16).astype(np.float64), group_size, axis=-1)
     return q * s + b

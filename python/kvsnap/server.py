@@ -569,7 +569,8 @@ def add_command(commands) -> None:
     p.add_argument("--store", default=None, help="the agents' snapshot folder (default $KVSNAP_HOME/agents)")
     p.add_argument("--budget", default="1GB", help="KV memory for all agents, e.g. 512MB or 2GiB (default 1GB)")
     p.add_argument("--quality", default="default", choices=["default", "accurate"],
-                   help="KV format: default (4-bit keys and values) or accurate (8-bit keys, 1.4x the bytes)")
+                   help="KV format: default (4-bit keys and values, 4.5 bits per element) or accurate "
+                   "(6-bit keys, 5.5 bits per element: 1.22x the bytes)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", action="append", default=None,

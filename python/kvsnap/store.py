@@ -120,7 +120,7 @@ class GroupFormat:
             or g.rotation not in ("hadamard", "none")
             or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints)
             or g.bits not in (4, 8)
-            or g.key_bits not in (4, 8)
+            or g.key_bits not in (4, 6, 8)
             or g.group_size not in (16, 32, 64, 128)
             or not 0 < g.head_dim <= 256
             or g.head_dim % g.group_size
