@@ -100,6 +100,21 @@ inline void transpose8(const __m256i* r, __m256i* c) {
   }
 }
 
+// 32 6-bit codes (a row's bit stream from p: 24 bytes, the first n_bytes of
+// them read; n_bytes a multiple of 4) as 32 bytes, code i in byte i: as
+// int_dot_avx512.h's widen6, on two 128-bit lanes of 12 bytes.
+inline __m256i widen6(const uint8_t* p, int n_bytes) {
+  __m256i x = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), dword_mask(n_bytes));
+  x = _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0));
+  const __m256i groups = _mm256_setr_epi8(
+      0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1, 0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1);
+  const __m256i v = _mm256_shuffle_epi8(x, groups);
+  __m256i r = _mm256_and_si256(v, _mm256_set1_epi32(0x3F));
+  r = _mm256_or_si256(r, _mm256_and_si256(_mm256_slli_epi32(v, 2), _mm256_set1_epi32(0x3F00)));
+  r = _mm256_or_si256(r, _mm256_and_si256(_mm256_slli_epi32(v, 4), _mm256_set1_epi32(0x3F0000)));
+  return _mm256_or_si256(r, _mm256_and_si256(_mm256_slli_epi32(v, 6), _mm256_set1_epi32(0x3F000000)));
+}
+
 inline __m256i bcast4(const int8_t* p) {
   int32_t x;
   std::memcpy(&x, p, 4);
@@ -123,7 +138,8 @@ void int_scores8(
     float* out,
     int out_st) {
   const int n_groups = D / gs;
-  const int row_bytes = D * KB / 8;
+  constexpr int KC = KB == 6 ? 8 : KB; // bits per code in the integer sums (6: widened)
+  const int row_bytes = D * KC / 8;
   alignas(32) float scale[16][8]; // [group][key]
   alignas(32) float bias[16][8];
   for (int u = 0; u < 8; ++u) {
@@ -140,22 +156,26 @@ void int_scores8(
     _mm256_storeu_ps(out + r * out_st, s);
   }
   const __m256i nib = _mm256_set1_epi8(0x0F);
-  constexpr int kElemsPerCol = KB == 4 ? 8 : 4;
+  constexpr int kElemsPerCol = KC == 4 ? 8 : 4;
   const int cols_per_group = gs / kElemsPerCol;
   for (int cb = 0; cb < row_bytes; cb += 32) {
     int w = std::min(32, row_bytes - cb);
     const __m256i m = dword_mask(w);
     __m256i rows[8], cols[8];
     for (int u = 0; u < 8; ++u) {
-      const uint8_t* p = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst) + cb;
-      rows[u] = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), m);
+      const uint8_t* row = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
+      if constexpr (KB == 6) {
+        rows[u] = widen6(row + cb / 4 * 3, w / 4 * 3);
+      } else {
+        rows[u] = _mm256_maskload_epi32(reinterpret_cast<const int*>(row + cb), m);
+      }
     }
     transpose8(rows, cols);
     const int n_cols = w / 4;
     const int col0 = cb / 4;
     __m256i lo[8], hi[8];
     for (int c = 0; c < n_cols; ++c) {
-      if constexpr (KB == 4) {
+      if constexpr (KC == 4) {
         lo[c] = _mm256_and_si256(cols[c], nib);
         hi[c] = _mm256_and_si256(_mm256_srli_epi16(cols[c], 4), nib);
       } else {
@@ -172,7 +192,7 @@ void int_scores8(
         for (; c < c_end; ++c) {
           int byte = (col0 + c) * 4;
           acc = dot4(acc, lo[c], bcast4(q.lo + byte));
-          if constexpr (KB == 4) {
+          if constexpr (KC == 4) {
             acc = dot4(acc, hi[c], bcast4(q.hi + byte));
           } else {
             acc_res = dot4(acc_res, lo[c], bcast4(q.res + byte));
@@ -180,8 +200,8 @@ void int_scores8(
         }
         __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
         s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), f, s);
-        if constexpr (KB == 8) {
-          const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<8>));
+        if constexpr (KC == 8) {
+          const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<KB>));
           s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_res), _mm256_mul_ps(f, res_step), s);
         }
       }

@@ -83,6 +83,23 @@ inline void transpose16(const __m512i* r, __m512i* c) {
   }
 }
 
+// 64 6-bit codes (a row's bit stream from p: 48 bytes, the first n_bytes of
+// them read) as 64 bytes, code i in byte i. Lane L of 128 bits takes bytes
+// 12L .. 12L+11 (4 groups of 3 bytes = 4 codes each); each group goes into a
+// dword v, and code k of it (bits 6k .. 6k+5 of v) into byte k: byte k of
+// v << 2k, masked to 6 bits.
+inline __m512i widen6(const uint8_t* p, int n_bytes) {
+  const __mmask64 m = n_bytes >= 64 ? ~__mmask64(0) : (__mmask64(1) << n_bytes) - 1;
+  __m512i x = _mm512_maskz_loadu_epi8(m, p);
+  x = _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 1, 2, 0, 3, 4, 5, 0, 6, 7, 8, 0, 9, 10, 11, 0), x);
+  const __m512i groups = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 1, 2, -1, 3, 4, 5, -1, 6, 7, 8, -1, 9, 10, 11, -1));
+  const __m512i v = _mm512_shuffle_epi8(x, groups);
+  __m512i r = _mm512_mask_mov_epi8(v, __mmask64(0x2222222222222222ull), _mm512_slli_epi32(v, 2));
+  r = _mm512_mask_mov_epi8(r, __mmask64(0x4444444444444444ull), _mm512_slli_epi32(v, 4));
+  r = _mm512_mask_mov_epi8(r, __mmask64(0x8888888888888888ull), _mm512_slli_epi32(v, 6));
+  return _mm512_and_si512(r, _mm512_set1_epi8(0x3F));
+}
+
 inline __m512i bcast4(const int8_t* p) {
   int32_t x;
   std::memcpy(&x, p, 4);
@@ -156,7 +173,8 @@ void load_meta16(const char* p, int64_t stride, int n_groups, int n, float (*out
 // Scores (before masks) of n <= 16 keys, key u at kp + u * kst words with
 // scales/biases at ks + u * sst, kb + u * bst elements, for the R query rows
 // qi[0..R): out[r * out_st + u]. Keys past n score garbage (the caller
-// ignores them).
+// ignores them). 6-bit keys are widened to bytes as they are loaded and then
+// summed as 8-bit keys are (the queries have the residual plane).
 template <int KB, DType SD>
 void int_scores16(
     const uint32_t* kp,
@@ -173,7 +191,8 @@ void int_scores16(
     float* out,
     int out_st) {
   const int n_groups = D / gs;
-  const int row_bytes = D * KB / 8;
+  constexpr int KC = KB == 6 ? 8 : KB; // bits per code in the integer sums
+  const int row_bytes = D * KC / 8;
   alignas(64) float scale[16][16]; // [group][key]
   alignas(64) float bias[16][16];
   load_meta16<SD>(ks, sst, n_groups, n, scale);
@@ -188,22 +207,26 @@ void int_scores16(
   }
   const __m512i nib = _mm512_set1_epi8(0x0F);
   // Elements per dword column of packed bytes: 8 at 4 bits, 4 at 8 bits.
-  constexpr int kElemsPerCol = KB == 4 ? 8 : 4;
+  constexpr int kElemsPerCol = KC == 4 ? 8 : 4;
   const int cols_per_group = gs / kElemsPerCol;
   for (int cb = 0; cb < row_bytes; cb += 64) {
     int w = std::min(64, row_bytes - cb); // bytes of this 64-byte column block
     __mmask64 m = w == 64 ? ~__mmask64(0) : ((__mmask64(1) << w) - 1);
     __m512i rows[16], cols[16];
     for (int u = 0; u < 16; ++u) {
-      const uint8_t* p = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst) + cb;
-      rows[u] = _mm512_maskz_loadu_epi8(m, p);
+      const uint8_t* row = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
+      if constexpr (KB == 6) {
+        rows[u] = widen6(row + cb / 4 * 3, w / 4 * 3);
+      } else {
+        rows[u] = _mm512_maskz_loadu_epi8(m, row + cb);
+      }
     }
     transpose16(rows, cols);
     const int n_cols = w / 4;
     const int col0 = cb / 4; // index of this block's first column in the row
     __m512i lo[16], hi[16]; // the columns' codes as bytes (4 bits: both nibbles)
     for (int c = 0; c < n_cols; ++c) {
-      if constexpr (KB == 4) {
+      if constexpr (KC == 4) {
         lo[c] = _mm512_and_si512(cols[c], nib);
         hi[c] = _mm512_and_si512(_mm512_srli_epi16(cols[c], 4), nib);
       } else {
@@ -223,18 +246,18 @@ void int_scores16(
         for (; c < c_end; ++c) {
           int byte = (col0 + c) * 4;
           acc = _mm512_dpbusd_epi32(acc, lo[c], bcast4(q.lo + byte));
-          if constexpr (KB == 4) {
+          if constexpr (KC == 4) {
             acc_res = _mm512_dpbusd_epi32(acc_res, hi[c], bcast4(q.hi + byte));
           } else {
             acc_res = _mm512_dpbusd_epi32(acc_res, lo[c], bcast4(q.res + byte));
           }
         }
-        if constexpr (KB == 4) {
+        if constexpr (KC == 4) {
           acc = _mm512_add_epi32(acc, acc_res);
         }
         __m512 f = _mm512_mul_ps(_mm512_load_ps(scale[g]), _mm512_set1_ps(q.qs[g]));
         s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), f, s);
-        if constexpr (KB == 8) {
+        if constexpr (KC == 8) {
           s = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc_res), _mm512_mul_ps(f, _mm512_set1_ps(1.f / 254)), s);
         }
       }

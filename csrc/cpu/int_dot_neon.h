@@ -68,6 +68,21 @@ inline uint8x16_t load16(const uint8_t* row, int cb, int row_bytes) {
   return vld1q_u8(tmp);
 }
 
+// 16 6-bit codes (a row's bit stream at byte sb: 12 bytes; zeros past
+// row_bytes) as 16 bytes, code i in byte i: each 3-byte group into a 32-bit
+// lane v, code k of it (bits 6k .. 6k+5) into byte k (as int_dot_avx512.h).
+inline uint8x16_t widen6(const uint8_t* row, int sb, int row_bytes) {
+  uint8_t tmp[16] = {};
+  std::memcpy(tmp, row + sb, std::min(12, row_bytes - sb));
+  static const uint8_t kGroups[16] = {0, 1, 2, 255, 3, 4, 5, 255, 6, 7, 8, 255, 9, 10, 11, 255};
+  const uint32x4_t v = vreinterpretq_u32_u8(vqtbl1q_u8(vld1q_u8(tmp), vld1q_u8(kGroups)));
+  uint32x4_t r = vandq_u32(v, vdupq_n_u32(0x3F));
+  r = vorrq_u32(r, vandq_u32(vshlq_n_u32(v, 2), vdupq_n_u32(0x3F00)));
+  r = vorrq_u32(r, vandq_u32(vshlq_n_u32(v, 4), vdupq_n_u32(0x3F0000)));
+  r = vorrq_u32(r, vandq_u32(vshlq_n_u32(v, 6), vdupq_n_u32(0x3F000000)));
+  return vreinterpretq_u8_u32(r);
+}
+
 // Scores of n <= 4 keys (arguments as int_scores16), out[r * out_st + u].
 template <int KB, DType SD>
 void int_scores4(
@@ -85,7 +100,8 @@ void int_scores4(
     float* out,
     int out_st) {
   const int n_groups = D / gs;
-  const int row_bytes = D * KB / 8;
+  constexpr int KC = KB == 6 ? 8 : KB; // bits per code in the integer sums (6: widened)
+  const int row_bytes = D * KC / 8;
   alignas(16) float scale[16][4]; // [group][key]
   alignas(16) float bias[16][4];
   for (int u = 0; u < 4; ++u) {
@@ -101,8 +117,8 @@ void int_scores4(
   for (int u = 0; u < 4; ++u) {
     const uint8_t* row = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
     for (int cb = 0; cb < row_bytes; cb += 16) {
-      uint8x16_t x = load16(row, cb, row_bytes);
-      if constexpr (KB == 4) {
+      uint8x16_t x = KB == 6 ? widen6(row, cb / 4 * 3, D * 6 / 8) : load16(row, cb, row_bytes);
+      if constexpr (KC == 4) {
         vst1q_s8(&codes[u][cb], vreinterpretq_s8_u8(vandq_u8(x, nib)));
         vst1q_s8(&codes[u][128 + cb], vreinterpretq_s8_u8(vshrq_n_u8(x, 4)));
       } else {
@@ -110,7 +126,7 @@ void int_scores4(
       }
     }
   }
-  const int group_bytes = gs * KB / 8; // a multiple of 16 (gs >= 32)
+  const int group_bytes = gs * KC / 8; // a multiple of 16 (gs >= 32)
   for (int r = 0; r < R; ++r) {
     const IntQuery& q = *qi[r];
     float32x4_t s = vdupq_n_f32(0.f);
@@ -124,7 +140,7 @@ void int_scores4(
       }
       for (int byte = g * group_bytes; byte < (g + 1) * group_bytes; byte += 16) {
         int8x16_t q_lo = vld1q_s8(q.lo + byte);
-        if constexpr (KB == 4) {
+        if constexpr (KC == 4) {
           int8x16_t q_hi = vld1q_s8(q.hi + byte);
           for (int u = 0; u < 4; ++u) {
             acc[u] = vdotq_s32(acc[u], vld1q_s8(&codes[u][byte]), q_lo);
@@ -141,11 +157,11 @@ void int_scores4(
       }
       int32x4_t dots = vpaddq_s32(vpaddq_s32(acc[0], acc[1]), vpaddq_s32(acc[2], acc[3]));
       float32x4_t f = vmulq_n_f32(vld1q_f32(scale[g]), q.qs[g]);
-      if constexpr (KB == 8) {
+      if constexpr (KC == 8) {
         dots = vaddq_s32(dots, vdupq_n_s32(128 * q.q8sum[g]));
         int32x4_t res = vpaddq_s32(vpaddq_s32(acc_res[0], acc_res[1]), vpaddq_s32(acc_res[2], acc_res[3]));
         res = vaddq_s32(res, vdupq_n_s32(128 * q.res_sum[g]));
-        s = vfmaq_f32(s, vcvtq_f32_s32(res), vmulq_n_f32(f, 1.f / float(2 * kQueryMax<8>)));
+        s = vfmaq_f32(s, vcvtq_f32_s32(res), vmulq_n_f32(f, 1.f / float(2 * kQueryMax<KB>)));
       }
       s = vfmaq_f32(s, vcvtq_f32_s32(dots), f);
     }

@@ -39,9 +39,6 @@ constexpr int kMaxSplits = 16; // at most this many parts
 constexpr int kMaxSplitRows = 8; // tiles of more query rows are not split
 constexpr int kMaxDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-// Key bits the integer kernels read; 6-bit keys take the float blocks.
-template <int KB>
-constexpr bool kIntKeys = KB == 4 || KB == 8;
 
 template <DType T>
 inline float load_elem(const void* p, int64_t i) {
@@ -473,12 +470,9 @@ void attend_range(
     float* acc) {
   const int D = a.kv.head_dim;
 #if defined(KVSNAP_INT_DOT)
-  if constexpr (kIntKeys<KB>) {
-    (void)D;
-    attend_rows_int<KB, VB, SD>(a, b, h, rows, R, t0, t1, m, l, acc);
-    return;
-  }
-#endif
+  (void)D;
+  attend_rows_int<KB, VB, SD>(a, b, h, rows, R, t0, t1, m, l, acc);
+#else
   if (R <= 4) {
     attend_block<KB, VB, SD, 4>(a, b, h, rows, R, t0, t1, m, l, acc);
     return;
@@ -488,6 +482,7 @@ void attend_range(
         a, b, h, rows + r0, std::min(8, R - r0), t0, t1, m + r0, l + r0,
         acc + size_t(r0) * D);
   }
+#endif
 }
 
 template <DType OT>
@@ -585,9 +580,7 @@ void attention_impl(const AttentionArgs& a) {
   parallel_for(int((n_query_rows + 63) / 64), [&](int task) {
     size_t end = std::min(n_query_rows, size_t(task + 1) * 64);
     for (size_t i = size_t(task) * 64; i < end; ++i) {
-      if constexpr (kIntKeys<KB>) {
-        quantize_query<KB, kQueryMax<KB>>(qf.data() + i * D, D, src.group_size, qi[i]);
-      }
+      quantize_query<KB, kQueryMax<KB>>(qf.data() + i * D, D, src.group_size, qi[i]);
     }
   });
   auto int_query = [&](size_t row) -> const IntQuery* { return &qi[row]; };
