@@ -20,6 +20,7 @@ from kvsnap.errors import (
     AgentBusyError,
     AgentNotFoundError,
     BudgetExceededError,
+    FormatMismatchError,
     InvalidAgentIdError,
     InvalidArgumentError,
 )
@@ -301,4 +302,23 @@ def test_memory_goes_back_to_the_os_after_eviction(smollm, tmp_path):
     mx.clear_cache()
     after = rss_bytes()
     assert after - before < 8 * 2**20, (before, after, used)
+    m.close()
+
+
+def test_accurate_memory_wakes_6bit_agents_and_a_default_one_refuses_them(smollm, tmp_path):
+    # quality="accurate": 6-bit keys, 4-bit values. An evicted agent wakes
+    # from disk to the same tokens; a memory of the default format does not
+    # read its snapshot as 4-bit keys but says what differs.
+    model, tokenizer = smollm
+    messages = chat(text(900, 300), "What is this text about?")
+    m = AgentMemory(model, tokenizer, path=tmp_path / "store", budget="256MB", quality="accurate")
+    assert (m.arena.key_bits, m.arena.bits) == (6, 4)
+    hot = m.generate("a", messages, max_tokens=5)
+    m.evict("a")
+    woken = m.generate("a", messages, max_tokens=5)
+    assert woken.source == "disk" and woken.tokens == hot.tokens
+    m.close()
+    m = AgentMemory(model, tokenizer, path=tmp_path / "store", budget="256MB")
+    with pytest.raises(FormatMismatchError, match="key_bits=4 \\(the snapshot has 6\\)"):
+        m.generate("a", messages, max_tokens=5)
     m.close()
