@@ -1081,6 +1081,7 @@ def from_mlx(
     arena: Arena | None = None,
     rotate: bool | None = None,
     key_offsets: bool | None = None,
+    key_bits: int | None = None,
 ) -> PromptCache:
     """A kvsnap prompt cache holding what mlx-lm caches ``caches`` hold.
 
@@ -1090,7 +1091,8 @@ def from_mlx(
     quantized on the way in. ``RotatingKVCache`` layers fill the sliding-window
     layers with the window they hold. ``rotate`` as in ``make_cache``, except
     that it defaults to off when copying quantized caches (to stay bit-exact);
-    so does ``key_offsets``.
+    so does ``key_offsets``. ``key_bits`` as in ``make_cache`` (quantized
+    caches are re-quantized when their keys' bits differ).
     """
     if len(caches) != len(model.layers):
         raise InvalidArgumentError(
@@ -1113,7 +1115,7 @@ def from_mlx(
         key_offsets = False if key_offsets is None else key_offsets
     out = make_cache(
         model, bits=bits or 4, group_size=group_size or 64, block_tokens=block_tokens, arena=arena,
-        rotate=rotate, key_offsets=True if key_offsets is None else key_offsets,
+        rotate=rotate, key_offsets=True if key_offsets is None else key_offsets, key_bits=key_bits,
     )
     for i, (src, dst) in enumerate(zip(caches, out)):
         if not isinstance(dst, KVSnapCache):
@@ -1121,7 +1123,8 @@ def from_mlx(
             continue
         if src.empty() if hasattr(src, "empty") else src.offset == 0:
             continue
-        if isinstance(src, mlx_cache.QuantizedKVCache) and not dst.seq.rotate and not dst.seq.offsets:
+        exact = not dst.seq.rotate and not dst.seq.offsets and dst.seq.arena.key_bits == dst.seq.arena.bits
+        if isinstance(src, mlx_cache.QuantizedKVCache) and exact:
             _copy_quantized(dst, src)
         elif isinstance(src, mlx_cache.QuantizedKVCache):
             n = src.offset
