@@ -196,6 +196,29 @@ def test_from_float_caches_quantizes_them():
     assert mx.abs(a - b).max().item() < 0.05 * max(1.0, mx.abs(b).max().item())
 
 
+def test_from_mlx_with_other_key_bits_requantizes_the_keys():
+    # 8-bit mlx-lm caches into 6-bit keys with 8-bit values: the keys cannot be
+    # copied as stored (other bits), so K and V are re-quantized (the values
+    # within about one 8-bit step), and the cache attends like the source.
+    model = small_model("llama")
+    src = [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
+    for c in src:
+        k = mx.random.normal((1, 2, 40, 64)).astype(mx.float16)
+        c.update_and_fetch(k, k * 0.5)
+    ours = kc.from_mlx(model, src, block_tokens=16, key_bits=6)
+    arena = ours.sequences[0].arena
+    assert (arena.key_bits, arena.bits, ours.offset) == (6, 8, 40)
+    back = kc.to_mlx(ours, quantized=False)
+    for a, b in zip(src, back):
+        k = mx.dequantize(*(x[..., :40, :] for x in a.keys), group_size=32, bits=8)
+        v = mx.dequantize(*(x[..., :40, :] for x in a.values), group_size=32, bits=8)
+        assert mx.abs(b.keys[..., :40, :] - k).max().item() < 0.1 * mx.abs(k).max().item()
+        assert mx.abs(b.values[..., :40, :] - v).max().item() < 0.02 * mx.abs(v).max().item()
+    x = prompt(2, seed=3)
+    want = logits(model, x, src)
+    assert mx.abs(logits(model, x, ours) - want).max().item() < 0.05 * max(1.0, mx.abs(want).max().item())
+
+
 def test_from_mlx_refuses_a_different_quantization():
     model = small_model("llama")
     src = [QuantizedKVCache(group_size=32, bits=8) for _ in model.layers]
