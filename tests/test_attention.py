@@ -671,3 +671,17 @@ def test_integer_sets_agree_on_6bit_keys(rng, other, D, gs, bits, G, L):
     peak = np.abs(outs[0]).max()
     assert np.isfinite(outs[1]).all()
     assert np.abs(outs[1] - outs[0]).max() <= 1e-5 * peak, (SAME_ROUNDING[0], other)
+
+
+def test_denormal_queries_attend_uniformly(rng):
+    # Queries of denormal size score every key ~0: the output is the mean of
+    # the visible values, finite. (The integer sets' int8 step of such a group,
+    # QMAX / amax, overflows to inf; they count the group as 0 explicitly.)
+    T, D = 70, 64
+    keys, _ = random_quantized(rng, (1, 2, T, D), 4, 64, mx.float16)
+    values, vf = random_quantized(rng, (1, 2, T, D), 4, 64, mx.float16)
+    q = mx.full((1, 4, 1, D), 1e-39, dtype=mx.float32)
+    out = np.array(kvsnap.q4_attention(q, keys, values, scale=0.125))
+    want = np.repeat(vf.mean(axis=2, keepdims=True), 2, axis=1)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out, want, atol=0.05 * np.abs(want).max())

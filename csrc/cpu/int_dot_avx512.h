@@ -486,7 +486,9 @@ void attend_rows_int(
           bs = _mm512_fmadd_ps(_mm512_load_ps(&sc[r][16]), _mm512_load_ps(&v_bias[g][16]), bs);
           bias_sum[r][g] += _mm512_reduce_add_ps(bs);
           float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1)));
-          float inv = amax > 0.f ? 127.f / amax : 0.f;
+          // Below 1e-30 (denormal weights; 127 / amax would overflow) the
+          // weights count as 0, as in int_dot_rows.h.
+          float inv = amax > 1e-30f ? 127.f / amax : 0.f;
           step[g] = amax / 127.f;
           __m512 vi = _mm512_set1_ps(inv);
           for (int half = 0; half < 2; ++half) {

@@ -40,7 +40,8 @@ void quantize_query(const float* q, int D, int gs, IntQuery& out) {
       sum += q[i];
     }
     float step = amax / float(QMAX);
-    float inv = amax > 0.f ? float(QMAX) / amax : 0.f;
+    // A group below 1e-30 (denormal; QMAX / amax would overflow) counts as 0.
+    float inv = amax > 1e-30f ? float(QMAX) / amax : 0.f;
     out.qs[g] = step;
     out.qsum[g] = sum;
     int32_t q8sum = 0, res_sum = 0;
