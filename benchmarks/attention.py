@@ -429,6 +429,10 @@ class CacheFlusher:
         # numpy's sum releases the GIL, so the parts are read in parallel.
         list(self._pool.map(np.sum, self._parts))
 
+    def close(self) -> None:
+        self._pool.shutdown()
+        self._buffer = self._parts = None
+
 
 def time_call(
     run: Callable[[], mx.array], timing: Timing, flush: Callable[[], None]
@@ -759,6 +763,9 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[Row] = []
     for case in cases:
         rows += bench_case(case, timing, flusher, bandwidth["read_gb_per_s"], args.seed, gpu)
+    flush_bytes_used = 0 if args.warm_cache else flusher.nbytes
+    if isinstance(flusher, CacheFlusher):
+        flusher.close()  # the worker threads and the flush buffer
 
     print()
     print_table(rows)
@@ -792,7 +799,7 @@ def main(argv: list[str] | None = None) -> None:
             **asdict(timing),
             "statistic": "median",
             "caches_flushed": not args.warm_cache,
-            "flush_bytes": 0 if args.warm_cache else flusher.nbytes,
+            "flush_bytes": flush_bytes_used,
             "last_level_cache_bytes": llc,
             "elapsed_s": elapsed,
         },
