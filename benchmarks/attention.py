@@ -13,6 +13,8 @@ random data:
                         integer on AVX2, "avx2" float,
                         "generic" float baseline)
   kvsnap paged q4 g64   kvsnap.attention over arena blocks written by kv_write
+  kvsnap paged k6v4 g64 the same with 6-bit keys (quality="accurate": 5.5 bits
+                        per element; the integer kernels widen the codes)
   sdpa f32 / f16        mx.fast.scaled_dot_product_attention on float K/V
   mlx-lm q4 sdpa        mlx_lm.models.base.quantized_scaled_dot_product_attention
                         on the same Q4 g64 data; "f32" = float32 queries and
@@ -28,8 +30,9 @@ is still relative to the CPU's numpy copy bandwidth.
 Each call is warmed up, then timed: the median of N runs, each ending in
 mx.eval, N giving about a second per variant (at least 5, 3 for calls over
 5 s, at most 100; --quick: fewer). Before every run the CPU caches are
-flushed by reading a 64 MiB buffer, since in a real model a layer's K/V is
-evicted by the other layers between two steps; --warm-cache turns that off. Bandwidth columns divide the
+flushed by reading twice the last-level cache the machine reports (at least
+64 MiB) on every core, since in a real model a layer's K/V is evicted by the
+other layers between two steps; --warm-cache turns that off. Bandwidth columns divide the
 K/V bytes a variant must read by its time and compare that with this
 machine's read bandwidth, measured in the same run with a large numpy copy.
 
@@ -205,20 +208,22 @@ def nbytes(*arrays: mx.array) -> int:
     return sum(a.nbytes for a in arrays)
 
 
-def quantize(x: mx.array, group_size: int, scale_dtype: mx.Dtype = mx.float16) -> tuple:
+def quantize(
+    x: mx.array, group_size: int, scale_dtype: mx.Dtype = mx.float16, bits: int = BITS
+) -> tuple:
     """mx.quantize with scales/biases stored as `scale_dtype` (kvsnap: float16)."""
-    packed, scales, biases = mx.quantize(x, group_size=group_size, bits=BITS)
+    packed, scales, biases = mx.quantize(x, group_size=group_size, bits=bits)
     return packed, scales.astype(scale_dtype), biases.astype(scale_dtype)
 
 
-def dequantize(triple: tuple, group_size: int) -> mx.array:
+def dequantize(triple: tuple, group_size: int, bits: int = BITS) -> mx.array:
     packed, scales, biases = triple
     return mx.dequantize(
         packed,
         scales.astype(mx.float32),
         biases.astype(mx.float32),
         group_size=group_size,
-        bits=BITS,
+        bits=bits,
     )
 
 
@@ -235,19 +240,23 @@ def mlx_lm_attention(q: mx.array, keys: tuple, values: tuple, mask: str | None) 
     )
 
 
-def filled_arena(k: mx.array, v: mx.array, group_size: int) -> tuple[kvsnap.Arena, np.ndarray]:
+def filled_arena(
+    k: mx.array, v: mx.array, group_size: int, key_bits: int = BITS
+) -> tuple[kvsnap.Arena, np.ndarray]:
     """An arena holding k/v (one layer) and the block table of that sequence."""
     context = k.shape[2]
     n_blocks = -(-context // BLOCK_TOKENS)
     groups = HEAD_DIM // group_size
-    # K and V: packed 4-bit values plus float16 scale and bias per group.
-    block_bytes = 2 * N_KV_HEADS * BLOCK_TOKENS * (HEAD_DIM * BITS // 8 + 2 * 2 * groups)
+    # K and V: packed values plus float16 scale and bias per group.
+    row_bytes = HEAD_DIM * (key_bits + BITS) // 8 + 2 * 2 * 2 * groups
+    block_bytes = N_KV_HEADS * BLOCK_TOKENS * row_bytes
     arena = kvsnap.Arena(
         1,
         N_KV_HEADS,
         HEAD_DIM,
         block_tokens=BLOCK_TOKENS,
         bits=BITS,
+        key_bits=key_bits,
         group_size=group_size,
         budget_bytes=2 * n_blocks * block_bytes,  # slack for any slot padding
     )
@@ -327,8 +336,11 @@ def make_variants(case: Case, seed: int, gpu: bool = False) -> list[Variant]:
     # References: sdpa in float32 on exactly the values the kernels dequantize.
     ref64 = sdpa(q, dequantize(kq64, 64), dequantize(vq64, 64), mask)
     ref32 = sdpa(q, dequantize(kq32, 32), dequantize(vq32, 32), mask)
-    mx.eval(q, k, v, kq64, vq64, kq32, vq32, kq64_f32, vq64_f32, q16, k16, v16, ref64, ref32)
+    kq6 = quantize(k, 64, bits=6)  # what kv_write stores for 6-bit keys
+    ref6 = sdpa(q, dequantize(kq6, 64, bits=6), dequantize(vq64, 64), mask)
+    mx.eval(q, k, v, kq64, vq64, kq32, vq32, kq64_f32, vq64_f32, q16, k16, v16, ref64, ref32, kq6, ref6)
     arena, block_table = filled_arena(k, v, 64)
+    arena6, block_table6 = filled_arena(k, v, 64, key_bits=6)
 
     def kvsnap_q4(keys: tuple, values: tuple, group_size: int) -> Callable[[], mx.array]:
         return lambda: kvsnap.q4_attention(
@@ -357,6 +369,14 @@ def make_variants(case: Case, seed: int, gpu: bool = False) -> list[Variant]:
             ),
             nbytes(*kq64, *vq64),
             ref64,
+        ),
+        Variant(
+            "kvsnap paged k6v4 g64",
+            lambda: kvsnap.attention(
+                arena6, 0, q, block_table6, [case.context], scale=SCALE, causal=True
+            ),
+            nbytes(*kq6, *vq64),
+            ref6,
         ),
         Variant(SDPA_F32, lambda: sdpa(q, k, v, mask), nbytes(k, v)),
         Variant(
