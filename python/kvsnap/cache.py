@@ -872,8 +872,8 @@ def make_cache(
     (the values'). Keys carry the outlier channels: 6-bit keys with 4-bit
     values cost 5.5 bits per element at g64 and keep perplexity within 1% of
     float on the built-in models where 4-bit keys do not
-    (benchmarks/RESULTS.md). 6-bit keys are read by the float kernels (the
-    integer kernels hold 4- and 8-bit codes).
+    (benchmarks/RESULTS.md). The integer kernels widen 6-bit codes to bytes
+    as they load them (about the speed of 8-bit keys).
 
     ``key_offsets``: remove the model's key offsets (and balance its key
     channels) before quantizing (kvsnap.offsets: calibrated once per model
