@@ -48,10 +48,6 @@ constexpr int kWeightMax = VB == 8 ? 63 : 127;
 template <int VB>
 constexpr int kValueCodeOffset = 0;
 
-inline IVec ivec_zero() {
-  return _mm256_setzero_si256();
-}
-
 // acc + sum of four u8 x s8 products per int32 lane (no overflow within the
 // ranges above).
 inline IVec dot4(IVec acc, IVec codes, IVec w) {
@@ -63,10 +59,52 @@ inline IVec dot4(IVec acc, IVec codes, IVec w) {
 #endif
 }
 
+inline int32_t load4(const int8_t* p) {
+  int32_t x;
+  std::memcpy(&x, p, 4);
+  return x;
+}
+
+// The sum over i < n of dot4(0, codes(i), w(i)), codes of CB bits. 4-bit
+// codes (<= 15) times int8 (|w| <= 127) give vpmaddubsw pair sums of at
+// most 3810, so 8 of them add in int16 without overflow (30480) and widen to
+// int32 once: 2 instructions per step instead of 3. The same integers, so
+// the same result.
+template <int CB, class Codes, class Weights>
+inline IVec dot_sum(int n, Codes codes, Weights w) {
+#if !defined(KVSNAP_AVX_VNNI)
+  if constexpr (CB == 4) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc = _mm256_setzero_si256();
+    for (int i = 0; i < n; i += 8) {
+      __m256i s = _mm256_maddubs_epi16(codes(i), w(i));
+      for (int j = i + 1; j < std::min(n, i + 8); ++j) {
+        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(codes(j), w(j)));
+      }
+      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+    }
+    return acc;
+  }
+#endif
+  __m256i acc = _mm256_setzero_si256();
+  for (int i = 0; i < n; ++i) {
+    acc = dot4(acc, codes(i), w(i));
+  }
+  return acc;
+}
+
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
-// w + group[x] * kChunk).
-inline IVec lane_weights(const int8_t* w, const int32_t* group) {
+// w + group[x] * kChunk). Where each 128-bit half of the lanes has one group
+// (quad, ValueLayout), broadcasts: a gather costs several times as much
+// (AMD Zen 3: about 4 cycles of throughput each).
+inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* quad) {
   static_assert(kChunk == 32);
+  if (quad[0] >= 0 && quad[0] == quad[1]) {
+    return _mm256_set1_epi32(load4(w + quad[0] * kChunk));
+  }
+  if (quad[0] >= 0 && quad[1] >= 0) {
+    return _mm256_setr_m128i(_mm_set1_epi32(load4(w + quad[0] * kChunk)), _mm_set1_epi32(load4(w + quad[1] * kChunk)));
+  }
   __m256i offsets = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(group)), 5);
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(w), offsets, 1);
 }
@@ -78,6 +116,13 @@ inline void fma_lanes(float* out, IVec s, const float* f) {
 // Dword mask of the first w / 4 dwords of a 32-byte block.
 inline __m256i dword_mask(int w) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(w / 4), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The first w bytes at p (w a multiple of 4; zeros after), m = dword_mask(w):
+// a plain load where w is 32 (a masked load costs more).
+inline __m256i load_bytes(const uint8_t* p, int w, __m256i m) {
+  return w == 32 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                 : _mm256_maskload_epi32(reinterpret_cast<const int*>(p), m);
 }
 
 // In-register transpose of an 8 x 8 dword tile: c[i] lane k = r[k] lane i.
@@ -116,9 +161,7 @@ inline __m256i widen6(const uint8_t* p, int n_bytes) {
 }
 
 inline __m256i bcast4(const int8_t* p) {
-  int32_t x;
-  std::memcpy(&x, p, 4);
-  return _mm256_set1_epi32(x);
+  return _mm256_set1_epi32(load4(p));
 }
 
 // Scores of n <= 8 keys (arguments as int_scores16), out[r * out_st + u].
@@ -167,7 +210,7 @@ void int_scores8(
       if constexpr (KB == 6) {
         rows[u] = widen6(row + cb / 4 * 3, w / 4 * 3);
       } else {
-        rows[u] = _mm256_maskload_epi32(reinterpret_cast<const int*>(row + cb), m);
+        rows[u] = load_bytes(row + cb, w, m);
       }
     }
     transpose8(rows, cols);
@@ -189,13 +232,18 @@ void int_scores8(
         int g = (col0 + c) / cols_per_group;
         int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
         __m256i acc = _mm256_setzero_si256(), acc_res = _mm256_setzero_si256();
-        for (; c < c_end; ++c) {
-          int byte = (col0 + c) * 4;
-          acc = dot4(acc, lo[c], bcast4(q.lo + byte));
-          if constexpr (KC == 4) {
-            acc = dot4(acc, hi[c], bcast4(q.hi + byte));
-          } else {
-            acc_res = dot4(acc_res, lo[c], bcast4(q.res + byte));
+        const int8_t* q_lo = q.lo + col0 * 4;
+        if constexpr (KC == 4) {
+          // Low and high nibbles as two dot_sum chains.
+          const int8_t* q_hi = q.hi + col0 * 4;
+          acc = dot_sum<4>(c_end - c, [&](int i) { return lo[c + i]; }, [&](int i) { return bcast4(q_lo + 4 * (c + i)); });
+          acc = _mm256_add_epi32(
+              acc, dot_sum<4>(c_end - c, [&](int i) { return hi[c + i]; }, [&](int i) { return bcast4(q_hi + 4 * (c + i)); }));
+          c = c_end;
+        } else {
+          for (; c < c_end; ++c) {
+            acc = dot4(acc, lo[c], bcast4(q_lo + 4 * c));
+            acc_res = dot4(acc_res, lo[c], bcast4(q.res + (col0 + c) * 4));
           }
         }
         __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
@@ -247,8 +295,7 @@ void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
     const __m256i m = dword_mask(std::min(32, row_bytes - cb));
     __m256i r[4];
     for (int u = 0; u < 4; ++u) {
-      r[u] = v[u] ? _mm256_maskload_epi32(reinterpret_cast<const int*>(v[u] + cb), m)
-                  : _mm256_setzero_si256();
+      r[u] = v[u] ? load_bytes(v[u] + cb, std::min(32, row_bytes - cb), m) : _mm256_setzero_si256();
     }
     for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
       __m256i c[4];

@@ -77,6 +77,11 @@ struct ValueLayout {
   int n_pat = 0; // distinct group patterns among them
   int pat[kMaxVec] = {}; // pattern of vector k
   alignas(64) int32_t group[kMaxVec][kLanes] = {}; // per pattern: group of each lane
+  // Per pattern: the group of each quad of lanes (4x .. 4x+3: 16 bytes of
+  // one 128-bit lane), or -1 where a quad spans two groups (groups of fewer
+  // than 32 elements at 4 bits, 16 at 8). lane_weights broadcasts a
+  // uniform quad's 4 weights instead of gathering them lane by lane.
+  int32_t quad[kMaxVec][kLanes / 4] = {};
   int16_t elem[kMaxVec * kLanes] = {}; // element of lane k * kLanes + x, -1 for padding
 
   ValueLayout(int D, int gs, int bits) {
@@ -97,7 +102,18 @@ struct ValueLayout {
         ++p;
       }
       if (p == n_pat) {
-        std::memcpy(group[n_pat++], g, sizeof(g));
+        std::memcpy(group[n_pat], g, sizeof(g));
+        // Padding lanes (codes of zero) take any group.
+        for (int x = 0; x < kLanes / 4; ++x) {
+          int qg = -2; // -2: no element yet
+          for (int i = 4 * x; i < 4 * x + 4; ++i) {
+            if (elem[k * kLanes + i] >= 0) {
+              qg = qg == -2 || qg == g[i] ? g[i] : -1;
+            }
+          }
+          quad[n_pat][x] = qg == -2 ? 0 : qg;
+        }
+        ++n_pat;
       }
       pat[k] = p;
     }

@@ -36,18 +36,30 @@ constexpr int kWeightMax = 127;
 template <int VB>
 constexpr int kValueCodeOffset = VB == 8 ? 128 : 0;
 
-inline IVec ivec_zero() {
-  return vdupq_n_s32(0);
-}
-
 inline IVec dot4(IVec acc, IVec codes, IVec w) {
   return vdotq_s32(acc, vreinterpretq_s8_s32(codes), vreinterpretq_s8_s32(w));
 }
 
+// The sum over i < n of dot4(0, codes(i), w(i)) (CB: bits of the codes;
+// sdot sums into int32 directly, so it makes no difference here).
+template <int CB, class Codes, class Weights>
+inline IVec dot_sum(int n, Codes codes, Weights w) {
+  IVec acc = vdupq_n_s32(0);
+  for (int i = 0; i < n; ++i) {
+    acc = dot4(acc, codes(i), w(i));
+  }
+  return acc;
+}
+
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
-// w + group[x] * kChunk).
-inline IVec lane_weights(const int8_t* w, const int32_t* group) {
+// w + group[x] * kChunk); one broadcast where the 4 lanes share a group
+// (quad, ValueLayout).
+inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* quad) {
   int32_t lanes[4];
+  if (quad[0] >= 0) {
+    std::memcpy(&lanes[0], w + quad[0] * kChunk, 4);
+    return vdupq_n_s32(lanes[0]);
+  }
   for (int x = 0; x < 4; ++x) {
     std::memcpy(&lanes[x], w + group[x] * kChunk, 4);
   }

@@ -10,7 +10,9 @@
 //   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
 //   interleave4<VB>       the codes of 4 value rows in ValueLayout order
 //   dot4(acc, codes, w)   acc + four code-times-weight products per lane
-//   lane_weights(w, grp)  lane x = the 4 bytes at w + grp[x] * kChunk
+//   dot_sum<CB>(n, c, w)  the sum of n dot4 steps (codes c(i) of CB bits)
+//   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
+//                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
 //
 // Softmax, masks and the int8 weights are plain float code here: at 128-
@@ -124,11 +126,8 @@ void attend_rows_int(
         const Row& row = rows[r];
         // Keys [lo, hi) of the chunk are in the row's range; the rest -inf.
         int lo = std::clamp(row.kmin - c0, 0, n), hi = std::clamp(row.kmax - c0, 0, n);
-        for (int j = 0; j < kChunk; ++j) {
-          if (j < lo || j >= hi) {
-            sc[r][j] = kNegInf;
-          }
-        }
+        std::fill(sc[r], sc[r] + lo, kNegInf);
+        std::fill(sc[r] + hi, sc[r] + kChunk, kNegInf);
         // Masks: added to (or, bool, taking out) the scores of keys [lo, hi).
         if (row.mask) {
           for (int j = lo; j < hi; ++j) {
@@ -246,7 +245,7 @@ void attend_rows_int(
         for (int plane = 0; plane < WP; ++plane) {
           for (int blk = 0; blk < n_blocks; ++blk) {
             for (int p = 0; p < layout.n_pat; ++p) {
-              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p]);
+              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p], layout.quad[p]);
             }
           }
         }
@@ -262,10 +261,8 @@ void attend_rows_int(
         for (int k = 0; k < NV; ++k) {
           const int p = layout.pat[k];
           for (int plane = 0; plane < WP; ++plane) {
-            IVec s = dot4(ivec_zero(), xv[0][k], wl[plane][0][p]);
-            for (int blk = 1; blk < n_blocks; ++blk) {
-              s = dot4(s, xv[blk][k], wl[plane][blk][p]);
-            }
+            IVec s = dot_sum<VB>(
+                n_blocks, [&](int blk) { return xv[blk][k]; }, [&](int blk) { return wl[plane][blk][p]; });
             fma_lanes(out + kLanes * k, s, f[plane][p]);
           }
         }
