@@ -228,22 +228,24 @@ void int_scores8(
     for (int r = 0; r < R; ++r) {
       const IntQuery& q = *qi[r];
       __m256 s = _mm256_loadu_ps(out + r * out_st);
-      for (int c = 0; c < n_cols;) {
-        int g = (col0 + c) / cols_per_group;
-        int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
-        __m256i acc = _mm256_setzero_si256(), acc_res = _mm256_setzero_si256();
-        const int8_t* q_lo = q.lo + col0 * 4;
+      // s += the scores of columns [c, c + cnt) of this block, all in key
+      // group g. Called with a constant cnt where the block is whole, so
+      // the loops unroll.
+      auto part = [&](int c, int cnt, int g) __attribute__((always_inline)) {
+        __m256i acc, acc_res = _mm256_setzero_si256();
+        const int8_t* q_lo = q.lo + (col0 + c) * 4;
         if constexpr (KC == 4) {
           // Low and high nibbles as two dot_sum chains.
-          const int8_t* q_hi = q.hi + col0 * 4;
-          acc = dot_sum<4>(c_end - c, [&](int i) { return lo[c + i]; }, [&](int i) { return bcast4(q_lo + 4 * (c + i)); });
+          const int8_t* q_hi = q.hi + (col0 + c) * 4;
           acc = _mm256_add_epi32(
-              acc, dot_sum<4>(c_end - c, [&](int i) { return hi[c + i]; }, [&](int i) { return bcast4(q_hi + 4 * (c + i)); }));
-          c = c_end;
+              dot_sum<4>(cnt, [&](int i) { return lo[c + i]; }, [&](int i) { return bcast4(q_lo + 4 * i); }),
+              dot_sum<4>(cnt, [&](int i) { return hi[c + i]; }, [&](int i) { return bcast4(q_hi + 4 * i); }));
         } else {
-          for (; c < c_end; ++c) {
-            acc = dot4(acc, lo[c], bcast4(q_lo + 4 * c));
-            acc_res = dot4(acc_res, lo[c], bcast4(q.res + (col0 + c) * 4));
+          acc = _mm256_setzero_si256();
+          const int8_t* q_res = q.res + (col0 + c) * 4;
+          for (int i = 0; i < cnt; ++i) {
+            acc = dot4(acc, lo[c + i], bcast4(q_lo + 4 * i));
+            acc_res = dot4(acc_res, lo[c + i], bcast4(q_res + 4 * i));
           }
         }
         __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
@@ -251,6 +253,19 @@ void int_scores8(
         if constexpr (KC == 8) {
           const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<KB>));
           s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_res), _mm256_mul_ps(f, res_step), s);
+        }
+      };
+      if (n_cols == 8 && cols_per_group % 8 == 0) {
+        part(0, 8, col0 / cols_per_group); // group sizes of 64 x k (4-bit) or 32 x k (8-bit)
+      } else if (n_cols == 8 && cols_per_group == 4) {
+        part(0, 4, col0 / 4);
+        part(4, 4, col0 / 4 + 1);
+      } else {
+        for (int c = 0; c < n_cols;) {
+          int g = (col0 + c) / cols_per_group;
+          int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
+          part(c, c_end - c, g);
+          c = c_end;
         }
       }
       _mm256_storeu_ps(out + r * out_st, s);
