@@ -164,6 +164,34 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(load4(p));
 }
 
+// out[g * ost + u] = the scale (or bias) of key u < 8, group g < G, for the
+// keys at p, p + st, ... (elements of SD). Float16 in rows of 1 or 2 groups
+// with nothing between them (kvsnap's default format: head_dim 64 or 128,
+// groups of 64) converts 8 at a time; the rest one by one.
+template <DType SD>
+inline void load_params8(const char* p, int64_t st, int G, float* out, int ost) {
+  if constexpr (SD == DType::f16) {
+    if (st == G && G == 1) {
+      _mm256_store_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      return;
+    }
+    if (st == G && G == 2) {
+      // [k0g0 k0g1 k1g0 ...]: keys 0-3 and 4-7, each split into g0 | g1 halves.
+      const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+      __m256 a = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), split);
+      __m256 b = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1)), split);
+      _mm256_store_ps(out, _mm256_permute2f128_ps(a, b, 0x20));
+      _mm256_store_ps(out + ost, _mm256_permute2f128_ps(a, b, 0x31));
+      return;
+    }
+  }
+  for (int u = 0; u < 8; ++u) {
+    for (int g = 0; g < G; ++g) {
+      out[g * ost + u] = load_elem<SD>(p, u * st + g);
+    }
+  }
+}
+
 // Scores of n <= 8 keys (arguments as int_scores16), out[r * out_st + u].
 template <int KB, DType SD>
 void int_scores8(
@@ -185,10 +213,15 @@ void int_scores8(
   const int row_bytes = D * KC / 8;
   alignas(32) float scale[16][8]; // [group][key]
   alignas(32) float bias[16][8];
-  for (int u = 0; u < 8; ++u) {
-    for (int g = 0; g < n_groups; ++g) {
-      scale[g][u] = u < n ? load_elem<SD>(ks, u * sst + g) : 0.f;
-      bias[g][u] = u < n ? load_elem<SD>(kb, u * bst + g) : 0.f;
+  if (n == 8) {
+    load_params8<SD>(ks, sst, n_groups, scale[0], 8);
+    load_params8<SD>(kb, bst, n_groups, bias[0], 8);
+  } else {
+    for (int u = 0; u < 8; ++u) {
+      for (int g = 0; g < n_groups; ++g) {
+        scale[g][u] = u < n ? load_elem<SD>(ks, u * sst + g) : 0.f;
+        bias[g][u] = u < n ? load_elem<SD>(kb, u * bst + g) : 0.f;
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -312,22 +345,21 @@ void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
     for (int u = 0; u < 4; ++u) {
       r[u] = v[u] ? load_bytes(v[u] + cb, std::min(32, row_bytes - cb), m) : _mm256_setzero_si256();
     }
-    for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
-      __m256i c[4];
-      for (int u = 0; u < 4; ++u) {
-        if constexpr (VB == 4) {
-          c[u] = plane == 0 ? _mm256_and_si256(r[u], nib)
-                            : _mm256_and_si256(_mm256_srli_epi16(r[u], 4), nib);
-        } else {
-          c[u] = r[u];
-        }
+    // Bytes of the 4 rows interleaved, then (4 bits) split into the low
+    // and high nibble planes: byte shuffles commute with the split.
+    __m256i a01 = _mm256_unpacklo_epi8(r[0], r[1]), b01 = _mm256_unpackhi_epi8(r[0], r[1]);
+    __m256i a23 = _mm256_unpacklo_epi8(r[2], r[3]), b23 = _mm256_unpackhi_epi8(r[2], r[3]);
+    __m256i y[4] = {_mm256_unpacklo_epi16(a01, a23), _mm256_unpackhi_epi16(a01, a23),
+                    _mm256_unpacklo_epi16(b01, b23), _mm256_unpackhi_epi16(b01, b23)};
+    for (int i = 0; i < 4; ++i) {
+      x[k + i] = VB == 4 ? _mm256_and_si256(y[i], nib) : y[i];
+    }
+    k += 4;
+    if constexpr (VB == 4) {
+      for (int i = 0; i < 4; ++i) {
+        x[k + i] = _mm256_and_si256(_mm256_srli_epi16(y[i], 4), nib);
       }
-      __m256i a01 = _mm256_unpacklo_epi8(c[0], c[1]), b01 = _mm256_unpackhi_epi8(c[0], c[1]);
-      __m256i a23 = _mm256_unpacklo_epi8(c[2], c[3]), b23 = _mm256_unpackhi_epi8(c[2], c[3]);
-      x[k++] = _mm256_unpacklo_epi16(a01, a23);
-      x[k++] = _mm256_unpackhi_epi16(a01, a23);
-      x[k++] = _mm256_unpacklo_epi16(b01, b23);
-      x[k++] = _mm256_unpackhi_epi16(b01, b23);
+      k += 4;
     }
   }
 }
