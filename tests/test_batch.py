@@ -140,8 +140,12 @@ def test_batch_generate_with_kvsnap_caches_matches_float_caches():
     assert agree >= len(prompts) * max_tokens // 2, agree
 
 
-# Batched rows against the same sequences alone on small models (see its first use).
-ROW_TOL = 5e-3
+# Batched rows against the same sequences alone on small models (see its
+# first use). 2e-2: OpenBLAS's FMA kernels on AMD Zen 3 round a row of a
+# 210-row matmul differently from the same row alone, and an 8-bit code then
+# flipping moved ragged prefill's logits by 7e-3 (5e-3 held on the AVX-512
+# Xeon); a wrong row is off by ~1.
+ROW_TOL = 2e-2
 
 
 def test_merge_filter_extend_extract_copy_on_small_models():

@@ -88,16 +88,22 @@ def test_generate_step_runs_unchanged_and_matches_a_fresh_cache():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_trim_and_re_extend_gives_the_same_logits(arch):
+    # Both caches see the same forward passes but for the 25 tokens trimmed
+    # from a: a BLAS need not give a row the same bits in matmuls of other
+    # row counts (OpenBLAS's FMA kernels on AMD Zen 3 do not), and this
+    # checks the cache, not the BLAS.
     model = small_model(arch)
     tokens = prompt(100)
     a = kc.make_cache(model, block_tokens=16)
-    logits(model, tokens[:90], a)
+    logits(model, tokens[:65], a)
+    logits(model, tokens[65:90], a)
     assert a.trim(25) == 25
     assert all(c.offset == 65 for c in a)
     out_a = logits(model, tokens[65:], a)
     b = kc.make_cache(model, block_tokens=16)
-    out_b = logits(model, tokens, b)
-    np.testing.assert_array_equal(np.array(out_a[0]), np.array(out_b[0, 65:]))
+    logits(model, tokens[:65], b)
+    out_b = logits(model, tokens[65:], b)
+    np.testing.assert_array_equal(np.array(out_a), np.array(out_b))
 
 
 def test_trim_frees_blocks_past_the_end():

@@ -238,7 +238,10 @@ def test_lru_prompt_cache_holds_kvsnap_caches():
     other = system[:40] + prompt(8, seed=2).tolist()
     got2, rest2 = lru.fetch_nearest_cache("m", other)
     assert got2.offset == 40 and rest2 == other[40:]
-    same(logits(model, mx.array(rest2), got2), alone(model, mx.array(ask), 20, mx.array(rest2)))
+    # (The reference takes the same forward passes: a BLAS may round a row
+    # differently in a matmul of another row count.)
+    reference = alone(model, mx.array(system), mx.array(rest), 20, mx.array(rest2))
+    same(logits(model, mx.array(rest2), got2), reference)
     exact, rest3 = lru.fetch_nearest_cache("m", ask)
     assert exact.offset == 60 and rest3 == []
 
