@@ -22,6 +22,7 @@ from conftest import (
     MX_DTYPES,
     arena_kv,
     arena_triples,
+    dequantize,
     random_quantized,
     reference_attention,
     rel_error,
@@ -253,6 +254,25 @@ def test_q4_large_scores_are_stable(rng):
     q, qf = random_queries(rng, (1, 4, 2, 64))
     out = kvsnap.q4_attention(q, keys, values, scale=50.0, mask="causal")
     ref = reference_attention(qf, kf, vf, 50.0, causal=True)
+    assert rel_error(out, ref) <= attention_tol("float32")
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_q4_extreme_codes_fill_the_integer_sums_exactly(rng, gs):
+    # Every 4-bit code 15 and every query element equal (int8 127): the
+    # integer kernels' int16 runs (avx2-int: 8 vpmaddubsw pair sums of up to
+    # 2 * 15 * 127 each) sit at their largest, 30480 of 32767. An overflow
+    # there would be off by ~65536 steps.
+    B, Hkv, G, L, T, D = 1, 2, 4, 2, 300, 128
+    keys, _ = random_quantized(rng, (B, Hkv, T, D), 4, gs)
+    values, _ = random_quantized(rng, (B, Hkv, T, D), 4, gs)
+    keys = (mx.full(keys[0].shape, 0xFFFFFFFF, dtype=mx.uint32), *keys[1:])
+    values = (mx.full(values[0].shape, 0xFFFFFFFF, dtype=mx.uint32), *values[1:])
+    kf = dequantize(np.array(keys[0]), to_f64(keys[1]), to_f64(keys[2]), 4, gs)
+    vf = dequantize(np.array(values[0]), to_f64(values[1]), to_f64(values[2]), 4, gs)
+    q = mx.full((B, Hkv * G, L, D), 0.3)
+    out = kvsnap.q4_attention(q, keys, values, scale=D**-0.5, mask="causal", group_size=gs)
+    ref = reference_attention(to_f64(q), kf, vf, D**-0.5, causal=True)
     assert rel_error(out, ref) <= attention_tol("float32")
 
 
