@@ -95,8 +95,8 @@ inline IVec dot_sum(int n, Codes codes, Weights w) {
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
 // w + group[x] * kChunk). Where each 128-bit half of the lanes has one group
-// (quad, ValueLayout), broadcasts: a gather costs several times as much
-// (AMD Zen 3: about 4 cycles of throughput each).
+// (quad, ValueLayout), broadcasts: on AMD Zen 3 the gathers took a fifth of
+// the P.V time.
 inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* quad) {
   static_assert(kChunk == 32);
   if (quad[0] >= 0 && quad[0] == quad[1]) {
@@ -164,18 +164,17 @@ inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(load4(p));
 }
 
-// out[g * ost + u] = the scale (or bias) of key u < 8, group g < G, for the
-// keys at p, p + st, ... (elements of SD). Float16 in rows of 1 or 2 groups
-// with nothing between them (kvsnap's default format: head_dim 64 or 128,
-// groups of 64) converts 8 at a time; the rest one by one.
+// load_params (int_dot_common.h); float16 in rows of 1 or 2 groups with
+// nothing between them (kvsnap's default format: head_dim 64 or 128, groups
+// of 64) converts 8 keys at a time.
 template <DType SD>
-inline void load_params8(const char* p, int64_t st, int G, float* out, int ost) {
+inline void load_params8(const char* p, int64_t st, int G, int n, float* out, int ost) {
   if constexpr (SD == DType::f16) {
-    if (st == G && G == 1) {
+    if (n == 8 && st == G && G == 1) {
       _mm256_store_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
       return;
     }
-    if (st == G && G == 2) {
+    if (n == 8 && st == G && G == 2) {
       // [k0g0 k0g1 k1g0 ...]: keys 0-3 and 4-7, each split into g0 | g1 halves.
       const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
       __m256 a = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), split);
@@ -185,11 +184,7 @@ inline void load_params8(const char* p, int64_t st, int G, float* out, int ost) 
       return;
     }
   }
-  for (int u = 0; u < 8; ++u) {
-    for (int g = 0; g < G; ++g) {
-      out[g * ost + u] = load_elem<SD>(p, u * st + g);
-    }
-  }
+  load_params<SD>(p, st, G, n, out, ost);
 }
 
 // Scores of n <= 8 keys (arguments as int_scores16), out[r * out_st + u].
@@ -213,17 +208,8 @@ void int_scores8(
   const int row_bytes = D * KC / 8;
   alignas(32) float scale[16][8]; // [group][key]
   alignas(32) float bias[16][8];
-  if (n == 8) {
-    load_params8<SD>(ks, sst, n_groups, scale[0], 8);
-    load_params8<SD>(kb, bst, n_groups, bias[0], 8);
-  } else {
-    for (int u = 0; u < 8; ++u) {
-      for (int g = 0; g < n_groups; ++g) {
-        scale[g][u] = u < n ? load_elem<SD>(ks, u * sst + g) : 0.f;
-        bias[g][u] = u < n ? load_elem<SD>(kb, u * bst + g) : 0.f;
-      }
-    }
-  }
+  load_params8<SD>(ks, sst, n_groups, n, scale[0], 8);
+  load_params8<SD>(kb, bst, n_groups, n, bias[0], 8);
   for (int r = 0; r < R; ++r) {
     __m256 s = _mm256_setzero_ps();
     for (int g = 0; g < n_groups; ++g) {

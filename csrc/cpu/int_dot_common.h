@@ -62,6 +62,18 @@ void quantize_query(const float* q, int D, int gs, IntQuery& out) {
   }
 }
 
+// out[g * ost + u] = the scale (or bias) of key u < 8, group g < G, for the
+// keys at p, p + st, ... (elements of SD); 0 for keys u >= n. The
+// instruction sets' load_params8 fall back to it.
+template <DType SD>
+void load_params(const char* p, int64_t st, int G, int n, float* out, int ost) {
+  for (int u = 0; u < 8; ++u) {
+    for (int g = 0; g < G; ++g) {
+      out[g * ost + u] = u < n ? load_elem<SD>(p, u * st + g) : 0.f;
+    }
+  }
+}
+
 // Where the elements of a value row sit in the int32 lanes of the P.V
 // accumulators, for vectors of W bytes (W / 4 lanes). The codes of 4 keys
 // are interleaved W packed bytes at a time (one column block cb; at 4 bits

@@ -51,15 +51,10 @@ inline IVec dot_sum(int n, Codes codes, Weights w) {
   return acc;
 }
 
-// out[g * ost + u] = the scale (or bias) of key u < 8, group g < G, for the
-// keys at p, p + st, ... (elements of SD).
+// load_params (int_dot_common.h), as it is.
 template <DType SD>
-inline void load_params8(const char* p, int64_t st, int G, float* out, int ost) {
-  for (int u = 0; u < 8; ++u) {
-    for (int g = 0; g < G; ++g) {
-      out[g * ost + u] = load_elem<SD>(p, u * st + g);
-    }
-  }
+inline void load_params8(const char* p, int64_t st, int G, int n, float* out, int ost) {
+  load_params<SD>(p, st, G, n, out, ost);
 }
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at

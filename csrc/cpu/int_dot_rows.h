@@ -14,7 +14,7 @@
 //   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
-//   load_params8<SD>(p, st, G, out, ost)  scales or biases of 8 keys by group
+//   load_params8<SD>(p, st, G, n, out, ost)  load_params (int_dot_common.h), maybe faster
 //
 // Softmax, masks and the int8 weights are plain float code here: at 128-
 // and 256-bit widths the integer dot products are the larger part.
@@ -183,22 +183,12 @@ void attend_rows_int(
         l[r] += hsum(sum);
       }
       // Values of the chunk: scales/biases by group (0 past n), codes interleaved.
-      if (n == kChunk) {
-        for (int j = 0; j < kChunk; j += 8) {
-          load_params8<SD>(
-              static_cast<const char*>(run.vs) + (j0 + j) * run.st[4] * kScaleBytes, run.st[4], n_groups, &v_scale[0][j], kChunk);
-          load_params8<SD>(
-              static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes, run.st[5], n_groups, &v_bias[0][j], kChunk);
-        }
-      } else {
-        for (int j = 0; j < kChunk; ++j) {
-          const char* vs = static_cast<const char*>(run.vs) + (j0 + j) * run.st[4] * kScaleBytes;
-          const char* vb = static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes;
-          for (int g = 0; g < n_groups; ++g) {
-            v_scale[g][j] = j < n ? load_elem<SD>(vs, g) : 0.f;
-            v_bias[g][j] = j < n ? load_elem<SD>(vb, g) : 0.f;
-          }
-        }
+      for (int j = 0; j < kChunk; j += 8) {
+        const int nj = std::clamp(n - j, 0, 8);
+        load_params8<SD>(
+            static_cast<const char*>(run.vs) + (j0 + j) * run.st[4] * kScaleBytes, run.st[4], n_groups, nj, &v_scale[0][j], kChunk);
+        load_params8<SD>(
+            static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes, run.st[5], n_groups, nj, &v_bias[0][j], kChunk);
       }
       const int n_blocks = (n + 3) / 4;
       for (int blk = 0; blk < n_blocks; ++blk) {
