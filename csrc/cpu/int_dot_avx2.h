@@ -65,32 +65,40 @@ inline int32_t load4(const int8_t* p) {
   return x;
 }
 
-// The sum over i < n of dot4(0, codes(i), w(i)), codes of CB bits. 4-bit
-// codes (<= 15) times int8 (|w| <= 127) give vpmaddubsw pair sums of at
-// most 3810, so 8 of them add in int16 without overflow (30480) and widen to
-// int32 once: 2 instructions per step instead of 3. The same integers, so
-// the same result.
-template <int CB, class Codes, class Weights>
-inline IVec dot_sum(int n, Codes codes, Weights w) {
+// A chain of at most kChunk / 4 = 8 dot4 steps on codes of CB bits, begun
+// at zero (dot_step), and its int32 lanes (dot_finish). 4-bit codes (<= 15)
+// times int8 (|w| <= 127) give vpmaddubsw pair sums of at most 3810, so 8
+// of them add in int16 without overflow (30480) and widen to int32 once:
+// 2 instructions per step instead of 3. The same integers, so the same
+// result.
+template <int CB>
+inline IVec dot_step(IVec acc, IVec codes, IVec w) {
 #if !defined(KVSNAP_AVX_VNNI)
   if constexpr (CB == 4) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc = _mm256_setzero_si256();
-    for (int i = 0; i < n; i += 8) {
-      __m256i s = _mm256_maddubs_epi16(codes(i), w(i));
-      for (int j = i + 1; j < std::min(n, i + 8); ++j) {
-        s = _mm256_add_epi16(s, _mm256_maddubs_epi16(codes(j), w(j)));
-      }
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
-    }
-    return acc;
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, w));
   }
 #endif
+  return dot4(acc, codes, w);
+}
+
+template <int CB>
+inline IVec dot_finish(IVec acc) {
+#if !defined(KVSNAP_AVX_VNNI)
+  if constexpr (CB == 4) {
+    return _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
+  }
+#endif
+  return acc;
+}
+
+// The sum over i < n <= 8 of dot4(0, codes(i), w(i)).
+template <int CB, class Codes, class Weights>
+inline IVec dot_sum(int n, Codes codes, Weights w) {
   __m256i acc = _mm256_setzero_si256();
   for (int i = 0; i < n; ++i) {
-    acc = dot4(acc, codes(i), w(i));
+    acc = dot_step<CB>(acc, codes(i), w(i));
   }
-  return acc;
+  return dot_finish<CB>(acc);
 }
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
@@ -187,6 +195,40 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
   load_params<SD>(p, st, G, n, out, ost);
 }
 
+// out[r * out_st + u] += the scores of 8 keys from their 4-bit code
+// columns cols[c .. c + cnt) (cnt <= 8, all in key group g, query column
+// qcol onwards) for the NR query rows qi[0 .. NR): columns outer, rows
+// inner, so each column's nibble planes are split once for NR rows and
+// every row's sums stay in registers (int16 chains, dot_step).
+template <int NR>
+__attribute__((always_inline)) inline void score_cols4(
+    const __m256i* cols, int c, int cnt, int qcol, int g, const float* scale_g, const IntQuery* const* qi, float* out, int out_st) {
+  const __m256i nib = _mm256_set1_epi8(0x0F);
+  __m256i al[NR], ah[NR];
+  for (int r = 0; r < NR; ++r) {
+    al[r] = ah[r] = _mm256_setzero_si256();
+  }
+#pragma GCC unroll 8 // else GCC 12 rotates al / ah through other registers every column
+  for (int i = 0; i < cnt; ++i) {
+    const __m256i lo = _mm256_and_si256(cols[c + i], nib);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(cols[c + i], 4), nib);
+    for (int r = 0; r < NR; ++r) {
+      al[r] = dot_step<4>(al[r], lo, bcast4(qi[r]->lo + 4 * (qcol + i)));
+      ah[r] = dot_step<4>(ah[r], hi, bcast4(qi[r]->hi + 4 * (qcol + i)));
+      // Keeps the sums in registers: without it GCC 12 reassociates the
+      // chains, storing every product on the stack to add them later.
+      asm("" : "+x"(al[r]), "+x"(ah[r]));
+    }
+  }
+  const __m256 sc = _mm256_load_ps(scale_g);
+  for (int r = 0; r < NR; ++r) {
+    __m256i acc = _mm256_add_epi32(dot_finish<4>(al[r]), dot_finish<4>(ah[r]));
+    __m256 s = _mm256_loadu_ps(out + r * out_st);
+    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(sc, _mm256_set1_ps(qi[r]->qs[g])), s);
+    _mm256_storeu_ps(out + r * out_st, s);
+  }
+}
+
 // Scores of n <= 8 keys (arguments as int_scores16), out[r * out_st + u].
 template <int KB, DType SD>
 void int_scores8(
@@ -217,7 +259,6 @@ void int_scores8(
     }
     _mm256_storeu_ps(out + r * out_st, s);
   }
-  const __m256i nib = _mm256_set1_epi8(0x0F);
   constexpr int kElemsPerCol = KC == 4 ? 8 : 4;
   const int cols_per_group = gs / kElemsPerCol;
   for (int cb = 0; cb < row_bytes; cb += 32) {
@@ -235,45 +276,10 @@ void int_scores8(
     transpose8(rows, cols);
     const int n_cols = w / 4;
     const int col0 = cb / 4;
-    __m256i lo[8], hi[8];
-    for (int c = 0; c < n_cols; ++c) {
-      if constexpr (KC == 4) {
-        lo[c] = _mm256_and_si256(cols[c], nib);
-        hi[c] = _mm256_and_si256(_mm256_srli_epi16(cols[c], 4), nib);
-      } else {
-        lo[c] = cols[c];
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      const IntQuery& q = *qi[r];
-      __m256 s = _mm256_loadu_ps(out + r * out_st);
-      // s += the scores of columns [c, c + cnt) of this block, all in key
-      // group g. Called with a constant cnt where the block is whole, so
-      // the loops unroll.
-      auto part = [&](int c, int cnt, int g) __attribute__((always_inline)) {
-        __m256i acc, acc_res = _mm256_setzero_si256();
-        const int8_t* q_lo = q.lo + (col0 + c) * 4;
-        if constexpr (KC == 4) {
-          // Low and high nibbles as two dot_sum chains.
-          const int8_t* q_hi = q.hi + (col0 + c) * 4;
-          acc = _mm256_add_epi32(
-              dot_sum<4>(cnt, [&](int i) { return lo[c + i]; }, [&](int i) { return bcast4(q_lo + 4 * i); }),
-              dot_sum<4>(cnt, [&](int i) { return hi[c + i]; }, [&](int i) { return bcast4(q_hi + 4 * i); }));
-        } else {
-          acc = _mm256_setzero_si256();
-          const int8_t* q_res = q.res + (col0 + c) * 4;
-          for (int i = 0; i < cnt; ++i) {
-            acc = dot4(acc, lo[c + i], bcast4(q_lo + 4 * i));
-            acc_res = dot4(acc_res, lo[c + i], bcast4(q_res + 4 * i));
-          }
-        }
-        __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), f, s);
-        if constexpr (KC == 8) {
-          const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<KB>));
-          s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_res), _mm256_mul_ps(f, res_step), s);
-        }
-      };
+    // part(c, cnt, g) for the runs of columns [c, c + cnt) of this block in
+    // one key group g; a constant cnt where the block is whole, so the
+    // loops unroll.
+    auto parts = [&](auto part) __attribute__((always_inline)) {
       if (n_cols == 8 && cols_per_group % 8 == 0) {
         part(0, 8, col0 / cols_per_group); // group sizes of 64 x k (4-bit) or 32 x k (8-bit)
       } else if (n_cols == 8 && cols_per_group == 4) {
@@ -287,6 +293,42 @@ void int_scores8(
           c = c_end;
         }
       }
+    };
+    if constexpr (KC == 4) {
+      for (int r0 = 0; r0 < R; r0 += 4) {
+        auto rows4 = [&](auto nr) __attribute__((always_inline)) {
+          parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
+            score_cols4<decltype(nr)::value>(cols, c, cnt, col0 + c, g, scale[g], qi + r0, out + r0 * out_st, out_st);
+          });
+        };
+        switch (std::min(4, R - r0)) {
+          case 4: rows4(std::integral_constant<int, 4>{}); break;
+          case 3: rows4(std::integral_constant<int, 3>{}); break;
+          case 2: rows4(std::integral_constant<int, 2>{}); break;
+          default: rows4(std::integral_constant<int, 1>{}); break;
+        }
+      }
+      continue;
+    }
+    const __m256i* lo = cols; // 8-bit codes (6-bit widened)
+    for (int r = 0; r < R; ++r) {
+      const IntQuery& q = *qi[r];
+      __m256 s = _mm256_loadu_ps(out + r * out_st);
+      // s += the scores of columns [c, c + cnt) of this block, all in key
+      // group g, with the query's residual plane.
+      parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
+        __m256i acc = _mm256_setzero_si256(), acc_res = _mm256_setzero_si256();
+        const int8_t* q_lo = q.lo + (col0 + c) * 4;
+        const int8_t* q_res = q.res + (col0 + c) * 4;
+        for (int i = 0; i < cnt; ++i) {
+          acc = dot4(acc, lo[c + i], bcast4(q_lo + 4 * i));
+          acc_res = dot4(acc_res, lo[c + i], bcast4(q_res + 4 * i));
+        }
+        __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
+        const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<KB>));
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), f, s);
+        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_res), _mm256_mul_ps(f, res_step), s);
+      });
       _mm256_storeu_ps(out + r * out_st, s);
     }
   }

@@ -95,6 +95,29 @@ struct ValueLayout {
   // uniform quad's 4 weights instead of gathering them lane by lane.
   int32_t quad[kMaxVec][kLanes / 4] = {};
   int16_t elem[kMaxVec * kLanes] = {}; // element of lane k * kLanes + x, -1 for padding
+  // The vectors of one column block (4 per nibble plane) are vectors
+  // cb * vec_per_block ... Where every block's vectors agree on the group of
+  // each lane (padding lanes agree with anything: groups of at least 32
+  // elements at 4 bits, 16 at 8), blocks_uniform, and block_group /
+  // block_quad are that lane's group and each quad's, as group / quad: the
+  // P.V product then takes one weight vector per block of keys for all of
+  // a column block's vectors.
+  int vec_per_block = 0;
+  bool blocks_uniform = true;
+  alignas(64) int32_t block_group[kMaxVec][kLanes] = {};
+  int32_t block_quad[kMaxVec][kLanes / 4] = {};
+
+  // The group of 4 lanes (g[i] -2: padding, codes of zero, which take any
+  // group), or -1 where they span two groups.
+  static int32_t quad_group(const int32_t* g) {
+    int32_t qg = -2;
+    for (int i = 0; i < 4; ++i) {
+      if (g[i] >= 0) {
+        qg = qg == -2 || qg == g[i] ? g[i] : -1;
+      }
+    }
+    return qg == -2 ? 0 : qg;
+  }
 
   ValueLayout(int D, int gs, int bits) {
     const int row_bytes = D * bits / 8;
@@ -102,12 +125,13 @@ struct ValueLayout {
     n_vec = (row_bytes + W - 1) / W * planes * 4;
     for (int k = 0; k < n_vec; ++k) {
       int cb = k / (4 * planes), plane = k / 4 % planes, m = k % 4;
-      int32_t g[kLanes];
+      int32_t g[kLanes], gq[kLanes]; // gq: -2 for padding
       for (int x = 0; x < kLanes; ++x) {
         int j = W * cb + 16 * (x / 4) + 4 * m + x % 4;
         int d = j < row_bytes ? (bits == 4 ? 2 * j + plane : j) : -1;
         elem[k * kLanes + x] = int16_t(d);
         g[x] = d >= 0 ? d / gs : 0;
+        gq[x] = d >= 0 ? d / gs : -2;
       }
       int p = 0;
       while (p < n_pat && std::memcmp(group[p], g, sizeof(g)) != 0) {
@@ -115,19 +139,32 @@ struct ValueLayout {
       }
       if (p == n_pat) {
         std::memcpy(group[n_pat], g, sizeof(g));
-        // Padding lanes (codes of zero) take any group.
         for (int x = 0; x < kLanes / 4; ++x) {
-          int qg = -2; // -2: no element yet
-          for (int i = 4 * x; i < 4 * x + 4; ++i) {
-            if (elem[k * kLanes + i] >= 0) {
-              qg = qg == -2 || qg == g[i] ? g[i] : -1;
-            }
-          }
-          quad[n_pat][x] = qg == -2 ? 0 : qg;
+          quad[n_pat][x] = quad_group(gq + 4 * x);
         }
         ++n_pat;
       }
       pat[k] = p;
+    }
+    vec_per_block = 4 * planes;
+    for (int cb = 0; cb * vec_per_block < n_vec; ++cb) {
+      int32_t g[kLanes]; // -2: padding in every vector of the block
+      for (int x = 0; x < kLanes; ++x) {
+        g[x] = -2;
+        for (int k = cb * vec_per_block; k < (cb + 1) * vec_per_block; ++k) {
+          int d = elem[k * kLanes + x];
+          if (d >= 0) {
+            blocks_uniform &= g[x] == -2 || g[x] == d / gs;
+            g[x] = d / gs;
+          }
+        }
+      }
+      for (int x = 0; x < kLanes / 4; ++x) {
+        int32_t qg = block_quad[cb][x] = quad_group(g + 4 * x);
+        for (int i = 4 * x; i < 4 * x + 4; ++i) {
+          block_group[cb][i] = g[i] >= 0 ? g[i] : std::max(qg, 0); // padding: any group
+        }
+      }
     }
   }
 };

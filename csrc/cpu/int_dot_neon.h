@@ -40,14 +40,15 @@ inline IVec dot4(IVec acc, IVec codes, IVec w) {
   return vdotq_s32(acc, vreinterpretq_s8_s32(codes), vreinterpretq_s8_s32(w));
 }
 
-// The sum over i < n of dot4(0, codes(i), w(i)) (CB: bits of the codes;
-// sdot sums into int32 directly, so it makes no difference here).
-template <int CB, class Codes, class Weights>
-inline IVec dot_sum(int n, Codes codes, Weights w) {
-  IVec acc = vdupq_n_s32(0);
-  for (int i = 0; i < n; ++i) {
-    acc = dot4(acc, codes(i), w(i));
-  }
+// A chain of dot4 steps on codes of CB bits begun at zero, and its int32
+// lanes (sdot sums into int32 directly: CB makes no difference here).
+template <int CB>
+inline IVec dot_step(IVec acc, IVec codes, IVec w) {
+  return dot4(acc, codes, w);
+}
+
+template <int CB>
+inline IVec dot_finish(IVec acc) {
   return acc;
 }
 

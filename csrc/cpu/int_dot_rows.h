@@ -10,7 +10,9 @@
 //   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
 //   interleave4<VB>       the codes of 4 value rows in ValueLayout order
 //   dot4(acc, codes, w)   acc + four code-times-weight products per lane
-//   dot_sum<CB>(n, c, w)  the sum of n dot4 steps (codes c(i) of CB bits)
+//   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most 8 dot4
+//                         steps on codes of CB bits begun at zero, and its
+//                         int32 lanes (AVX2 sums 4-bit steps in int16)
 //   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
@@ -199,6 +201,9 @@ void attend_rows_int(
         }
         interleave4<VB>(v, v_row_bytes, xv[blk]);
       }
+      for (int blk = n_blocks; blk < kBlocks; ++blk) {
+        std::fill(xv[blk], xv[blk] + NV, IVec{});
+      }
       for (int r = 0; r < R; ++r) {
         if (!active[r]) {
           continue;
@@ -248,15 +253,6 @@ void attend_rows_int(
           }
           bias_sum[r][g] += b_sum;
         }
-        // Per block of 4 keys: the weights of every group, then of each lane.
-        alignas(64) IVec wl[WP][kBlocks][Layout::kMaxVec];
-        for (int plane = 0; plane < WP; ++plane) {
-          for (int blk = 0; blk < n_blocks; ++blk) {
-            for (int p = 0; p < layout.n_pat; ++p) {
-              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p], layout.quad[p]);
-            }
-          }
-        }
         // Each pattern's int8 steps per lane.
         alignas(64) float f[WP][Layout::kMaxVec][kLanes];
         for (int p = 0; p < layout.n_pat; ++p) {
@@ -266,12 +262,46 @@ void attend_rows_int(
           }
         }
         float* out = acc_perm[r];
+        if (layout.blocks_uniform) {
+          // Column block by column block: one weight vector per block of 4
+          // keys serves all the column block's vectors (whole chunks: the
+          // codes of keys past n are zeros).
+          constexpr int VPB = VB == 4 ? 8 : 4; // layout.vec_per_block
+          for (int k0 = 0, cb = 0; k0 < NV; k0 += VPB, ++cb) {
+            for (int plane = 0; plane < WP; ++plane) {
+              IVec s[VPB] = {};
+#pragma GCC unroll 8 // else GCC 12 rotates s through other registers every block
+              for (int blk = 0; blk < kBlocks; ++blk) {
+                const IVec w = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
+                for (int i = 0; i < VPB; ++i) {
+                  s[i] = dot_step<VB>(s[i], xv[blk][k0 + i], w);
+                }
+              }
+              for (int i = 0; i < VPB; ++i) {
+                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s[i]), f[plane][layout.pat[k0 + i]]);
+              }
+            }
+          }
+          continue;
+        }
+        // Otherwise (4-bit groups of 16) per vector: the weights of each
+        // pattern and block of 4 keys first.
+        alignas(64) IVec wl[WP][kBlocks][Layout::kMaxVec];
+        for (int plane = 0; plane < WP; ++plane) {
+          for (int blk = 0; blk < n_blocks; ++blk) {
+            for (int p = 0; p < layout.n_pat; ++p) {
+              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p], layout.quad[p]);
+            }
+          }
+        }
         for (int k = 0; k < NV; ++k) {
           const int p = layout.pat[k];
           for (int plane = 0; plane < WP; ++plane) {
-            IVec s = dot_sum<VB>(
-                n_blocks, [&](int blk) { return xv[blk][k]; }, [&](int blk) { return wl[plane][blk][p]; });
-            fma_lanes(out + kLanes * k, s, f[plane][p]);
+            IVec s = {};
+            for (int blk = 0; blk < n_blocks; ++blk) {
+              s = dot_step<VB>(s, xv[blk][k], wl[plane][blk][p]);
+            }
+            fma_lanes(out + kLanes * k, dot_finish<VB>(s), f[plane][p]);
           }
         }
       }
@@ -279,12 +309,13 @@ void attend_rows_int(
     t = run_end;
   }
   // Back to element order, bias sums added.
+  const int gs_shift = __builtin_ctz(unsigned(gs)); // group sizes are powers of 2
   for (int r = 0; r < R; ++r) {
     float* out = acc + size_t(r) * D;
     for (int x = 0; x < NV * kLanes; ++x) {
       int d = layout.elem[x];
       if (d >= 0) {
-        out[d] = acc_perm[r][x] + bias_sum[r][d / gs];
+        out[d] = acc_perm[r][x] + bias_sum[r][d >> gs_shift];
       }
     }
   }
