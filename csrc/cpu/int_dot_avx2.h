@@ -361,17 +361,22 @@ void int_scores16(
   }
 }
 
-// The codes of 4 value rows (v[0..3]; nullptr: a row of zeros) as
-// ValueLayout<32>'s n_vec vectors at x[0 .. n_vec).
+// The codes of 4 value rows v[0..3] as ValueLayout<32>'s n_vec vectors at x[0 .. n_vec).
 template <int VB>
 void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   int k = 0;
   for (int cb = 0; cb < row_bytes; cb += 32) {
-    const __m256i m = dword_mask(std::min(32, row_bytes - cb));
     __m256i r[4];
-    for (int u = 0; u < 4; ++u) {
-      r[u] = v[u] ? load_bytes(v[u] + cb, std::min(32, row_bytes - cb), m) : _mm256_setzero_si256();
+    if (row_bytes - cb >= 32) {
+      for (int u = 0; u < 4; ++u) {
+        r[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v[u] + cb));
+      }
+    } else {
+      const __m256i m = dword_mask(row_bytes - cb);
+      for (int u = 0; u < 4; ++u) {
+        r[u] = _mm256_maskload_epi32(reinterpret_cast<const int*>(v[u] + cb), m);
+      }
     }
     // Bytes of the 4 rows interleaved, then (4 bits) split into the low
     // and high nibble planes: byte shuffles commute with the split.

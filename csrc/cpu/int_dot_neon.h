@@ -213,8 +213,8 @@ void int_scores16(
   }
 }
 
-// The codes of 4 value rows (v[0..3]; nullptr: a row of zeros) as
-// ValueLayout<16>'s n_vec vectors at x[0 .. n_vec), 8-bit codes as c - 128.
+// The codes of 4 value rows v[0..3] as ValueLayout<16>'s n_vec vectors at
+// x[0 .. n_vec), 8-bit codes as c - 128.
 template <int VB>
 void interleave4(const uint8_t* const* v, int row_bytes, int32x4_t* x) {
   const uint8x16_t nib = vdupq_n_u8(0x0F);
@@ -222,7 +222,7 @@ void interleave4(const uint8_t* const* v, int row_bytes, int32x4_t* x) {
   for (int cb = 0; cb < row_bytes; cb += 16) {
     uint8x16_t r[4];
     for (int u = 0; u < 4; ++u) {
-      r[u] = v[u] ? load16(v[u], cb, row_bytes) : vdupq_n_u8(0);
+      r[u] = load16(v[u], cb, row_bytes);
     }
     for (int plane = 0; plane < (VB == 4 ? 2 : 1); ++plane) {
       uint8x16_t c[4];

@@ -42,17 +42,19 @@ inline v8f round_even(v8f x) {
   return (x + magic) - magic;
 }
 
-// Eight integral floats in [-128, 127] as int8 at p.
+// Eight floats in [-127.5, 127.5) rounded to the nearest integer (ties to
+// even) as int8 at p.
 inline void store_int8(int8_t* p, v8f x) {
 #if defined(__AVX2__)
-  // Saturating packs (exact in this range): GCC turns the generic form
-  // below into 8 lane extracts and scalar byte moves on x86.
+  // cvtps2dq rounds to nearest even; saturating packs (exact in this
+  // range): GCC turns the generic form below into 8 lane extracts and
+  // scalar byte moves on x86.
   __m256i i = _mm256_cvtps_epi32(__m256(x));
   __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(w, w));
 #else
   typedef int8_t v8b __attribute__((vector_size(8)));
-  v8b b = __builtin_convertvector(__builtin_convertvector(x, v8i), v8b);
+  v8b b = __builtin_convertvector(__builtin_convertvector(round_even(x), v8i), v8b);
   std::memcpy(p, &b, sizeof(b));
 #endif
 }
@@ -90,6 +92,7 @@ void attend_rows_int(
   alignas(64) float sc[kMaxRows][kChunk];
   alignas(64) IVec xv[kBlocks][Layout::kMaxVec]; // the chunk's value codes, interleaved
   alignas(64) float v_scale[16][kChunk], v_bias[16][kChunk]; // [group][key of chunk]
+  alignas(64) static constexpr uint8_t kZeroRow[kMaxDim] = {}; // the codes of keys past n
   const IntQuery* qi[kMaxRows];
   bool active[kMaxRows];
   for (int r = 0; r < R; ++r) {
@@ -158,10 +161,12 @@ void attend_rows_int(
       }
       // Softmax update: sc becomes the chunk's probabilities.
       for (int r = 0; r < R; ++r) {
-        float cmax = kNegInf;
-        for (int j = 0; j < kChunk; j += 8) {
-          cmax = std::max(cmax, hmax(load(&sc[r][j])));
+        v8f vmax = load(&sc[r][0]);
+        for (int j = 8; j < kChunk; j += 8) {
+          v8f x = load(&sc[r][j]);
+          vmax = vmax > x ? vmax : x;
         }
+        const float cmax = hmax(vmax);
         if (cmax == kNegInf) {
           active[r] = false;
           continue;
@@ -197,7 +202,7 @@ void attend_rows_int(
         const uint8_t* v[4];
         for (int u = 0; u < 4; ++u) {
           int j = 4 * blk + u;
-          v[u] = j < n ? reinterpret_cast<const uint8_t*>(run.vp + (j0 + j) * run.st[3]) : nullptr;
+          v[u] = j < n ? reinterpret_cast<const uint8_t*>(run.vp + (j0 + j) * run.st[3]) : kZeroRow;
         }
         interleave4<VB>(v, v_row_bytes, xv[blk]);
       }
@@ -220,9 +225,8 @@ void attend_rows_int(
             v8f p = load(&sc[r][j]);
             w[j / 8] = p * load(&v_scale[g][j]);
             bs += p * load(&v_bias[g][j]);
-            v8f neg = -w[j / 8];
-            amax = amax > w[j / 8] ? amax : w[j / 8];
-            amax = amax > neg ? amax : neg;
+            v8f a = reinterpret_cast<v8f>(reinterpret_cast<v8i>(w[j / 8]) & 0x7fffffff); // |w|
+            amax = amax > a ? amax : a;
           }
           float w_max = hmax(amax);
           // Weights below 1e-30 (denormal probabilities; kWMax / w_max would
@@ -233,10 +237,12 @@ void attend_rows_int(
           v8f w_sum[WP] = {};
           for (int j = 0; j < kChunk; j += 8) {
             v8f x = w[j / 8] * splat(inv);
-            v8f xr = round_even(x);
-            store_int8(&w8[0][g][j], xr);
-            w_sum[0] += xr;
+            store_int8(&w8[0][g][j], x);
+            if constexpr (VB == 8 || kCodeOffset != 0.f) {
+              w_sum[0] += round_even(x);
+            }
             if constexpr (VB == 8) {
+              v8f xr = round_even(x);
               v8f res = round_even((x - xr) * splat(float(2 * kWMax)));
               res = res > splat(float(kWMax)) ? splat(float(kWMax)) : res;
               res = res < splat(float(-kWMax)) ? splat(float(-kWMax)) : res;

@@ -50,11 +50,20 @@ inline float hsum(v8f v) {
 }
 
 inline float hmax(v8f v) {
+#if defined(__AVX__)
+  __m256 x;
+  std::memcpy(&x, &v, sizeof(x));
+  __m128 m = _mm_max_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
+  m = _mm_max_ps(_mm_movehl_ps(m, m), m);
+  m = _mm_max_ss(_mm_shuffle_ps(m, m, 1), m);
+  return _mm_cvtss_f32(m);
+#else
   float m = v[0];
   for (int i = 1; i < 8; ++i) {
     m = v[i] > m ? v[i] : m;
   }
   return m;
+#endif
 }
 
 inline v8f to_float(v8u x) {
