@@ -91,6 +91,13 @@ inline IVec dot_finish(IVec acc) {
   return acc;
 }
 
+// Keeps a chain's sum in a register at this point: without it GCC 12
+// reassociates unrolled dot_step chains, storing every product on the
+// stack to add them later.
+inline void in_register(IVec& acc) {
+  asm("" : "+x"(acc));
+}
+
 // The sum over i < n <= 8 of dot4(0, codes(i), w(i)).
 template <int CB, class Codes, class Weights>
 inline IVec dot_sum(int n, Codes codes, Weights w) {
@@ -215,9 +222,8 @@ __attribute__((always_inline)) inline void score_cols4(
     for (int r = 0; r < NR; ++r) {
       al[r] = dot_step<4>(al[r], lo, bcast4(qi[r]->lo + 4 * (qcol + i)));
       ah[r] = dot_step<4>(ah[r], hi, bcast4(qi[r]->hi + 4 * (qcol + i)));
-      // Keeps the sums in registers: without it GCC 12 reassociates the
-      // chains, storing every product on the stack to add them later.
-      asm("" : "+x"(al[r]), "+x"(ah[r]));
+      in_register(al[r]);
+      in_register(ah[r]);
     }
   }
   const __m256 sc = _mm256_load_ps(scale_g);

@@ -13,6 +13,7 @@
 //   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most 8 dot4
 //                         steps on codes of CB bits begun at zero, and its
 //                         int32 lanes (AVX2 sums 4-bit steps in int16)
+//   in_register(acc)      keeps acc in a register there (a compiler barrier)
 //   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
@@ -275,16 +276,16 @@ void attend_rows_int(
           constexpr int VPB = VB == 4 ? 8 : 4; // layout.vec_per_block
           for (int k0 = 0, cb = 0; k0 < NV; k0 += VPB, ++cb) {
             for (int plane = 0; plane < WP; ++plane) {
-              IVec s[VPB] = {};
-#pragma GCC unroll 8 // else GCC 12 rotates s through other registers every block
+              IVec w[kBlocks];
               for (int blk = 0; blk < kBlocks; ++blk) {
-                const IVec w = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
-                for (int i = 0; i < VPB; ++i) {
-                  s[i] = dot_step<VB>(s[i], xv[blk][k0 + i], w);
-                }
+                w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
               }
               for (int i = 0; i < VPB; ++i) {
-                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s[i]), f[plane][layout.pat[k0 + i]]);
+                IVec s = {};
+                for (int blk = 0; blk < kBlocks; ++blk) {
+                  s = dot_step<VB>(s, xv[blk][k0 + i], w[blk]);
+                }
+                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s), f[plane][layout.pat[k0 + i]]);
               }
             }
           }
