@@ -267,16 +267,19 @@ void int_scores8(
   }
   constexpr int kElemsPerCol = KC == 4 ? 8 : 4;
   const int cols_per_group = gs / kElemsPerCol;
+  const uint8_t* key[8];
+  for (int u = 0; u < 8; ++u) {
+    key[u] = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
+  }
   for (int cb = 0; cb < row_bytes; cb += 32) {
     int w = std::min(32, row_bytes - cb);
     const __m256i m = dword_mask(w);
     __m256i rows[8], cols[8];
     for (int u = 0; u < 8; ++u) {
-      const uint8_t* row = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
       if constexpr (KB == 6) {
-        rows[u] = widen6(row + cb / 4 * 3, w / 4 * 3);
+        rows[u] = widen6(key[u] + cb / 4 * 3, w / 4 * 3);
       } else {
-        rows[u] = load_bytes(row + cb, w, m);
+        rows[u] = load_bytes(key[u] + cb, w, m);
       }
     }
     transpose8(rows, cols);

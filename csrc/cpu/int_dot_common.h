@@ -95,6 +95,7 @@ struct ValueLayout {
   // uniform quad's 4 weights instead of gathering them lane by lane.
   int32_t quad[kMaxVec][kLanes / 4] = {};
   int16_t elem[kMaxVec * kLanes] = {}; // element of lane k * kLanes + x, -1 for padding
+  int16_t lane[kMaxVec * kLanes] = {}; // lane of element d (d < D): elem's inverse
   // The vectors of one column block (4 per nibble plane) are vectors
   // cb * vec_per_block ... Where every block's vectors agree on the group of
   // each lane (padding lanes agree with anything: groups of at least 32
@@ -130,6 +131,9 @@ struct ValueLayout {
         int j = W * cb + 16 * (x / 4) + 4 * m + x % 4;
         int d = j < row_bytes ? (bits == 4 ? 2 * j + plane : j) : -1;
         elem[k * kLanes + x] = int16_t(d);
+        if (d >= 0) {
+          lane[d] = int16_t(k * kLanes + x);
+        }
         g[x] = d >= 0 ? d / gs : 0;
         gq[x] = d >= 0 ? d / gs : -2;
       }

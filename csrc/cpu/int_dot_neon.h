@@ -52,11 +52,6 @@ inline IVec dot_finish(IVec acc) {
   return acc;
 }
 
-// Keeps a chain's sum in a register at this point (see int_dot_avx2.h).
-inline void in_register(IVec& acc) {
-  asm("" : "+w"(acc));
-}
-
 // load_params (int_dot_common.h), as it is.
 template <DType SD>
 inline void load_params8(const char* p, int64_t st, int G, int n, float* out, int ost) {

@@ -13,7 +13,6 @@
 //   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most 8 dot4
 //                         steps on codes of CB bits begun at zero, and its
 //                         int32 lanes (AVX2 sums 4-bit steps in int16)
-//   in_register(acc)      keeps acc in a register there (a compiler barrier)
 //   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
@@ -319,11 +318,8 @@ void attend_rows_int(
   const int gs_shift = __builtin_ctz(unsigned(gs)); // group sizes are powers of 2
   for (int r = 0; r < R; ++r) {
     float* out = acc + size_t(r) * D;
-    for (int x = 0; x < NV * kLanes; ++x) {
-      int d = layout.elem[x];
-      if (d >= 0) {
-        out[d] = acc_perm[r][x] + bias_sum[r][d >> gs_shift];
-      }
+    for (int d = 0; d < D; ++d) {
+      out[d] = acc_perm[r][layout.lane[d]] + bias_sum[r][d >> gs_shift];
     }
   }
 }
