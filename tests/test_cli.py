@@ -292,6 +292,27 @@ def test_bench_updates_results_md_between_its_markers(tmp_path):
     assert "no such folder" in one_error_line(kvsnap("bench", "--dir", tmp_path / "absent", check=None))
 
 
+def test_bench_renders_targets_with_a_status(tmp_path):
+    """attention.py, decode.py and accuracy.py report targets as status
+    (PASS, MISS, n/a) with measured, goal and unit, not met/value: each is
+    shown with its own status and numbers (they once all read "MISS" with
+    no value)."""
+    folder = results_md_copy(tmp_path)
+    report = json.loads(FIXTURE.read_text())
+    report["targets"] = [
+        {"target": "decode 16K: 15x sdpa", "measured": 15.45, "goal": 15.0, "unit": "x", "status": "PASS"},
+        {"target": "decode 32K: 50% of bandwidth", "measured": 0.255, "goal": 0.5, "unit": "fraction", "status": "MISS"},
+        {"target": "decode 4K: 1.3x mlx-lm", "measured": None, "goal": 1.3, "unit": "x", "status": "n/a"},
+    ]
+    (folder / "out" / "copies.json").write_text(json.dumps(report))
+    kvsnap("bench", "copies", "--no-run", "--dir", folder)
+    text = (folder / "RESULTS.md").read_text()
+    region = text[text.index("<!-- bench:copies:begin -->") : text.index("<!-- bench:copies:end -->")]
+    assert "- PASS — decode 16K: 15x sdpa: 15.4x (goal 15x)" in region
+    assert "- **MISS** — decode 32K: 50% of bandwidth: 0.255 fraction (goal 0.5 fraction)" in region
+    assert "- n/a — decode 4K: 1.3x mlx-lm: not run (goal 1.3x)" in region
+
+
 def test_bench_runs_scripts_and_reports_failures(tmp_path):
     """The runner on two tiny scripts written here (the real benchmarks take
     minutes): arguments passed, output logged, a failure named with its log,

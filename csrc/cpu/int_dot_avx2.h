@@ -202,35 +202,46 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
   load_params<SD>(p, st, G, n, out, ost);
 }
 
-// out[r * out_st + u] += the scores of 8 keys from their 4-bit code
-// columns cols[c .. c + cnt) (cnt <= 8, all in key group g, query column
-// qcol onwards) for the NR query rows qi[0 .. NR): columns outer, rows
-// inner, so each column's nibble planes are split once for NR rows and
-// every row's sums stay in registers (int16 chains, dot_step).
-template <int NR>
-__attribute__((always_inline)) inline void score_cols4(
+// out[r * out_st + u] += the scores of 8 keys from their code columns
+// cols[c .. c + cnt) (cnt <= 8, all in key group g, query column qcol
+// onwards) for the NR query rows qi[0 .. NR): columns outer, rows inner,
+// so each column is split once for NR rows and every row's two sums stay
+// in registers. KC 4: the low and high nibbles against q.lo and q.hi (int16
+// chains, dot_step); KC 8 (8-bit codes, 6-bit widened): the codes against
+// q.lo and the query's residual plane q.res.
+template <int KB, int KC, int NR>
+__attribute__((always_inline)) inline void score_cols(
     const __m256i* cols, int c, int cnt, int qcol, int g, const float* scale_g, const IntQuery* const* qi, float* out, int out_st) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
-  __m256i al[NR], ah[NR];
+  __m256i a0[NR], a1[NR];
   for (int r = 0; r < NR; ++r) {
-    al[r] = ah[r] = _mm256_setzero_si256();
+    a0[r] = a1[r] = _mm256_setzero_si256();
   }
-#pragma GCC unroll 8 // else GCC 12 rotates al / ah through other registers every column
+#pragma GCC unroll 8 // else GCC 12 rotates the sums through other registers every column
   for (int i = 0; i < cnt; ++i) {
-    const __m256i lo = _mm256_and_si256(cols[c + i], nib);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(cols[c + i], 4), nib);
+    __m256i c0 = cols[c + i], c1 = c0;
+    if constexpr (KC == 4) {
+      c0 = _mm256_and_si256(c0, nib);
+      c1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), nib);
+    }
     for (int r = 0; r < NR; ++r) {
-      al[r] = dot_step<4>(al[r], lo, bcast4(qi[r]->lo + 4 * (qcol + i)));
-      ah[r] = dot_step<4>(ah[r], hi, bcast4(qi[r]->hi + 4 * (qcol + i)));
-      in_register(al[r]);
-      in_register(ah[r]);
+      a0[r] = dot_step<KC>(a0[r], c0, bcast4(qi[r]->lo + 4 * (qcol + i)));
+      a1[r] = dot_step<KC>(a1[r], c1, bcast4((KC == 4 ? qi[r]->hi : qi[r]->res) + 4 * (qcol + i)));
+      in_register(a0[r]);
+      in_register(a1[r]);
     }
   }
   const __m256 sc = _mm256_load_ps(scale_g);
   for (int r = 0; r < NR; ++r) {
-    __m256i acc = _mm256_add_epi32(dot_finish<4>(al[r]), dot_finish<4>(ah[r]));
+    const __m256 f = _mm256_mul_ps(sc, _mm256_set1_ps(qi[r]->qs[g]));
     __m256 s = _mm256_loadu_ps(out + r * out_st);
-    s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(sc, _mm256_set1_ps(qi[r]->qs[g])), s);
+    if constexpr (KC == 4) {
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot_finish<4>(a0[r]), dot_finish<4>(a1[r]))), f, s);
+    } else {
+      const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<KB>));
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a0[r]), f, s);
+      s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a1[r]), _mm256_mul_ps(f, res_step), s);
+    }
     _mm256_storeu_ps(out + r * out_st, s);
   }
 }
@@ -303,42 +314,18 @@ void int_scores8(
         }
       }
     };
-    if constexpr (KC == 4) {
-      for (int r0 = 0; r0 < R; r0 += 4) {
-        auto rows4 = [&](auto nr) __attribute__((always_inline)) {
-          parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
-            score_cols4<decltype(nr)::value>(cols, c, cnt, col0 + c, g, scale[g], qi + r0, out + r0 * out_st, out_st);
-          });
-        };
-        switch (std::min(4, R - r0)) {
-          case 4: rows4(std::integral_constant<int, 4>{}); break;
-          case 3: rows4(std::integral_constant<int, 3>{}); break;
-          case 2: rows4(std::integral_constant<int, 2>{}); break;
-          default: rows4(std::integral_constant<int, 1>{}); break;
-        }
+    for (int r0 = 0; r0 < R; r0 += 4) {
+      auto rows4 = [&](auto nr) __attribute__((always_inline)) {
+        parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
+          score_cols<KB, KC, decltype(nr)::value>(cols, c, cnt, col0 + c, g, scale[g], qi + r0, out + r0 * out_st, out_st);
+        });
+      };
+      switch (std::min(4, R - r0)) {
+        case 4: rows4(std::integral_constant<int, 4>{}); break;
+        case 3: rows4(std::integral_constant<int, 3>{}); break;
+        case 2: rows4(std::integral_constant<int, 2>{}); break;
+        default: rows4(std::integral_constant<int, 1>{}); break;
       }
-      continue;
-    }
-    const __m256i* lo = cols; // 8-bit codes (6-bit widened)
-    for (int r = 0; r < R; ++r) {
-      const IntQuery& q = *qi[r];
-      __m256 s = _mm256_loadu_ps(out + r * out_st);
-      // s += the scores of columns [c, c + cnt) of this block, all in key
-      // group g, with the query's residual plane.
-      parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
-        __m256i acc = _mm256_setzero_si256(), acc_res = _mm256_setzero_si256();
-        const int8_t* q_lo = q.lo + (col0 + c) * 4;
-        const int8_t* q_res = q.res + (col0 + c) * 4;
-        for (int i = 0; i < cnt; ++i) {
-          acc = dot4(acc, lo[c + i], bcast4(q_lo + 4 * i));
-          acc_res = dot4(acc_res, lo[c + i], bcast4(q_res + 4 * i));
-        }
-        __m256 f = _mm256_mul_ps(_mm256_load_ps(scale[g]), _mm256_set1_ps(q.qs[g]));
-        const __m256 res_step = _mm256_set1_ps(1.f / float(2 * kQueryMax<KB>));
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc), f, s);
-        s = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_res), _mm256_mul_ps(f, res_step), s);
-      });
-      _mm256_storeu_ps(out + r * out_st, s);
     }
   }
 }

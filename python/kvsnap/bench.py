@@ -40,6 +40,20 @@ class BenchError(KvsnapError):
     """The benchmarks cannot be found or run."""
 
 
+
+def _target_line(t: dict) -> str:
+    """A target as "STATUS — what: value". Scripts report either met/value or
+    status (PASS, MISS, n/a) with measured, goal and unit."""
+    if "status" not in t:
+        return f"{'PASS' if t.get('met') else '**MISS**'} — {t['target']}: {t.get('value', '')}"
+    status = {"PASS": "PASS", "MISS": "**MISS**"}.get(t["status"], t["status"])
+    unit = t.get("unit") or ""
+    unit = unit if unit in ("", "x", "%") else " " + unit
+    value = "not run" if t.get("measured") is None else f"{t['measured']:.3g}{unit}"
+    if t.get("goal") is not None:
+        value += f" (goal {t['goal']:.3g}{unit})"
+    return f"{status} — {t['target']}: {value}"
+
 def benchmarks_dir(given: Path | None) -> Path:
     """``given``, or the benchmarks/ folder of the checkout kvsnap runs from."""
     if given is not None:
@@ -177,7 +191,7 @@ def render(name: str, json_path: Path, results_md: Path, quick: bool | None = No
     lines += [*rows, ""] if rows else []
     targets = [t for t in report.get("targets") or [] if isinstance(t, dict) and "target" in t]
     for t in targets:
-        lines.append(f"- {'PASS' if t.get('met') else '**MISS**'} — {t['target']}: {t.get('value', '')}")
+        lines.append(f"- {_target_line(t)}")
     if targets:
         lines.append("")
     links = [f"JSON: [{rel_json}]({rel_json})"]
