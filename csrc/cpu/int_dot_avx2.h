@@ -98,16 +98,6 @@ inline void in_register(IVec& acc) {
   asm("" : "+x"(acc));
 }
 
-// The sum over i < n <= 8 of dot4(0, codes(i), w(i)).
-template <int CB, class Codes, class Weights>
-inline IVec dot_sum(int n, Codes codes, Weights w) {
-  __m256i acc = _mm256_setzero_si256();
-  for (int i = 0; i < n; ++i) {
-    acc = dot_step<CB>(acc, codes(i), w(i));
-  }
-  return dot_finish<CB>(acc);
-}
-
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
 // w + group[x] * kChunk). Where each 128-bit half of the lanes has one group
 // (quad, ValueLayout), broadcasts: on AMD Zen 3 the gathers took a fifth of
