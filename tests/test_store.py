@@ -292,6 +292,14 @@ def test_temporary_files_of_killed_writers_are_cleaned_on_open(llama, tmp_path):
     leftovers = [tmp_path / "blocks" / ".tmp-1-x.safetensors", tmp_path / "agents" / ".tmp-1-a.safetensors"]
     for p in leftovers:
         p.write_bytes(b"half a file")
+    # A read-only store cleans nothing; its verify and listings skip what
+    # killed writers left (those files never became part of the store).
+    ro = st.Store(tmp_path, create=False, read_only=True)
+    assert ro.verify() == []
+    assert all(not p.name.startswith(".") for p in ro.block_files()) and ro.block_files()
+    assert sorted(ro.block_bytes()) == sorted(p.name[: -len(".safetensors")] for p in ro.block_files())
+    assert ro.list_agents() == ["a"]
+    assert all(p.exists() for p in leftovers)
     # A live writer holds the store's lock shared: its temporary files stay.
     fd = os.open(tmp_path / "lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_SH)

@@ -758,7 +758,7 @@ class AgentMemory:
                 "blocks_shared": shared,
                 "blocks_indexed": len(self._index.slot_of),
                 "disk_bytes": _folder_bytes(self.store.path),
-                "disk_blocks": sum(1 for _ in self.store.blocks_dir.glob("*.safetensors")),
+                "disk_blocks": len(self.store.block_files()),
                 "hits": dict(self._hits),
                 "tokens_computed": self._computed,
                 "tokens_reused": self._reused,

@@ -966,16 +966,20 @@ class Store:
             with agent.file:
                 return agent.info()
 
+    def block_files(self) -> list[Path]:
+        """The store's block files, sorted; not the temporary files of writers
+        (live, or killed before they could rename what they wrote)."""
+        return sorted(p for p in self.blocks_dir.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+
     def block_bytes(self) -> dict[str, int]:
         """The size in bytes of every block file in the store, by hash."""
         out = {}
         with self._locked():
-            for p in self.blocks_dir.glob(f"*{SUFFIX}"):
-                if not p.name.startswith("."):
-                    try:
-                        out[p.name[: -len(SUFFIX)]] = p.lstat().st_size
-                    except FileNotFoundError:
-                        pass
+            for p in self.block_files():
+                try:
+                    out[p.name[: -len(SUFFIX)]] = p.lstat().st_size
+                except FileNotFoundError:
+                    pass
         return out
 
     def list_agents(self) -> list[str]:
@@ -1035,7 +1039,7 @@ class Store:
     def _verify(self, agent_ids, progress) -> list[tuple[Path, str]]:
         if agent_ids is None:
             agent_ids = self._list_agents()
-            block_files = sorted(self.blocks_dir.glob(f"*{SUFFIX}"))
+            block_files = self.block_files()
         else:
             wanted: set[str] = set()
             for agent_id in agent_ids:
