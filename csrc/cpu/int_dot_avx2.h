@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "int_dot_common.h"
 
@@ -118,6 +119,20 @@ inline void fma_lanes(float* out, IVec s, const float* f) {
   _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_load_ps(f), _mm256_loadu_ps(out)));
 }
 
+using FVec = __m256;
+
+// Lane x: step[group[x]] (quad as in lane_weights).
+inline FVec lane_steps(const float* step, const int32_t* group, const int32_t* quad) {
+  if (quad[0] >= 0 && quad[1] >= 0) {
+    return _mm256_setr_m128(_mm_set1_ps(step[quad[0]]), _mm_set1_ps(step[quad[1]]));
+  }
+  return _mm256_i32gather_ps(step, _mm256_load_si256(reinterpret_cast<const __m256i*>(group)), 4);
+}
+
+inline void fma_lanes(float* out, IVec s, FVec f) {
+  _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), f, _mm256_loadu_ps(out)));
+}
+
 // Dword mask of the first w / 4 dwords of a 32-byte block.
 inline __m256i dword_mask(int w) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(w / 4), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -192,6 +207,41 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
   load_params<SD>(p, st, G, n, out, ost);
 }
 
+// The query rows of a tile as score_cols reads them: the 4 bytes of each
+// code column (the query's lo and hi planes for 4-bit codes, lo and res
+// for 8-bit) broadcast to 32, by groups of 4 rows: [row group][column]
+// [row in group][plane]. vpmaddubsw then reads them from memory, at
+// offsets fixed within a column block, instead of a vpbroadcastd and an
+// address computed per column, row and plane.
+class ScoreQueries {
+ public:
+  template <int KB>
+  void prepare(const IntQuery* const* qi, int R, int D) {
+    constexpr int KC = KB == 6 ? 8 : KB;
+    n_cols_ = D * KC / 32;
+    const int n_groups = (R + 3) / 4;
+    thread_local std::vector<__m256i> buf;
+    buf.resize(size_t(n_groups) * n_cols_ * 8);
+    for (int r = 0; r < R; ++r) {
+      const int8_t* planes[2] = {qi[r]->lo, KC == 4 ? qi[r]->hi : qi[r]->res};
+      for (int c = 0; c < n_cols_; ++c) {
+        for (int p = 0; p < 2; ++p) {
+          buf[((size_t(r / 4) * n_cols_ + c) * 4 + r % 4) * 2 + p] = bcast4(planes[p] + 4 * c);
+        }
+      }
+    }
+    tab_ = buf.data();
+  }
+  // Column col of rows r0 .. r0 + 3 (r0 a multiple of 4): 8 vectors.
+  const __m256i* at(int r0, int col) const {
+    return tab_ + (size_t(r0 / 4) * n_cols_ + col) * 8;
+  }
+
+ private:
+  const __m256i* tab_ = nullptr;
+  int n_cols_ = 0;
+};
+
 // out[r * out_st + u] += the scores of 8 keys from their code columns
 // cols[c .. c + cnt) (cnt <= 8, all in key group g, query column qcol
 // onwards) for the NR query rows qi[0 .. NR): columns outer, rows inner,
@@ -201,7 +251,8 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
 // q.lo and the query's residual plane q.res.
 template <int KB, int KC, int NR>
 __attribute__((always_inline)) inline void score_cols(
-    const __m256i* cols, int c, int cnt, int qcol, int g, const float* scale_g, const IntQuery* const* qi, float* out, int out_st) {
+    const __m256i* cols, int c, int cnt, const __m256i* qt, int g, const float* scale_g, const IntQuery* const* qi,
+    float* out, int out_st) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   __m256i a0[NR], a1[NR];
   for (int r = 0; r < NR; ++r) {
@@ -215,8 +266,8 @@ __attribute__((always_inline)) inline void score_cols(
       c1 = _mm256_and_si256(_mm256_srli_epi16(c1, 4), nib);
     }
     for (int r = 0; r < NR; ++r) {
-      a0[r] = dot_step<KC>(a0[r], c0, bcast4(qi[r]->lo + 4 * (qcol + i)));
-      a1[r] = dot_step<KC>(a1[r], c1, bcast4((KC == 4 ? qi[r]->hi : qi[r]->res) + 4 * (qcol + i)));
+      a0[r] = dot_step<KC>(a0[r], c0, qt[(4 * i + r) * 2]);
+      a1[r] = dot_step<KC>(a1[r], c1, qt[(4 * i + r) * 2 + 1]);
       in_register(a0[r]);
       in_register(a1[r]);
     }
@@ -238,7 +289,7 @@ __attribute__((always_inline)) inline void score_cols(
 
 // Scores of n <= 8 keys (arguments as int_scores16), out[r * out_st + u].
 template <int KB, DType SD>
-void int_scores8(
+__attribute__((always_inline)) inline void int_scores8(
     const uint32_t* kp,
     int64_t kst,
     const char* ks,
@@ -249,6 +300,7 @@ void int_scores8(
     int D,
     int gs,
     const IntQuery* const* qi,
+    const ScoreQueries& sq,
     int R,
     float* out,
     int out_st) {
@@ -307,7 +359,8 @@ void int_scores8(
     for (int r0 = 0; r0 < R; r0 += 4) {
       auto rows4 = [&](auto nr) __attribute__((always_inline)) {
         parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
-          score_cols<KB, KC, decltype(nr)::value>(cols, c, cnt, col0 + c, g, scale[g], qi + r0, out + r0 * out_st, out_st);
+          score_cols<KB, KC, decltype(nr)::value>(
+              cols, c, cnt, sq.at(r0, col0 + c), g, scale[g], qi + r0, out + r0 * out_st, out_st);
         });
       };
       switch (std::min(4, R - r0)) {
@@ -334,22 +387,23 @@ void int_scores16(
     int D,
     int gs,
     const IntQuery* const* qi,
+    const ScoreQueries& sq,
     int R,
     float* out,
     int out_st) {
   constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
   int n0 = std::min(8, n);
-  int_scores8<KB, SD>(kp, kst, ks, kb, sst, bst, n0, D, gs, qi, R, out, out_st);
+  int_scores8<KB, SD>(kp, kst, ks, kb, sst, bst, n0, D, gs, qi, sq, R, out, out_st);
   if (n > 8) {
     int_scores8<KB, SD>(
         kp + 8 * kst, kst, ks + 8 * sst * kScaleBytes, kb + 8 * bst * kScaleBytes, sst, bst,
-        n - 8, D, gs, qi, R, out + 8, out_st);
+        n - 8, D, gs, qi, sq, R, out + 8, out_st);
   }
 }
 
 // The codes of 4 value rows v[0..3] as ValueLayout<32>'s n_vec vectors at x[0 .. n_vec).
 template <int VB>
-void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
+__attribute__((always_inline)) inline void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
   const __m256i nib = _mm256_set1_epi8(0x0F);
   int k = 0;
   for (int cb = 0; cb < row_bytes; cb += 32) {

@@ -77,6 +77,21 @@ inline void fma_lanes(float* out, IVec s, const float* f) {
   vst1q_f32(out, vfmaq_f32(vld1q_f32(out), vcvtq_f32_s32(s), vld1q_f32(f)));
 }
 
+using FVec = float32x4_t;
+
+// Lane x: step[group[x]] (quad as in lane_weights).
+inline FVec lane_steps(const float* step, const int32_t* group, const int32_t* quad) {
+  if (quad[0] >= 0) {
+    return vdupq_n_f32(step[quad[0]]);
+  }
+  const float lanes[4] = {step[group[0]], step[group[1]], step[group[2]], step[group[3]]};
+  return vld1q_f32(lanes);
+}
+
+inline void fma_lanes(float* out, IVec s, FVec f) {
+  vst1q_f32(out, vfmaq_f32(vld1q_f32(out), vcvtq_f32_s32(s), f));
+}
+
 // 16 bytes of a row from byte cb (zeros past row_bytes).
 inline uint8x16_t load16(const uint8_t* row, int cb, int row_bytes) {
   if (row_bytes - cb >= 16) {
@@ -188,6 +203,13 @@ void int_scores4(
   }
 }
 
+// What int_dot_avx2.h prepares of a tile's query rows for its scores;
+// nothing here (the int8 rows are read as they are).
+struct ScoreQueries {
+  template <int KB>
+  void prepare(const IntQuery* const*, int, int) {}
+};
+
 // Scores (before masks) of n <= 16 keys for the R query rows (as in
 // int_dot_avx512.h): sets of 4; keys past n are left as they were.
 template <int KB, DType SD>
@@ -202,6 +224,7 @@ void int_scores16(
     int D,
     int gs,
     const IntQuery* const* qi,
+    const ScoreQueries&,
     int R,
     float* out,
     int out_st) {

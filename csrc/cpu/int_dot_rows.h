@@ -7,6 +7,8 @@
 //   kWeightMax<VB>        the int8 range of P.V weights for VB-bit values
 //   kValueCodeOffset<VB>  what interleave4 subtracts from each value code
 //                         (128 where codes are taken as signed bytes)
+//   ScoreQueries          what int_scores16 reads of the query rows besides
+//                         qi, made once per tile by prepare<KB>(qi, R, D)
 //   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
 //   interleave4<VB>       the codes of 4 value rows in ValueLayout order
 //   dot4(acc, codes, w)   acc + four code-times-weight products per lane
@@ -15,7 +17,8 @@
 //                         int32 lanes (AVX2 sums 4-bit steps in int16)
 //   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
-//   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x]
+//   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x] (f: floats, or an FVec)
+//   lane_steps(step, grp, quad)  the FVec of lane x = step[grp[x]]
 //   load_params8<SD>(p, st, G, n, out, ost)  load_params (int_dot_common.h), maybe faster
 //
 // Softmax, masks and the int8 weights are plain float code here: at 128-
@@ -102,6 +105,8 @@ void attend_rows_int(
     std::fill(acc_perm[r], acc_perm[r] + NV * kLanes, 0.f);
     std::fill(bias_sum[r], bias_sum[r] + n_groups, 0.f);
   }
+  ScoreQueries sq;
+  sq.prepare<KB>(qi, R, D);
 
   for (int t = t0; t < t1;) {
     RowRun run = row_run(src, b, h, t);
@@ -132,6 +137,7 @@ void attend_rows_int(
             D,
             gs,
             qi,
+            sq,
             R,
             &sc[0][j],
             kChunk);
@@ -217,7 +223,7 @@ void attend_rows_int(
         // (with the code offset's share: sum_t w_t * offset).
         constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
         alignas(64) int8_t w8[WP][16][kChunk];
-        float step[16] = {};
+        float step[WP][16] = {}; // [plane][group]: the int8 weights' step (8 bits: the residual plane's too)
         for (int g = 0; g < n_groups; ++g) {
           v8f w[kChunk / 8];
           v8f bs = splat(0.f), amax = splat(0.f);
@@ -233,7 +239,8 @@ void attend_rows_int(
           // overflow) count as 0: the largest probability of a chunk with a
           // new max is 1.
           float inv = w_max > 1e-30f ? float(kWMax) / w_max : 0.f;
-          step[g] = w_max / float(kWMax);
+          step[0][g] = w_max / float(kWMax);
+          step[WP - 1][g] = WP == 2 ? step[0][g] / float(2 * kWMax) : step[0][g];
           v8f w_sum[WP] = {};
           for (int j = 0; j < kChunk; j += 8) {
             v8f x = w[j / 8] * splat(inv);
@@ -252,20 +259,12 @@ void attend_rows_int(
           }
           float b_sum = hsum(bs);
           if constexpr (kCodeOffset != 0.f) {
-            b_sum += kCodeOffset * step[g] * hsum(w_sum[0]);
+            b_sum += kCodeOffset * step[0][g] * hsum(w_sum[0]);
             if constexpr (VB == 8) {
-              b_sum += kCodeOffset * step[g] / float(2 * kWMax) * hsum(w_sum[WP - 1]);
+              b_sum += kCodeOffset * step[WP - 1][g] * hsum(w_sum[WP - 1]);
             }
           }
           bias_sum[r][g] += b_sum;
-        }
-        // Each pattern's int8 steps per lane.
-        alignas(64) float f[WP][Layout::kMaxVec][kLanes];
-        for (int p = 0; p < layout.n_pat; ++p) {
-          for (int x = 0; x < kLanes; ++x) {
-            f[0][p][x] = step[layout.group[p][x]];
-            f[WP - 1][p][x] = WP == 2 ? step[layout.group[p][x]] / float(2 * kWMax) : f[0][p][x];
-          }
         }
         float* out = acc_perm[r];
         if (layout.blocks_uniform) {
@@ -275,6 +274,7 @@ void attend_rows_int(
           constexpr int VPB = VB == 4 ? 8 : 4; // layout.vec_per_block
           for (int k0 = 0, cb = 0; k0 < NV; k0 += VPB, ++cb) {
             for (int plane = 0; plane < WP; ++plane) {
+              const FVec f = lane_steps(step[plane], layout.block_group[cb], layout.block_quad[cb]);
               IVec w[kBlocks];
               for (int blk = 0; blk < kBlocks; ++blk) {
                 w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
@@ -284,14 +284,22 @@ void attend_rows_int(
                 for (int blk = 0; blk < kBlocks; ++blk) {
                   s = dot_step<VB>(s, xv[blk][k0 + i], w[blk]);
                 }
-                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s), f[plane][layout.pat[k0 + i]]);
+                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s), f);
               }
             }
           }
           continue;
         }
-        // Otherwise (4-bit groups of 16) per vector: the weights of each
-        // pattern and block of 4 keys first.
+        // Otherwise (4-bit groups of 16) per vector: each pattern's steps
+        // per lane, and its weights for each block of 4 keys, first.
+        alignas(64) float f[WP][Layout::kMaxVec][kLanes];
+        for (int p = 0; p < layout.n_pat; ++p) {
+          for (int x = 0; x < kLanes; ++x) {
+            for (int plane = 0; plane < WP; ++plane) {
+              f[plane][p][x] = step[plane][layout.group[p][x]];
+            }
+          }
+        }
         alignas(64) IVec wl[WP][kBlocks][Layout::kMaxVec];
         for (int plane = 0; plane < WP; ++plane) {
           for (int blk = 0; blk < n_blocks; ++blk) {
