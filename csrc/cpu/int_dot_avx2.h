@@ -243,8 +243,8 @@ class ScoreQueries {
 };
 
 // out[r * out_st + u] += the scores of 8 keys from their code columns
-// cols[c .. c + cnt) (cnt <= 8, all in key group g, query column qcol
-// onwards) for the NR query rows qi[0 .. NR): columns outer, rows inner,
+// cols[c .. c + cnt) (cnt <= 8, all in key group g; qt: ScoreQueries::at
+// for their first column) for the NR query rows qi[0 .. NR): columns outer, rows inner,
 // so each column is split once for NR rows and every row's two sums stay
 // in registers. KC 4: the low and high nibbles against q.lo and q.hi (int16
 // chains, dot_step); KC 8 (8-bit codes, 6-bit widened): the codes against

@@ -40,7 +40,6 @@ class BenchError(KvsnapError):
     """The benchmarks cannot be found or run."""
 
 
-
 def _target_line(t: dict) -> str:
     """A target as "STATUS — what: value". Scripts report either met/value or
     status (PASS, MISS, n/a) with measured, goal and unit."""
@@ -53,6 +52,7 @@ def _target_line(t: dict) -> str:
     if t.get("goal") is not None:
         value += f" (goal {t['goal']:.3g}{unit})"
     return f"{status} — {t['target']}: {value}"
+
 
 def benchmarks_dir(given: Path | None) -> Path:
     """``given``, or the benchmarks/ folder of the checkout kvsnap runs from."""
