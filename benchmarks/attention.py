@@ -634,6 +634,7 @@ def key_costs(rows: list[Row]) -> list[dict]:
                 "context": row.context,
                 "ns_per_key_and_head": ns,
                 "core_cycles_per_key_and_head": None if mhz is None else ns * mhz * 1e-3 * threads,
+                "cpu_mhz": mhz,
             }
         )
     return costs
@@ -644,7 +645,10 @@ def print_key_costs(costs: list[dict]) -> None:
     for c in costs:
         cycles = c["core_cycles_per_key_and_head"]
         shown = (
-            "" if cycles is None else f", {cycles:6.1f} core cycles ({_ext.num_threads()} threads)"
+            ""
+            if cycles is None
+            else f", {cycles:6.1f} core cycles ({_ext.num_threads()} threads, "
+            f"at the {c['cpu_mhz']:.0f} MHz /proc/cpuinfo reports; kernel_bound.py measures the clock)"
         )
         print(
             f"  {c['variant']:<28} @ {c['context'] // 1024:3d}K: {c['ns_per_key_and_head']:6.2f} ns{shown}"
