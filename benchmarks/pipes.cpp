@@ -34,25 +34,21 @@ constexpr int kPerIter = 12 * kRept;
 
 alignas(64) unsigned char g_buffer[64][4096];
 
-// vpmaddubsw: the integer multiply of the avx2-int kernel.
-void multiply(long iters, unsigned char*) {
-  asm volatile(
-      "vpxor %%xmm0,%%xmm0,%%xmm0\n vpxor %%xmm1,%%xmm1,%%xmm1\n"
-      "1:\n .rept 10\n" TWELVE("vpmaddubsw", "%%ymm1") ".endr\n dec %0\n jnz 1b\n"
-      : "+r"(iters)
-      :
-      : CLOBBERS);
-}
+// A loop of the register-to-register instruction OP, 12 independent ones
+// (from ymm1 and ymm0 into ymm2 .. ymm13) 10 times per iteration.
+#define REGISTER_LOOP(NAME, OP)                                                           \
+  void NAME(long iters, unsigned char*) {                                                 \
+    asm volatile("vpxor %%xmm0,%%xmm0,%%xmm0\n vpxor %%xmm1,%%xmm1,%%xmm1\n"              \
+                 "1:\n .rept 10\n" TWELVE(OP, "%%ymm1") ".endr\n dec %0\n jnz 1b\n"        \
+                 : "+r"(iters)                                                            \
+                 :                                                                        \
+                 : CLOBBERS);                                                             \
+  }
 
+// vpmaddubsw: the integer multiply of the avx2-int kernel.
+REGISTER_LOOP(multiply, "vpmaddubsw")
 // vpaddw: an integer vector operation that every vector unit executes.
-void vector_alu(long iters, unsigned char*) {
-  asm volatile(
-      "vpxor %%xmm0,%%xmm0,%%xmm0\n vpxor %%xmm1,%%xmm1,%%xmm1\n"
-      "1:\n .rept 10\n" TWELVE("vpaddw", "%%ymm1") ".endr\n dec %0\n jnz 1b\n"
-      : "+r"(iters)
-      :
-      : CLOBBERS);
-}
+REGISTER_LOOP(vector_alu, "vpaddw")
 
 // 32-byte loads from a buffer in the L1 cache.
 void load(long iters, unsigned char* p) {
