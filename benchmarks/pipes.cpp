@@ -18,9 +18,9 @@
 
 namespace {
 
-// One iteration: REPT x the 12 instructions of BODY.
-constexpr int kRept = 10;
-constexpr int kPerIter = 12 * kRept;
+// Instructions per loop iteration in every loop below: .rept 10 of 12
+// (TWELVE or 12 loads/stores), or .rept 60 of 2 adds for the clock.
+constexpr int kPerIter = 120;
 
 #define TWELVE(OP, SRC)                                                                              \
   OP " " SRC ",%%ymm0,%%ymm2\n" OP " " SRC ",%%ymm0,%%ymm3\n" OP " " SRC ",%%ymm0,%%ymm4\n" OP " " SRC \
