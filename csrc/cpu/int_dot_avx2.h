@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "int_dot_common.h"
+#include "int_dot_x86.h"
 
 namespace kvsnap::cpu::KVSNAP_ISA {
 
@@ -58,12 +59,6 @@ inline IVec dot4(IVec acc, IVec codes, IVec w) {
   const __m256i ones = _mm256_set1_epi16(1);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, w), ones));
 #endif
-}
-
-inline int32_t load4(const int8_t* p) {
-  int32_t x;
-  std::memcpy(&x, p, 4);
-  return x;
 }
 
 // A chain of at most kChunk / 4 = 8 dot4 steps on codes of CB bits, begun
@@ -182,29 +177,6 @@ inline __m256i widen6(const uint8_t* p, int n_bytes) {
 
 inline __m256i bcast4(const int8_t* p) {
   return _mm256_set1_epi32(load4(p));
-}
-
-// load_params (int_dot_common.h); float16 in rows of 1 or 2 groups with
-// nothing between them (kvsnap's default format: head_dim 64 or 128, groups
-// of 64) converts 8 keys at a time.
-template <DType SD>
-inline void load_params8(const char* p, int64_t st, int G, int n, float* out, int ost) {
-  if constexpr (SD == DType::f16) {
-    if (n == 8 && st == G && G == 1) {
-      _mm256_store_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-      return;
-    }
-    if (n == 8 && st == G && G == 2) {
-      // [k0g0 k0g1 k1g0 ...]: keys 0-3 and 4-7, each split into g0 | g1 halves.
-      const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
-      __m256 a = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), split);
-      __m256 b = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p) + 1)), split);
-      _mm256_store_ps(out, _mm256_permute2f128_ps(a, b, 0x20));
-      _mm256_store_ps(out + ost, _mm256_permute2f128_ps(a, b, 0x31));
-      return;
-    }
-  }
-  load_params<SD>(p, st, G, n, out, ost);
 }
 
 // The query rows of a tile as score_cols reads them: the 4 bytes of each

@@ -1,6 +1,7 @@
-// The integer-dot attention of a tile on 128- or 256-bit vectors (AVX2,
-// NEON): the math and the structure of int_dot_avx512.h (read that first),
-// with the instruction set's part in the header that includes this one:
+// The integer-dot attention of a tile, for every instruction set (AVX-512,
+// AVX2, NEON: 512-, 256- or 128-bit integer vectors): the math is in
+// int_dot_avx512.h (read that first), the instruction set's part in the
+// header that includes this one:
 //
 //   kVecBytes             bytes of an IVec (ValueLayout<kVecBytes> order)
 //   kQueryMax<KB>         the int8 range of queries for KB-bit keys
@@ -11,18 +12,18 @@
 //                         qi, made once per tile by prepare<KB>(qi, R, D)
 //   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
 //   interleave4<VB>       the codes of 4 value rows in ValueLayout order
-//   dot4(acc, codes, w)   acc + four code-times-weight products per lane
-//   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most 8 dot4
-//                         steps on codes of CB bits begun at zero, and its
-//                         int32 lanes (AVX2 sums 4-bit steps in int16)
+//   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most 8
+//                         steps (each adds four code-times-weight products
+//                         per lane) on codes of CB bits begun at zero, and
+//                         its int32 lanes (AVX2 sums 4-bit steps in int16)
 //   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x] (f: floats, or an FVec)
 //   lane_steps(step, grp, quad)  the FVec of lane x = step[grp[x]]
 //   load_params8<SD>(p, st, G, n, out, ost)  load_params (int_dot_common.h), maybe faster
 //
-// Softmax, masks and the int8 weights are plain float code here: at 128-
-// and 256-bit widths the integer dot products are the larger part.
+// Softmax, masks and the int8 weights are plain 256-bit float code here
+// (simd.h): the integer dot products are the larger part.
 #pragma once
 
 #include <algorithm>
@@ -111,7 +112,9 @@ void attend_rows_int(
   for (int t = t0; t < t1;) {
     RowRun run = row_run(src, b, h, t);
     int run_end = std::min(t1, t + run.run);
-    // Chunks at multiples of kChunk, as in int_dot_avx512.h.
+    // Chunks at multiples of kChunk: a key falls in the same chunk whatever
+    // the tile's other rows (the weights' int8 steps are per chunk), so a
+    // row gets the same bits alone or batched.
     for (int c0 = t, n = 0; c0 < run_end; c0 += n) {
       n = std::min((c0 / kChunk + 1) * kChunk, run_end) - c0;
       int64_t j0 = c0 - t;
