@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -671,9 +672,17 @@ void attention_impl(const AttentionArgs& a) {
     }
   }
 
-  // Partial results of task (tile i, part s) at slot tiles[i].first_task + s.
-  std::vector<float> part_m(n_tasks * kMaxRows), part_l(n_tasks * kMaxRows);
-  std::vector<float> part_acc(n_tasks * kMaxRows * D);
+  // Partial results of task (tile i, part s): its tile's R rows from row
+  // slot task_row[task] = task_row[tiles[i].first_task + s]. Not zeroed:
+  // attend_range writes every row's m, l and acc (decode at 32K has 128
+  // tasks of 4 rows; zeroing kMaxRows rows each took ~0.1 ms a call).
+  std::vector<size_t> task_row(n_tasks + 1, 0);
+  for (size_t task = 0; task < n_tasks; ++task) {
+    task_row[task + 1] = task_row[task] + size_t(tiles[task_tile[task]].R);
+  }
+  const size_t n_part_rows = task_row[n_tasks];
+  std::unique_ptr<float[]> part_m(new float[n_part_rows]), part_l(new float[n_part_rows]);
+  std::unique_ptr<float[]> part_acc(new float[n_part_rows * D]);
   parallel_for(int(n_tasks), [&](int task) {
     const Tile& t = tiles[task_tile[task]];
     int s = task - t.first_task;
@@ -693,9 +702,9 @@ void attention_impl(const AttentionArgs& a) {
         t.R,
         lo,
         hi,
-        &part_m[size_t(task) * kMaxRows],
-        &part_l[size_t(task) * kMaxRows],
-        &part_acc[size_t(task) * kMaxRows * D]);
+        &part_m[task_row[task]],
+        &part_l[task_row[task]],
+        &part_acc[task_row[task] * D]);
   });
   parallel_for(int(tiles.size()), [&](int i) {
     const Tile& t = tiles[i];
@@ -703,20 +712,20 @@ void attention_impl(const AttentionArgs& a) {
     for (int r = 0; r < t.R; ++r) {
       float m_all = kNegInf;
       for (int s = 0; s < t.splits; ++s) {
-        m_all = std::max(m_all, part_m[(size_t(t.first_task) + s) * kMaxRows + r]);
+        m_all = std::max(m_all, part_m[task_row[t.first_task + s] + r]);
       }
       std::fill(merged, merged + D, 0.f);
       float l_all = 0.f;
       if (m_all != kNegInf) {
         for (int s = 0; s < t.splits; ++s) {
-          size_t task = size_t(t.first_task) + s;
-          float ms = part_m[task * kMaxRows + r];
+          size_t row = task_row[t.first_task + s] + r;
+          float ms = part_m[row];
           if (ms == kNegInf) {
             continue;
           }
           float w = std::exp(ms - m_all);
-          l_all += w * part_l[task * kMaxRows + r];
-          axpy(w, &part_acc[(task * kMaxRows + r) * D], merged, D);
+          l_all += w * part_l[row];
+          axpy(w, &part_acc[row * D], merged, D);
         }
       }
       store_out(a, out_row(t.b, t.h, t.first + r), merged, l_all);
