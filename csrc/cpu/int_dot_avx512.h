@@ -196,6 +196,71 @@ inline void fma_lanes(float* out, IVec s, const float* f) {
   fma_lanes(out, s, _mm512_load_ps(f));
 }
 
+// simd::exp_neg on 16 lanes, the same steps: exp(x) for x <= 0 (below
+// -87.3, -inf included: 0).
+inline __m512 exp_neg16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_max_ps(x, lo);
+  // x = n ln2 + r, |r| <= ln2 / 2
+  __m512 n = _mm512_roundscale_ps(
+      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps(__mmask16(~zero), p, _mm512_castsi512_ps(e));
+}
+
+// int_dot_rows.h's softmax steps for one row of kChunk scores, 16 lanes at
+// a time: the largest score, and (row_exp) the scores replaced by
+// exp(score - m), returning their sum.
+#define KVSNAP_ROW_SOFTMAX 1
+inline float row_max(const float* sc) {
+  static_assert(kChunk == 32);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_load_ps(sc), _mm512_load_ps(sc + 16)));
+}
+
+inline float row_exp(float* sc, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  const __m512 p0 = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc), mv));
+  const __m512 p1 = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc + 16), mv));
+  _mm512_store_ps(sc, p0);
+  _mm512_store_ps(sc + 16, p1);
+  return _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+}
+
+// int_dot_rows.h's P.V weights of one row for 4-bit values, 16 keys to a
+// vector: for each group g, w8[g][t] = round(p_t s_tg / step[g]) with
+// step[g] = max_t |p_t s_tg| / 127 (0 below 1e-30), and bias_sum[g] +=
+// sum_t p_t b_tg. The same weights as the 8-lane loop there, in half the
+// instructions (vpmovdb packs to bytes in one step).
+#define KVSNAP_ROW_WEIGHTS 1
+inline void row_weights4(
+    const float* p, const float (*scale)[kChunk], const float (*bias)[kChunk], int n_groups, int8_t (*w8)[kChunk],
+    float* step, float* bias_sum) {
+  static_assert(kChunk == 32);
+  const __m512 p0 = _mm512_load_ps(p), p1 = _mm512_load_ps(p + 16);
+  for (int g = 0; g < n_groups; ++g) {
+    const __m512 w0 = _mm512_mul_ps(p0, _mm512_load_ps(scale[g]));
+    const __m512 w1 = _mm512_mul_ps(p1, _mm512_load_ps(scale[g] + 16));
+    const __m512 bs = _mm512_fmadd_ps(p1, _mm512_load_ps(bias[g] + 16), _mm512_mul_ps(p0, _mm512_load_ps(bias[g])));
+    const float w_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1)));
+    const float inv = w_max > 1e-30f ? 127.f / w_max : 0.f;
+    step[g] = w_max / 127.f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g]), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi))));
+    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g] + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi))));
+    bias_sum[g] += _mm512_reduce_add_ps(bs);
+  }
+}
+
 // int_dot_avx2.h prepares a table of broadcast query bytes; here vpdpbusd
 // broadcasts its memory operand itself ({1to16}), so there is nothing to
 // prepare.

@@ -170,12 +170,16 @@ void attend_rows_int(
       }
       // Softmax update: sc becomes the chunk's probabilities.
       for (int r = 0; r < R; ++r) {
+#if defined(KVSNAP_ROW_SOFTMAX)
+        const float cmax = row_max(sc[r]); // the instruction set's form of the loop below
+#else
         v8f vmax = load(&sc[r][0]);
         for (int j = 8; j < kChunk; j += 8) {
           v8f x = load(&sc[r][j]);
           vmax = vmax > x ? vmax : x;
         }
         const float cmax = hmax(vmax);
+#endif
         if (cmax == kNegInf) {
           active[r] = false;
           continue;
@@ -190,6 +194,9 @@ void attend_rows_int(
           }
           m[r] = m_new;
         }
+#if defined(KVSNAP_ROW_SOFTMAX)
+        l[r] += row_exp(sc[r], m_new);
+#else
         v8f sum = splat(0.f), mv = splat(m_new);
         for (int j = 0; j < kChunk; j += 8) {
           v8f p = simd::exp_neg(load(&sc[r][j]) - mv);
@@ -197,6 +204,7 @@ void attend_rows_int(
           sum += p;
         }
         l[r] += hsum(sum);
+#endif
       }
       // Values of the chunk: scales/biases by group (0 past n), codes interleaved.
       for (int j = 0; j < kChunk; j += 8) {
@@ -227,6 +235,12 @@ void attend_rows_int(
         constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
         alignas(64) int8_t w8[WP][16][kChunk];
         float step[WP][16] = {}; // [plane][group]: the int8 weights' step (8 bits: the residual plane's too)
+#if defined(KVSNAP_ROW_WEIGHTS)
+        // The instruction set's own form of the loop below (4-bit values).
+        if constexpr (VB == 4 && kCodeOffset == 0.f) {
+          row_weights4(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], bias_sum[r]);
+        } else
+#endif
         for (int g = 0; g < n_groups; ++g) {
           v8f w[kChunk / 8];
           v8f bs = splat(0.f), amax = splat(0.f);
