@@ -22,6 +22,13 @@
 //   lane_steps(step, grp, quad)  the FVec of lane x = step[grp[x]]
 //   load_params8<SD>(p, st, G, n, out, ost)  load_params (int_dot_common.h), maybe faster
 //
+// and, where it defines the macro, its own form of one row's step:
+//
+//   KVSNAP_ROW_SOFTMAX    row_max(sc), row_exp(sc, m): a row's largest score
+//                         of the chunk; its scores to exp(score - m), summed
+//   KVSNAP_ROW_WEIGHTS    row_weights4(...): a row's int8 P.V weights, steps
+//                         and bias sums for 4-bit values
+//
 // Softmax, masks and the int8 weights are plain 256-bit float code here
 // (simd.h): the integer dot products are the larger part.
 #pragma once
