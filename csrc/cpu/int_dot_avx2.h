@@ -310,38 +310,11 @@ __attribute__((always_inline)) inline void int_scores8(
     transpose8(rows, cols);
     const int n_cols = w / 4;
     const int col0 = cb / 4;
-    // part(c, cnt, g) for the runs of columns [c, c + cnt) of this block in
-    // one key group g; a constant cnt where the block is whole, so the
-    // loops unroll.
-    auto parts = [&](auto part) __attribute__((always_inline)) {
-      if (n_cols == 8 && cols_per_group % 8 == 0) {
-        part(0, 8, col0 / cols_per_group); // group sizes of 64 x k (4-bit) or 32 x k (8-bit)
-      } else if (n_cols == 8 && cols_per_group == 4) {
-        part(0, 4, col0 / 4);
-        part(4, 4, col0 / 4 + 1);
-      } else {
-        for (int c = 0; c < n_cols;) {
-          int g = (col0 + c) / cols_per_group;
-          int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
-          part(c, c_end - c, g);
-          c = c_end;
-        }
-      }
-    };
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      auto rows4 = [&](auto nr) __attribute__((always_inline)) {
-        parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
-          score_cols<KB, KC, decltype(nr)::value>(
-              cols, c, cnt, sq.at(r0, col0 + c), g, scale[g], qi + r0, out + r0 * out_st, out_st);
-        });
-      };
-      switch (std::min(4, R - r0)) {
-        case 4: rows4(std::integral_constant<int, 4>{}); break;
-        case 3: rows4(std::integral_constant<int, 3>{}); break;
-        case 2: rows4(std::integral_constant<int, 2>{}); break;
-        default: rows4(std::integral_constant<int, 1>{}); break;
-      }
-    }
+    for_score_parts<8>(R, n_cols, col0, cols_per_group, [&](int r0, auto nr, int c, int cnt, int g)
+                                  __attribute__((always_inline)) {
+      score_cols<KB, KC, decltype(nr)::value>(
+          cols, c, cnt, sq.at(r0, col0 + c), g, scale[g], qi + r0, out + r0 * out_st, out_st);
+    });
   }
 }
 

@@ -372,38 +372,11 @@ void int_scores16(
     transpose16(rows, cols);
     const int n_cols = w / 4;
     const int col0 = cb / 4; // index of this block's first column in the row
-    // part(c, cnt, g) for the runs of columns [c, c + cnt) of this block in
-    // one key group g; a constant cnt where the block is whole, so the
-    // loops unroll.
-    auto parts = [&](auto part) __attribute__((always_inline)) {
-      if (n_cols == 16 && cols_per_group % 16 == 0) {
-        part(0, 16, col0 / cols_per_group);
-      } else if (n_cols == 16 && cols_per_group == 8) {
-        part(0, 8, col0 / 8);
-        part(8, 8, col0 / 8 + 1);
-      } else {
-        for (int c = 0; c < n_cols;) {
-          int g = (col0 + c) / cols_per_group;
-          int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
-          part(c, c_end - c, g);
-          c = c_end;
-        }
-      }
-    };
-    for (int r0 = 0; r0 < R; r0 += 4) {
-      auto rows4 = [&](auto nr) __attribute__((always_inline)) {
-        parts([&](int c, int cnt, int g) __attribute__((always_inline)) {
-          score_cols<KB, KC, decltype(nr)::value>(
-              cols, c, cnt, 4 * (col0 + c), g, scale[g], qi + r0, out + r0 * out_st, out_st);
-        });
-      };
-      switch (std::min(4, R - r0)) {
-        case 4: rows4(std::integral_constant<int, 4>{}); break;
-        case 3: rows4(std::integral_constant<int, 3>{}); break;
-        case 2: rows4(std::integral_constant<int, 2>{}); break;
-        default: rows4(std::integral_constant<int, 1>{}); break;
-      }
-    }
+    for_score_parts<16>(R, n_cols, col0, cols_per_group, [&](int r0, auto nr, int c, int cnt, int g)
+                                  __attribute__((always_inline)) {
+      score_cols<KB, KC, decltype(nr)::value>(
+          cols, c, cnt, 4 * (col0 + c), g, scale[g], qi + r0, out + r0 * out_st, out_st);
+    });
   }
 }
 

@@ -4,8 +4,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "int_dot_common.h"
 
@@ -41,6 +43,40 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
     }
   }
   load_params<SD>(p, st, G, n, out, ost);
+}
+
+// The score loops of a column block of a tile, shared by int_dot_avx2.h's
+// int_scores8 and int_dot_avx512.h's int_scores16 (kCols dword columns to
+// a whole block): part(r0, nr, c, cnt, g) for each group of up to 4 query
+// rows [r0, r0 + nr) (nr a std::integral_constant, so the rows' sums are
+// registers) and each run of columns [c, c + cnt) of the block in one key
+// group g. cnt is a constant where the block is whole (n_cols == kCols), so
+// the loops over columns unroll.
+template <int kCols, typename Part>
+__attribute__((always_inline)) inline void for_score_parts(int R, int n_cols, int col0, int cols_per_group, Part part) {
+  for (int r0 = 0; r0 < R; r0 += 4) {
+    auto rows = [&](auto nr) __attribute__((always_inline)) {
+      if (n_cols == kCols && cols_per_group % kCols == 0) {
+        part(r0, nr, 0, kCols, col0 / cols_per_group); // group sizes of 64 x k (4-bit) or 32 x k (8-bit) at kCols 8
+      } else if (n_cols == kCols && cols_per_group == kCols / 2) {
+        part(r0, nr, 0, kCols / 2, col0 / cols_per_group);
+        part(r0, nr, kCols / 2, kCols / 2, col0 / cols_per_group + 1);
+      } else {
+        for (int c = 0; c < n_cols;) {
+          int g = (col0 + c) / cols_per_group;
+          int c_end = std::min(n_cols, (g + 1) * cols_per_group - col0);
+          part(r0, nr, c, c_end - c, g);
+          c = c_end;
+        }
+      }
+    };
+    switch (std::min(4, R - r0)) {
+      case 4: rows(std::integral_constant<int, 4>{}); break;
+      case 3: rows(std::integral_constant<int, 3>{}); break;
+      case 2: rows(std::integral_constant<int, 2>{}); break;
+      default: rows(std::integral_constant<int, 1>{}); break;
+    }
+  }
 }
 
 } // namespace
