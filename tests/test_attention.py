@@ -613,6 +613,31 @@ SAME_ROUNDING = [
 ]
 
 
+@pytest.mark.skipif(
+    not {"avx512-vnni", "avx2-vnni"} <= set(_ext.available_isas()),
+    reason="needs a CPU with both AVX-512 VNNI and AVX-VNNI",
+)
+@pytest.mark.parametrize("D,bits,same", [(64, 4, True), (32, 8, True), (128, 4, False), (64, 8, False)])
+def test_avx512_vnni_runs_short_rows_on_256_bits(rng, D, bits, same):
+    # Code rows of at most 32 bytes (head_dim 64 at 4 bits) fill half of a
+    # 512-bit vector: where the CPU has AVX-VNNI too, "avx512-vnni" runs them
+    # with the "avx2-vnni" kernels (the same bits), and longer rows with its
+    # own 512-bit kernels (other code: float sums in another order).
+    keys, _ = random_quantized(rng, (1, 2, 200, D), bits, 32, mx.float16)
+    values, _ = random_quantized(rng, (1, 2, 200, D), bits, 32, mx.float16)
+    q, _ = random_queries(rng, (1, 8, 3, D))
+    before = _ext.isa()
+    outs = []
+    try:
+        for isa in ("avx512-vnni", "avx2-vnni"):
+            _ext.set_isa(isa)
+            out = kvsnap.q4_attention(q, keys, values, scale=D**-0.5, mask="causal", group_size=32, bits=bits)
+            outs.append(np.array(out))
+    finally:
+        _ext.set_isa(before)
+    assert np.array_equal(outs[0], outs[1]) == same
+
+
 AGREE_FORMATS = [  # D, gs, bits, G (query heads per KV head), L (query positions)
     (64, 64, 4, 3, 1),
     (64, 32, 4, 1, 1),
