@@ -391,7 +391,7 @@ __attribute__((always_inline)) inline void interleave4(const uint8_t* const* v, 
     __mmask64 m = w == 64 ? ~__mmask64(0) : ((__mmask64(1) << w) - 1);
     __m512i r[4];
     for (int u = 0; u < 4; ++u) {
-      r[u] = _mm512_maskz_loadu_epi8(m, v[u] + cb);
+      r[u] = w == 64 ? _mm512_loadu_si512(v[u] + cb) : _mm512_maskz_loadu_epi8(m, v[u] + cb);
     }
     // Byte unpacks commute with the nibble split: interleave the packed
     // bytes once, then split each result (8 shuffles per 4 rows, not 16).
