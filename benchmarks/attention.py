@@ -25,7 +25,7 @@ On a Mac with a kvsnap build that has the Metal kernels, the same cases get
 "[gpu]" rows: kvsnap's Metal kernels (after their self-check; a failed check
 is printed and those rows then time the fallback) and MLX's sdpa / mlx-lm's
 quantized attention on the GPU. --cpu-only leaves them out. %BW of a GPU row
-is still relative to the CPU's numpy copy bandwidth.
+is still relative to the CPU's measured read bandwidth.
 
 Each call is warmed up, then timed: the median of N runs, each ending in
 mx.eval, N giving about a second per variant (at least 5, 3 for calls over
@@ -34,7 +34,9 @@ flushed by reading twice the last-level cache the machine reports (at least
 64 MiB) on every core, since in a real model a layer's K/V is evicted by the
 other layers between two steps; --warm-cache turns that off. Bandwidth columns divide the
 K/V bytes a variant must read by its time and compare that with this
-machine's read bandwidth, measured in the same run with a large numpy copy.
+machine's read bandwidth, measured in the same run: numpy summing a large
+array on one thread and on every core, the faster (a pure read; until
+2026-12-02 the read side of a numpy copy, about half of it, was the yardstick).
 
     python benchmarks/attention.py [--contexts 1024 4096 ...] [--quick] [--cpu-only] [--out DIR]
 
@@ -84,7 +86,7 @@ CHECK_TOLERANCE = 1e-3  # max |kvsnap - sdpa on the dequantized K/V|, float kern
 INT_CHECK_TOLERANCE = 2e-2
 INTEGER_ISAS = ("avx2-int", "avx2-vnni", "avx512-vnni")
 MIN_FLUSH_BYTES = 64 << 20  # the flush reads at least this much, and twice the last-level cache
-MIN_COPY_BYTES = 512 << 20  # the bandwidth-measuring copy: at least this, and the flush's size
+MIN_COPY_BYTES = 512 << 20  # the bandwidth-measuring read (and copy): at least this, and the flush's size
 
 # mlx-lm with float16 queries takes ~1.2 s per decode step at 4K on CPU (with
 # float32 queries, float16 scales cost nothing extra); it runs only for decode
@@ -157,42 +159,51 @@ QUICK_TIMING = Timing(budget_s=0.2, min_runs=1, max_runs=10, slow_call_s=5.0, sl
 
 
 def measure_bandwidth(nbytes: int, repeats: int) -> dict:
-    """Best-of-`repeats` copy of an `nbytes` array, one thread and all cores.
+    """Best-of-`repeats` read of an `nbytes` array, one thread and all cores.
 
-    Read bandwidth counts the source bytes only (the copy also writes as many);
-    it is the ceiling for a kernel that streams K/V and writes almost nothing.
+    The read is numpy summing the array as int64 (a pure read, as a kernel that
+    streams K/V and writes almost nothing): the reference for %BW. A copy of
+    the array is timed too and recorded: its read side was the reference until
+    2026-12-02 and reaches about half of a pure read, since the copy's writes
+    (and the reads of the lines they allocate) share the memory bus.
     """
-    src = np.ones(nbytes // 8, dtype=np.float64)
+    src = np.ones(nbytes // 8, dtype=np.int64)
     dst = np.empty_like(src)
-    dst.fill(0.0)  # fault the pages in before timing
+    dst.fill(0)  # fault the pages in before timing
     threads = os.cpu_count() or 1
-    chunks = np.array_split(np.arange(src.size), threads)
-    bounds = [(int(c[0]), int(c[-1]) + 1) for c in chunks if c.size]
+    parts = [p for p in np.array_split(src, threads) if p.size]
+    dst_parts = np.array_split(dst, threads)[: len(parts)]
 
-    def copy_part(bound: tuple[int, int]) -> None:
-        lo, hi = bound
-        np.copyto(dst[lo:hi], src[lo:hi])  # numpy releases the GIL for the copy
-
-    def best_time(copy: Callable[[], None]) -> float:
+    def best_time(run: Callable[[], object]) -> float:
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            copy()
+            run()
             times.append(time.perf_counter() - start)
         return min(times)
 
-    single = best_time(lambda: np.copyto(dst, src))
+    # numpy releases the GIL for the sum and the copy: the parts run in parallel.
     with ThreadPoolExecutor(threads) as pool:
-        parallel = best_time(lambda: list(pool.map(copy_part, bounds)))
-    read_single, read_parallel = nbytes / single / 1e9, nbytes / parallel / 1e9
+        read = {
+            "1_thread": best_time(lambda: np.sum(src)),
+            "all_threads": best_time(lambda: list(pool.map(np.sum, parts))),
+        }
+        copy = {
+            "1_thread": best_time(lambda: np.copyto(dst, src)),
+            "all_threads": best_time(
+                lambda: list(pool.map(lambda pair: np.copyto(*pair), zip(dst_parts, parts)))
+            ),
+        }
+    gb_per_s = {k: nbytes / v / 1e9 for k, v in read.items()}
+    copy_gb_per_s = {k: nbytes / v / 1e9 for k, v in copy.items()}
     return {
-        "copy_bytes": nbytes,
+        "read_bytes": nbytes,
         "threads": threads,
-        "read_gb_per_s_1_thread": read_single,
-        "read_gb_per_s_all_threads": read_parallel,
-        "read_write_gb_per_s_1_thread": 2 * read_single,
-        "read_write_gb_per_s_all_threads": 2 * read_parallel,
-        "read_gb_per_s": max(read_single, read_parallel),  # the reference for %BW
+        "read_gb_per_s_1_thread": gb_per_s["1_thread"],
+        "read_gb_per_s_all_threads": gb_per_s["all_threads"],
+        "copy_read_gb_per_s_1_thread": copy_gb_per_s["1_thread"],
+        "copy_read_gb_per_s_all_threads": copy_gb_per_s["all_threads"],
+        "read_gb_per_s": max(gb_per_s.values()),  # the reference for %BW
     }
 
 
@@ -754,11 +765,11 @@ def main(argv: list[str] | None = None) -> None:
     machine = machine_info(bandwidth)
     bench_common.print_machine(machine)
     print(
-        f"memory bandwidth ({copy_bytes >> 20} MiB numpy copy, best of a few): read "
+        f"memory bandwidth ({copy_bytes >> 20} MiB numpy array, best of a few): read "
         f"{bandwidth['read_gb_per_s_1_thread']:.2f} GB/s on 1 thread, "
         f"{bandwidth['read_gb_per_s_all_threads']:.2f} GB/s on {bandwidth['threads']}; "
-        f"read+write {bandwidth['read_write_gb_per_s_1_thread']:.2f} / "
-        f"{bandwidth['read_write_gb_per_s_all_threads']:.2f} GB/s"
+        f"a copy's read side {bandwidth['copy_read_gb_per_s_1_thread']:.2f} / "
+        f"{bandwidth['copy_read_gb_per_s_all_threads']:.2f} GB/s"
     )
     flusher = (lambda: None) if args.warm_cache else CacheFlusher(flush_bytes())
     llc = last_level_cache_bytes()

@@ -144,6 +144,12 @@ void attend_rows_int(
   constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
   constexpr int kBlocks = kChunk / 4; // blocks of 4 keys in a chunk
   static_assert(kChunk == 32);
+  if (t0 < t1) { // the first chunk's keys and values, while the tile sets up
+    const RowRun first = row_run(src, b, h, t0);
+    const int n_first = std::min({kChunk - t0 % kChunk, t1 - t0, first.run});
+    prefetch_chunk(first, 0, n_first, false, D * KB / 8, n_groups, kScaleBytes);
+    prefetch_chunk(first, 0, n_first, true, v_row_bytes, n_groups, kScaleBytes);
+  }
   const Layout layout(D, gs, VB);
   const int NV = layout.n_vec;
 
@@ -182,10 +188,17 @@ void attend_rows_int(
       if (!any) {
         continue;
       }
-      // The next chunk's keys (its values: below).
-      const int64_t j_next = j0 + n;
-      const int n_next = int(std::min<int64_t>(kChunk, run_end - t - j_next));
-      prefetch_chunk(run, j_next, n_next, false, D * KB / 8, n_groups, kScaleBytes);
+      // The next chunk's keys (its values: below): in this run, or the first
+      // of the next one (the paged arena's next block).
+      RowRun ahead = run;
+      int64_t j_next = j0 + n;
+      int n_next = int(std::min<int64_t>(kChunk, run_end - t - j_next));
+      if (n_next <= 0 && run_end < t1) {
+        ahead = row_run(src, b, h, run_end);
+        j_next = 0;
+        n_next = std::min({kChunk, t1 - run_end, ahead.run});
+      }
+      prefetch_chunk(ahead, j_next, n_next, false, D * KB / 8, n_groups, kScaleBytes);
       // Scores, then key ranges and masks.
       for (int j = 0; j < n; j += 16) {
         int64_t jj = j0 + j;
@@ -266,7 +279,7 @@ void attend_rows_int(
         l[r] += hsum(sum);
 #endif
       }
-      prefetch_chunk(run, j_next, n_next, true, v_row_bytes, n_groups, kScaleBytes);
+      prefetch_chunk(ahead, j_next, n_next, true, v_row_bytes, n_groups, kScaleBytes);
       // Values of the chunk: scales/biases by group (0 past n), codes interleaved.
       for (int j = 0; j < kChunk; j += 8) {
         const int nj = std::clamp(n - j, 0, 8);
