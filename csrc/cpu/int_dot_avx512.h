@@ -181,6 +181,25 @@ inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* q
   return _mm512_i32gather_epi32(offsets, w, 1);
 }
 
+// lane_weights of every block of 4 keys of a chunk at once (w[blk]), where
+// the int8 weights of all groups fit one vector (at most 2 groups of 32
+// bytes): one vpermd per block instead of a broadcast per group. False
+// (nothing written) for more groups.
+#define KVSNAP_BLOCK_WEIGHTS 1
+inline bool block_weights(const int8_t (*w8)[kChunk], int n_groups, const int32_t* group, IVec* w) {
+  static_assert(kChunk == 32);
+  if (n_groups > 2) {
+    return false;
+  }
+  const __m512i all = _mm512_maskz_loadu_epi8(n_groups == 2 ? ~__mmask64(0) : __mmask64(0xFFFFFFFF), w8[0]);
+  __m512i idx = _mm512_slli_epi32(_mm512_load_si512(group), 3); // dword g * 8 + blk: group g's block blk
+  for (int blk = 0; blk < kChunk / 4; ++blk) {
+    w[blk] = _mm512_permutexvar_epi32(idx, all);
+    idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
+  }
+  return true;
+}
+
 using FVec = __m512;
 
 // Lane x: step[group[x]] (step: 16 floats).

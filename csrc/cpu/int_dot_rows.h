@@ -28,6 +28,9 @@
 //                         of the chunk; its scores to exp(score - m), summed
 //   KVSNAP_ROW_WEIGHTS    row_weights4(...): a row's int8 P.V weights, steps
 //                         and bias sums for 4-bit values
+//   KVSNAP_BLOCK_WEIGHTS  block_weights(w8, n_groups, group, w): lane_weights
+//                         of all the chunk's blocks of 4 keys at once, or
+//                         false (the per-block form runs)
 //
 // Softmax, masks and the int8 weights are plain 256-bit float code here
 // (simd.h): the integer dot products are the larger part.
@@ -367,6 +370,9 @@ void attend_rows_int(
             for (int plane = 0; plane < WP; ++plane) {
               const FVec f = lane_steps(step[plane], layout.block_group[cb], layout.block_quad[cb]);
               IVec w[kBlocks];
+#if defined(KVSNAP_BLOCK_WEIGHTS)
+              if (!block_weights(w8[plane], n_groups, layout.block_group[cb], w))
+#endif
               for (int blk = 0; blk < kBlocks; ++blk) {
                 w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
               }
