@@ -35,10 +35,8 @@ using namespace simd;
 
 constexpr int kChunk = 32; // keys per softmax update
 constexpr int kMaxRows = 32; // query rows per tile
-// A part costs ~2 us besides its keys (setup, merge): 1024 and 8 (not 512
-// and 16) made decode calls 4-9% faster on 2 cores, 1K to 32K keys.
-constexpr int kSplitKeys = 1024; // at least this many keys per part of a split tile
-constexpr int kMaxSplits = 8; // at most this many parts
+constexpr int kSplitKeys = 512; // at least this many keys per part of a split tile
+constexpr int kMaxSplits = 16; // at most this many parts
 constexpr int kMaxSplitRows = 8; // tiles of more query rows are not split
 constexpr int kMaxDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
