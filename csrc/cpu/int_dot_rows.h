@@ -143,14 +143,14 @@ void attend_rows_int(
   const int D = src.head_dim;
   const int gs = src.group_size;
   const int n_groups = D / gs;
-  const int v_row_bytes = D * VB / 8;
+  const int k_row_bytes = D * KB / 8, v_row_bytes = D * VB / 8;
   constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
   constexpr int kBlocks = kChunk / 4; // blocks of 4 keys in a chunk
   static_assert(kChunk == 32);
   if (t0 < t1) { // the first chunk's keys and values, while the tile sets up
     const RowRun first = row_run(src, b, h, t0);
     const int n_first = std::min({kChunk - t0 % kChunk, t1 - t0, first.run});
-    prefetch_chunk(first, 0, n_first, false, D * KB / 8, n_groups, kScaleBytes);
+    prefetch_chunk(first, 0, n_first, false, k_row_bytes, n_groups, kScaleBytes);
     prefetch_chunk(first, 0, n_first, true, v_row_bytes, n_groups, kScaleBytes);
   }
   const Layout layout(D, gs, VB);
@@ -201,7 +201,7 @@ void attend_rows_int(
         j_next = 0;
         n_next = std::min({kChunk, t1 - run_end, ahead.run});
       }
-      prefetch_chunk(ahead, j_next, n_next, false, D * KB / 8, n_groups, kScaleBytes);
+      prefetch_chunk(ahead, j_next, n_next, false, k_row_bytes, n_groups, kScaleBytes);
       // Scores, then key ranges and masks.
       for (int j = 0; j < n; j += 16) {
         int64_t jj = j0 + j;
