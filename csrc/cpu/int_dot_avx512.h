@@ -239,31 +239,31 @@ inline __m512 exp_neg16(__m512 x) {
 
 // int_dot_rows.h's softmax steps for one row of kChunk scores, 16 lanes at
 // a time: the largest score, and (row_exp) the scores replaced by
-// exp(score - m), returning their sum.
+// exp(score - m), their sum added to lanes[0 .. 16).
 #define KVSNAP_ROW_SOFTMAX 1
 inline float row_max(const float* sc) {
   static_assert(kChunk == 32);
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_load_ps(sc), _mm512_load_ps(sc + 16)));
 }
 
-inline float row_exp(float* sc, float m) {
+inline void row_exp(float* sc, float m, float* lanes) {
   const __m512 mv = _mm512_set1_ps(m);
   const __m512 p0 = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc), mv));
   const __m512 p1 = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc + 16), mv));
   _mm512_store_ps(sc, p0);
   _mm512_store_ps(sc + 16, p1);
-  return _mm512_reduce_add_ps(_mm512_add_ps(p0, p1));
+  _mm512_store_ps(lanes, _mm512_add_ps(_mm512_load_ps(lanes), _mm512_add_ps(p0, p1)));
 }
 
 // int_dot_rows.h's P.V weights of one row for 4-bit values, 16 keys to a
 // vector: for each group g, w8[g][t] = round(p_t s_tg / step[g]) with
-// step[g] = max_t |p_t s_tg| / 127 (0 below 1e-30), and bias_sum[g] +=
-// sum_t p_t b_tg. The same weights as the 8-lane loop there, in half the
+// step[g] = max_t |p_t s_tg| / 127 (0 below 1e-30), and the 16 lanes
+// b_lanes[g] += the terms of sum_t p_t b_tg. The same weights as the 8-lane loop there, in half the
 // instructions (vpmovdb packs to bytes in one step).
 #define KVSNAP_ROW_WEIGHTS 1
 inline void row_weights4(
     const float* p, const float (*scale)[kChunk], const float (*bias)[kChunk], int n_groups, int8_t (*w8)[kChunk],
-    float* step, float* bias_sum) {
+    float* step, float (*b_lanes)[16]) {
   static_assert(kChunk == 32);
   const __m512 p0 = _mm512_load_ps(p), p1 = _mm512_load_ps(p + 16);
   for (int g = 0; g < n_groups; ++g) {
@@ -276,7 +276,7 @@ inline void row_weights4(
     const __m512 vi = _mm512_set1_ps(inv);
     _mm_store_si128(reinterpret_cast<__m128i*>(w8[g]), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi))));
     _mm_store_si128(reinterpret_cast<__m128i*>(w8[g] + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi))));
-    bias_sum[g] += _mm512_reduce_add_ps(bs);
+    _mm512_store_ps(b_lanes[g], _mm512_add_ps(_mm512_load_ps(b_lanes[g]), bs));
   }
 }
 

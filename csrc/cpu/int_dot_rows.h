@@ -24,10 +24,11 @@
 //
 // and, where it defines the macro, its own form of one row's step:
 //
-//   KVSNAP_ROW_SOFTMAX    row_max(sc), row_exp(sc, m): a row's largest score
-//                         of the chunk; its scores to exp(score - m), summed
+//   KVSNAP_ROW_SOFTMAX    row_max(sc), row_exp(sc, m, lanes): a row's largest
+//                         score of the chunk; its scores to exp(score - m),
+//                         their sum added to lanes[16] (any lanes)
 //   KVSNAP_ROW_WEIGHTS    row_weights4(...): a row's int8 P.V weights, steps
-//                         and bias sums for 4-bit values
+//                         and bias sums (into lanes) for 4-bit values
 //   KVSNAP_BLOCK_WEIGHTS  block_weights(w8, n_groups, group, w): lane_weights
 //                         of all the chunk's blocks of 4 keys at once, or
 //                         false (the per-block form runs)
@@ -157,7 +158,13 @@ void attend_rows_int(
   const int NV = layout.n_vec;
 
   alignas(64) float acc_perm[kMaxRows][kMaxDim]; // sum_t w_t c_t, ValueLayout order
-  float bias_sum[kMaxRows][16]; // sum_t p_t b_tg
+  // The sums over keys of p_t (l_lanes[r]) and p_t b_tg (b_lanes[r][g], and
+  // bias_sum[r][g] for what is summed as a scalar) are kept in 16 lanes and
+  // added up once at the end: a horizontal sum per row and chunk took ~4% of
+  // a 32K decode call (RESULTS.md).
+  alignas(64) float l_lanes[kMaxRows][16];
+  alignas(64) float b_lanes[kMaxRows][16][16];
+  float bias_sum[kMaxRows][16];
   alignas(64) float sc[kMaxRows][kChunk];
   alignas(64) IVec xv[kBlocks][Layout::kMaxVec]; // the chunk's value codes, interleaved
   alignas(64) float v_scale[16][kChunk], v_bias[16][kChunk]; // [group][key of chunk]
@@ -167,8 +174,9 @@ void attend_rows_int(
   for (int r = 0; r < R; ++r) {
     qi[r] = rows[r].qi;
     m[r] = kNegInf;
-    l[r] = 0.f;
     std::fill(acc_perm[r], acc_perm[r] + NV * kLanes, 0.f);
+    std::fill(l_lanes[r], l_lanes[r] + 16, 0.f);
+    std::fill(b_lanes[r][0], b_lanes[r][0] + 16 * n_groups, 0.f);
     std::fill(bias_sum[r], bias_sum[r] + n_groups, 0.f);
   }
   ScoreQueries sq;
@@ -263,7 +271,8 @@ void attend_rows_int(
         float m_new = std::max(m[r], cmax);
         if (m_new != m[r]) {
           float corr = std::exp(m[r] - m_new);
-          l[r] *= corr;
+          scale_row(corr, l_lanes[r], 16);
+          scale_row(corr, b_lanes[r][0], 16 * n_groups);
           scale_row(corr, acc_perm[r], NV * kLanes);
           for (int g = 0; g < n_groups; ++g) {
             bias_sum[r][g] *= corr;
@@ -271,7 +280,7 @@ void attend_rows_int(
           m[r] = m_new;
         }
 #if defined(KVSNAP_ROW_SOFTMAX)
-        l[r] += row_exp(sc[r], m_new);
+        row_exp(sc[r], m_new, l_lanes[r]);
 #else
         v8f sum = splat(0.f), mv = splat(m_new);
         for (int j = 0; j < kChunk; j += 8) {
@@ -279,7 +288,7 @@ void attend_rows_int(
           store(&sc[r][j], p);
           sum += p;
         }
-        l[r] += hsum(sum);
+        store(l_lanes[r], load(l_lanes[r]) + sum);
 #endif
       }
       prefetch_chunk(ahead, j_next, n_next, true, v_row_bytes, n_groups, kScaleBytes);
@@ -315,7 +324,7 @@ void attend_rows_int(
 #if defined(KVSNAP_ROW_WEIGHTS)
         // The instruction set's own form of the loop below (4-bit values).
         if constexpr (VB == 4 && kCodeOffset == 0.f) {
-          row_weights4(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], bias_sum[r]);
+          row_weights4(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], b_lanes[r]);
         } else
 #endif
         for (int g = 0; g < n_groups; ++g) {
@@ -351,7 +360,8 @@ void attend_rows_int(
               w_sum[WP - 1] += res;
             }
           }
-          float b_sum = hsum(bs);
+          store(b_lanes[r][g], load(b_lanes[r][g]) + bs);
+          float b_sum = 0.f;
           if constexpr (kCodeOffset != 0.f) {
             b_sum += kCodeOffset * step[0][g] * hsum(w_sum[0]);
             if constexpr (VB == 8) {
@@ -422,6 +432,10 @@ void attend_rows_int(
   // Back to element order, bias sums added.
   const int gs_shift = __builtin_ctz(unsigned(gs)); // group sizes are powers of 2
   for (int r = 0; r < R; ++r) {
+    l[r] = hsum(load(l_lanes[r]) + load(l_lanes[r] + 8));
+    for (int g = 0; g < n_groups; ++g) {
+      bias_sum[r][g] += hsum(load(b_lanes[r][g]) + load(b_lanes[r][g] + 8));
+    }
     float* out = acc + size_t(r) * D;
     for (int d = 0; d < D; ++d) {
       out[d] = acc_perm[r][layout.lane[d]] + bias_sum[r][d >> gs_shift];
