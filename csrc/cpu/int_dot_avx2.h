@@ -61,7 +61,7 @@ inline IVec dot4(IVec acc, IVec codes, IVec w) {
 #endif
 }
 
-// A chain of at most kPartKeys / 4 = 8 dot4 steps on codes of CB bits, begun
+// A chain of at most kChunk / 4 = 8 dot4 steps on codes of CB bits, begun
 // at zero (dot_step), and its int32 lanes (dot_finish). 4-bit codes (<= 15)
 // times int8 (|w| <= 127) give vpmaddubsw pair sums of at most 3810, so 8
 // of them add in int16 without overflow (30480) and widen to int32 once:
@@ -95,18 +95,18 @@ inline void in_register(IVec& acc) {
 }
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
-// w + group[x] * CH). Where each 128-bit half of the lanes has one group
+// w + group[x] * kChunk). Where each 128-bit half of the lanes has one group
 // (quad, ValueLayout), broadcasts: on AMD Zen 3 the gathers took a fifth of
 // the P.V time.
-template <int CH>
 inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* quad) {
+  static_assert(kChunk == 32);
   if (quad[0] >= 0 && quad[0] == quad[1]) {
-    return _mm256_set1_epi32(load4(w + quad[0] * CH));
+    return _mm256_set1_epi32(load4(w + quad[0] * kChunk));
   }
   if (quad[0] >= 0 && quad[1] >= 0) {
-    return _mm256_setr_m128i(_mm_set1_epi32(load4(w + quad[0] * CH)), _mm_set1_epi32(load4(w + quad[1] * CH)));
+    return _mm256_setr_m128i(_mm_set1_epi32(load4(w + quad[0] * kChunk)), _mm_set1_epi32(load4(w + quad[1] * kChunk)));
   }
-  __m256i offsets = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(group)), _mm256_set1_epi32(CH));
+  __m256i offsets = _mm256_slli_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(group)), 5);
   return _mm256_i32gather_epi32(reinterpret_cast<const int*>(w), offsets, 1);
 }
 

@@ -29,8 +29,8 @@
 //   sum_t p_t v_ti  =  sum_t (p_t s_tg) c_ti  +  sum_t p_t b_tg
 //
 // The weights w_tg = p_t s_tg of one row are rounded to int8 per group and
-// part of kPartKeys keys (step max_t |w_tg| / 127; 8-bit values add a
-// residual plane, as the queries of 8-bit keys); the codes of 4 consecutive keys are
+// chunk (step max_t |w_tg| / 127; 8-bit values add a residual plane, as the
+// queries of 8-bit keys); the codes of 4 consecutive keys are
 // interleaved so that each int32 lane holds one element of 4 keys, and one
 // vpdpbusd per 16 elements adds 4 keys' products. The bias sums stay float.
 // The lanes hold the elements in a permuted order (ValueLayout), put back
@@ -163,41 +163,38 @@ inline __m512i bcast4(const int8_t* p) {
 
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
-// w + group[x] * CH). Where each 128-bit lane of the vector has one
+// w + group[x] * kChunk). Where each 128-bit lane of the vector has one
 // group (quad, ValueLayout): a broadcast, plus a masked one per lane of
 // another group; otherwise a gather.
-template <int CH>
 inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* quad) {
+  static_assert(kChunk == 32);
   if (quad[0] >= 0 && quad[1] >= 0 && quad[2] >= 0 && quad[3] >= 0) {
-    __m512i x = _mm512_set1_epi32(load4(w + quad[0] * CH));
+    __m512i x = _mm512_set1_epi32(load4(w + quad[0] * kChunk));
     for (int i = 1; i < 4; ++i) {
       if (quad[i] != quad[0]) {
-        x = _mm512_mask_set1_epi32(x, __mmask16(0xF << (4 * i)), load4(w + quad[i] * CH));
+        x = _mm512_mask_set1_epi32(x, __mmask16(0xF << (4 * i)), load4(w + quad[i] * kChunk));
       }
     }
     return x;
   }
-  __m512i offsets = _mm512_mullo_epi32(_mm512_load_si512(group), _mm512_set1_epi32(CH));
+  __m512i offsets = _mm512_slli_epi32(_mm512_load_si512(group), 5);
   return _mm512_i32gather_epi32(offsets, w, 1);
 }
 
 // lane_weights of every block of 4 keys of a chunk at once (w[blk]), where
-// the int8 weights of all groups fit two vectors (at most 2 groups): one
-// permute per block instead of a broadcast per group. False (nothing
-// written) for more groups.
+// the int8 weights of all groups fit one vector (at most 2 groups of 32
+// bytes): one vpermd per block instead of a broadcast per group. False
+// (nothing written) for more groups.
 #define KVSNAP_BLOCK_WEIGHTS 1
-template <int CH>
-inline bool block_weights(const int8_t (*w8)[CH], int n_groups, const int32_t* group, IVec* w) {
+inline bool block_weights(const int8_t (*w8)[kChunk], int n_groups, const int32_t* group, IVec* w) {
+  static_assert(kChunk == 32);
   if (n_groups > 2) {
     return false;
   }
-  static_assert(CH == 64);
-  // Dword 16 g + blk of the two groups' weights: group g's block blk.
-  __m512i idx = _mm512_slli_epi32(_mm512_load_si512(group), 4);
-  const __m512i g0 = _mm512_load_si512(w8[0]);
-  const __m512i g1 = n_groups == 2 ? _mm512_load_si512(w8[1]) : g0;
-  for (int blk = 0; blk < CH / 4; ++blk) {
-    w[blk] = _mm512_permutex2var_epi32(g0, idx, g1);
+  const __m512i all = _mm512_maskz_loadu_epi8(n_groups == 2 ? ~__mmask64(0) : __mmask64(0xFFFFFFFF), w8[0]);
+  __m512i idx = _mm512_slli_epi32(_mm512_load_si512(group), 3); // dword g * 8 + blk: group g's block blk
+  for (int blk = 0; blk < kChunk / 4; ++blk) {
+    w[blk] = _mm512_permutexvar_epi32(idx, all);
     idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1));
   }
   return true;
@@ -217,7 +214,6 @@ inline void fma_lanes(float* out, IVec s, FVec f) {
 inline void fma_lanes(float* out, IVec s, const float* f) {
   fma_lanes(out, s, _mm512_load_ps(f));
 }
-
 
 // simd::exp_neg on 16 lanes, the same steps: exp(x) for x <= 0 (below
 // -87.3, -inf included: 0).
@@ -241,64 +237,46 @@ inline __m512 exp_neg16(__m512 x) {
   return _mm512_maskz_mul_ps(__mmask16(~zero), p, _mm512_castsi512_ps(e));
 }
 
-// int_dot_rows.h's softmax steps for one row of CH scores, 16 lanes at
+// int_dot_rows.h's softmax steps for one row of kChunk scores, 16 lanes at
 // a time: the largest score, and (row_exp) the scores replaced by
 // exp(score - m), their sum added to lanes[0 .. 16).
 #define KVSNAP_ROW_SOFTMAX 1
-template <int CH>
 inline float row_max(const float* sc) {
-  __m512 x = _mm512_load_ps(sc);
-  for (int j = 16; j < CH; j += 16) {
-    x = _mm512_max_ps(x, _mm512_load_ps(sc + j));
-  }
-  return _mm512_reduce_max_ps(x);
+  static_assert(kChunk == 32);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_load_ps(sc), _mm512_load_ps(sc + 16)));
 }
 
-template <int CH>
 inline void row_exp(float* sc, float m, float* lanes) {
   const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_load_ps(lanes);
-  for (int j = 0; j < CH; j += 16) {
-    const __m512 p = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc + j), mv));
-    _mm512_store_ps(sc + j, p);
-    sum = _mm512_add_ps(sum, p);
-  }
-  _mm512_store_ps(lanes, sum);
+  const __m512 p0 = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc), mv));
+  const __m512 p1 = exp_neg16(_mm512_sub_ps(_mm512_load_ps(sc + 16), mv));
+  _mm512_store_ps(sc, p0);
+  _mm512_store_ps(sc + 16, p1);
+  _mm512_store_ps(lanes, _mm512_add_ps(_mm512_load_ps(lanes), _mm512_add_ps(p0, p1)));
 }
 
 // int_dot_rows.h's P.V weights of one row for 4-bit values, 16 keys to a
-// vector: for each group g and part k of kPartKeys keys, w8[g][t] =
-// round(p_t s_tg / step[k][g]) with step[k][g] = max_t |p_t s_tg| / 127
-// over the part's keys (0 below 1e-30), and the 16 lanes b_lanes[g] += the
-// terms of sum_t p_t b_tg. The same weights as the 8-lane loop there, in
-// half the instructions (vpmovdb packs to bytes in one step).
+// vector: for each group g, w8[g][t] = round(p_t s_tg / step[g]) with
+// step[g] = max_t |p_t s_tg| / 127 (0 below 1e-30), and the 16 lanes
+// b_lanes[g] += the terms of sum_t p_t b_tg. The same weights as the 8-lane loop there, in half the
+// instructions (vpmovdb packs to bytes in one step).
 #define KVSNAP_ROW_WEIGHTS 1
-template <int CH>
 inline void row_weights4(
-    const float* p, const float (*scale)[CH], const float (*bias)[CH], int n_groups, int8_t (*w8)[CH],
-    float (*step)[16], float (*b_lanes)[16]) {
-  constexpr int NX = kPartKeys / 16; // vectors per part
+    const float* p, const float (*scale)[kChunk], const float (*bias)[kChunk], int n_groups, int8_t (*w8)[kChunk],
+    float* step, float (*b_lanes)[16]) {
+  static_assert(kChunk == 32);
+  const __m512 p0 = _mm512_load_ps(p), p1 = _mm512_load_ps(p + 16);
   for (int g = 0; g < n_groups; ++g) {
-    __m512 bs = _mm512_load_ps(b_lanes[g]);
-    for (int part = 0; part < CH / kPartKeys; ++part) {
-      const int j0 = part * kPartKeys;
-      __m512 w[NX];
-      __m512 amax = _mm512_setzero_ps();
-      for (int x = 0; x < NX; ++x) {
-        const __m512 pv = _mm512_load_ps(p + j0 + 16 * x);
-        w[x] = _mm512_mul_ps(pv, _mm512_load_ps(scale[g] + j0 + 16 * x));
-        bs = _mm512_fmadd_ps(pv, _mm512_load_ps(bias[g] + j0 + 16 * x), bs);
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(w[x]));
-      }
-      const float w_max = _mm512_reduce_max_ps(amax);
-      const float inv = w_max > 1e-30f ? 127.f / w_max : 0.f;
-      step[part][g] = w_max / 127.f;
-      const __m512 vi = _mm512_set1_ps(inv);
-      for (int x = 0; x < NX; ++x) {
-        _mm_store_si128(reinterpret_cast<__m128i*>(w8[g] + j0 + 16 * x), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w[x], vi))));
-      }
-    }
-    _mm512_store_ps(b_lanes[g], bs);
+    const __m512 w0 = _mm512_mul_ps(p0, _mm512_load_ps(scale[g]));
+    const __m512 w1 = _mm512_mul_ps(p1, _mm512_load_ps(scale[g] + 16));
+    const __m512 bs = _mm512_fmadd_ps(p1, _mm512_load_ps(bias[g] + 16), _mm512_mul_ps(p0, _mm512_load_ps(bias[g])));
+    const float w_max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(w0), _mm512_abs_ps(w1)));
+    const float inv = w_max > 1e-30f ? 127.f / w_max : 0.f;
+    step[g] = w_max / 127.f;
+    const __m512 vi = _mm512_set1_ps(inv);
+    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g]), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi))));
+    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g] + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi))));
+    _mm512_store_ps(b_lanes[g], _mm512_add_ps(_mm512_load_ps(b_lanes[g]), bs));
   }
 }
 

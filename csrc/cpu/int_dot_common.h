@@ -13,14 +13,6 @@ namespace kvsnap::cpu::KVSNAP_ISA {
 
 namespace {
 
-// The integer kernels take keys in chunks of kIntChunk (int_dot_rows.h):
-// scores, a softmax update and the value codes' interleave per chunk. The
-// int8 P.V weights of a row get one step per group and part of kPartKeys
-// keys (a step per 64 keys made outputs ~1.3x as far from float64). The
-// float kernels' chunk (kChunk, kernels_impl.h) is 32 keys.
-constexpr int kIntChunk = 64;
-constexpr int kPartKeys = 32;
-
 // The int8 form of one query row, laid out like a packed key row's bytes:
 // 4-bit keys hold elements 2j (low nibble) and 2j+1 (high nibble) in byte j,
 // so lo[j] = q8[2j], hi[j] = q8[2j+1]; 8-bit keys hold element j in byte j

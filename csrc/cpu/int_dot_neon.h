@@ -59,17 +59,16 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
 }
 
 // Lane x: the int8 weights of 4 keys for the group of lane x (the 4 bytes at
-// w + group[x] * CH); one broadcast where the 4 lanes share a group
+// w + group[x] * kChunk); one broadcast where the 4 lanes share a group
 // (quad, ValueLayout).
-template <int CH>
 inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* quad) {
   int32_t lanes[4];
   if (quad[0] >= 0) {
-    std::memcpy(&lanes[0], w + quad[0] * CH, 4);
+    std::memcpy(&lanes[0], w + quad[0] * kChunk, 4);
     return vdupq_n_s32(lanes[0]);
   }
   for (int x = 0; x < 4; ++x) {
-    std::memcpy(&lanes[x], w + group[x] * CH, 4);
+    std::memcpy(&lanes[x], w + group[x] * kChunk, 4);
   }
   return vld1q_s32(lanes);
 }

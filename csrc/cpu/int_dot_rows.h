@@ -12,12 +12,11 @@
 //                         qi, made once per tile by prepare<KB>(qi, R, D)
 //   int_scores16<KB, SD>  scores of 16 keys, as in int_dot_avx512.h
 //   interleave4<VB>       the codes of 4 value rows in ValueLayout order
-//   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most
-//                         kPartKeys / 4 = 8 steps (each adds four
-//                         code-times-weight products per lane) on codes of
-//                         CB bits begun at zero, and its int32 lanes (AVX2
-//                         sums 4-bit steps in int16)
-//   lane_weights<CH>(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * CH
+//   dot_step<CB>(acc, c, w), dot_finish<CB>(acc)  a chain of at most 8
+//                         steps (each adds four code-times-weight products
+//                         per lane) on codes of CB bits begun at zero, and
+//                         its int32 lanes (AVX2 sums 4-bit steps in int16)
+//   lane_weights(w, grp, quad)  lane x = the 4 bytes at w + grp[x] * kChunk
 //                         (quad: ValueLayout's, for broadcasts)
 //   fma_lanes(out, s, f)  out[x] += float(s[x]) * f[x] (f: floats, or an FVec)
 //   lane_steps(step, grp, quad)  the FVec of lane x = step[grp[x]]
@@ -147,14 +146,11 @@ void attend_rows_int(
   const int n_groups = D / gs;
   const int k_row_bytes = D * KB / 8, v_row_bytes = D * VB / 8;
   constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
-  constexpr int CH = kIntChunk;
-  constexpr int kBlocks = CH / 4; // blocks of 4 keys in a chunk
-  constexpr int kParts = CH / kPartKeys; // parts of a chunk with their own int8 weight steps
-  constexpr int kPartBlocks = kPartKeys / 4;
-  static_assert(CH % kPartKeys == 0 && kPartKeys % 16 == 0 && kPartBlocks <= 8);
+  constexpr int kBlocks = kChunk / 4; // blocks of 4 keys in a chunk
+  static_assert(kChunk == 32);
   if (t0 < t1) { // the first chunk's keys and values, while the tile sets up
     const RowRun first = row_run(src, b, h, t0);
-    const int n_first = std::min({CH - t0 % CH, t1 - t0, first.run});
+    const int n_first = std::min({kChunk - t0 % kChunk, t1 - t0, first.run});
     prefetch_chunk(first, 0, n_first, false, k_row_bytes, n_groups, kScaleBytes);
     prefetch_chunk(first, 0, n_first, true, v_row_bytes, n_groups, kScaleBytes);
   }
@@ -169,9 +165,9 @@ void attend_rows_int(
   alignas(64) float l_lanes[kMaxRows][16];
   alignas(64) float b_lanes[kMaxRows][16][16];
   float bias_sum[kMaxRows][16];
-  alignas(64) float sc[kMaxRows][CH];
+  alignas(64) float sc[kMaxRows][kChunk];
   alignas(64) IVec xv[kBlocks][Layout::kMaxVec]; // the chunk's value codes, interleaved
-  alignas(64) float v_scale[16][CH], v_bias[16][CH]; // [group][key of chunk]
+  alignas(64) float v_scale[16][kChunk], v_bias[16][kChunk]; // [group][key of chunk]
   alignas(64) static constexpr uint8_t kZeroRow[kMaxDim] = {}; // the codes of keys past n
   const IntQuery* qi[kMaxRows];
   bool active[kMaxRows];
@@ -189,11 +185,11 @@ void attend_rows_int(
   for (int t = t0; t < t1;) {
     RowRun run = row_run(src, b, h, t);
     int run_end = std::min(t1, t + run.run);
-    // Chunks at multiples of CH: a key falls in the same chunk whatever
-    // the tile's other rows (the weights' int8 steps are per chunk part), so
-    // a row gets the same bits alone or batched.
+    // Chunks at multiples of kChunk: a key falls in the same chunk whatever
+    // the tile's other rows (the weights' int8 steps are per chunk), so a
+    // row gets the same bits alone or batched.
     for (int c0 = t, n = 0; c0 < run_end; c0 += n) {
-      n = std::min((c0 / CH + 1) * CH, run_end) - c0;
+      n = std::min((c0 / kChunk + 1) * kChunk, run_end) - c0;
       int64_t j0 = c0 - t;
       bool any = false;
       for (int r = 0; r < R; ++r) {
@@ -203,28 +199,19 @@ void attend_rows_int(
       if (!any) {
         continue;
       }
-      // The next chunk: in this run, or the first of the next one (the
-      // paged arena's next block).
+      // The next chunk's keys (its values: below): in this run, or the first
+      // of the next one (the paged arena's next block).
       RowRun ahead = run;
       int64_t j_next = j0 + n;
-      int n_next = int(std::min<int64_t>(CH, run_end - t - j_next));
+      int n_next = int(std::min<int64_t>(kChunk, run_end - t - j_next));
       if (n_next <= 0 && run_end < t1) {
         ahead = row_run(src, b, h, run_end);
         j_next = 0;
-        n_next = std::min({CH, t1 - run_end, ahead.run});
+        n_next = std::min({kChunk, t1 - run_end, ahead.run});
       }
-      // Scores 16 keys at a time, each step prefetching 16 keys and values
-      // of the next chunk (all of them at once, 64 rows of each, left the
-      // 64-key chunk slower at 32K than the 32-key one); then key ranges
-      // and masks.
-      for (int j = 0; j < CH; j += 16) {
-        if (j < n_next) {
-          prefetch_chunk(ahead, j_next + j, std::min(16, n_next - j), false, k_row_bytes, n_groups, kScaleBytes);
-          prefetch_chunk(ahead, j_next + j, std::min(16, n_next - j), true, v_row_bytes, n_groups, kScaleBytes);
-        }
-        if (j >= n) {
-          continue;
-        }
+      prefetch_chunk(ahead, j_next, n_next, false, k_row_bytes, n_groups, kScaleBytes);
+      // Scores, then key ranges and masks.
+      for (int j = 0; j < n; j += 16) {
         int64_t jj = j0 + j;
         int_scores16<KB, SD>(
             run.kp + jj * run.st[0],
@@ -240,14 +227,14 @@ void attend_rows_int(
             sq,
             R,
             &sc[0][j],
-            CH);
+            kChunk);
       }
       for (int r = 0; r < R; ++r) {
         const Row& row = rows[r];
         // Keys [lo, hi) of the chunk are in the row's range; the rest -inf.
         int lo = std::clamp(row.kmin - c0, 0, n), hi = std::clamp(row.kmax - c0, 0, n);
         std::fill(sc[r], sc[r] + lo, kNegInf);
-        std::fill(sc[r] + hi, sc[r] + CH, kNegInf);
+        std::fill(sc[r] + hi, sc[r] + kChunk, kNegInf);
         // Masks: added to (or, bool, taking out) the scores of keys [lo, hi).
         if (row.mask) {
           for (int j = lo; j < hi; ++j) {
@@ -263,15 +250,15 @@ void attend_rows_int(
         }
       }
       if (a.bias_rank > 0) {
-        add_score_bias(a, rows, R, c0, n, &sc[0][0], CH); // the key-offset correction (kernels_impl.h)
+        add_score_bias(a, rows, R, c0, n, sc); // the key-offset correction (kernels_impl.h)
       }
       // Softmax update: sc becomes the chunk's probabilities.
       for (int r = 0; r < R; ++r) {
 #if defined(KVSNAP_ROW_SOFTMAX)
-        const float cmax = row_max<CH>(sc[r]); // the instruction set's form of the loop below
+        const float cmax = row_max(sc[r]); // the instruction set's form of the loop below
 #else
         v8f vmax = load(&sc[r][0]);
-        for (int j = 8; j < CH; j += 8) {
+        for (int j = 8; j < kChunk; j += 8) {
           v8f x = load(&sc[r][j]);
           vmax = vmax > x ? vmax : x;
         }
@@ -293,10 +280,10 @@ void attend_rows_int(
           m[r] = m_new;
         }
 #if defined(KVSNAP_ROW_SOFTMAX)
-        row_exp<CH>(sc[r], m_new, l_lanes[r]);
+        row_exp(sc[r], m_new, l_lanes[r]);
 #else
         v8f sum = splat(0.f), mv = splat(m_new);
-        for (int j = 0; j < CH; j += 8) {
+        for (int j = 0; j < kChunk; j += 8) {
           v8f p = simd::exp_neg(load(&sc[r][j]) - mv);
           store(&sc[r][j], p);
           sum += p;
@@ -304,13 +291,14 @@ void attend_rows_int(
         store(l_lanes[r], load(l_lanes[r]) + sum);
 #endif
       }
+      prefetch_chunk(ahead, j_next, n_next, true, v_row_bytes, n_groups, kScaleBytes);
       // Values of the chunk: scales/biases by group (0 past n), codes interleaved.
-      for (int j = 0; j < CH; j += 8) {
+      for (int j = 0; j < kChunk; j += 8) {
         const int nj = std::clamp(n - j, 0, 8);
         load_params8<SD>(
-            static_cast<const char*>(run.vs) + (j0 + j) * run.st[4] * kScaleBytes, run.st[4], n_groups, nj, &v_scale[0][j], CH);
+            static_cast<const char*>(run.vs) + (j0 + j) * run.st[4] * kScaleBytes, run.st[4], n_groups, nj, &v_scale[0][j], kChunk);
         load_params8<SD>(
-            static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes, run.st[5], n_groups, nj, &v_bias[0][j], CH);
+            static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes, run.st[5], n_groups, nj, &v_bias[0][j], kChunk);
       }
       const int n_blocks = (n + 3) / 4;
       for (int blk = 0; blk < n_blocks; ++blk) {
@@ -328,29 +316,24 @@ void attend_rows_int(
         if (!active[r]) {
           continue;
         }
-        // Weights w_tg = p_t s_tg in int8, one step per group and part of
-        // kPartKeys keys; bias sums (with the code offset's share: sum_t w_t
-        // * offset). Each part's P.V sums get their own steps below.
+        // Weights w_tg = p_t s_tg in int8, one step per group; bias sums
+        // (with the code offset's share: sum_t w_t * offset).
         constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
-        alignas(64) int8_t w8[WP][16][CH];
-        float step[WP][kParts][16] = {}; // [plane][part][group]: the int8 weights' step (8 bits: the residual plane's too)
+        alignas(64) int8_t w8[WP][16][kChunk];
+        float step[WP][16] = {}; // [plane][group]: the int8 weights' step (8 bits: the residual plane's too)
 #if defined(KVSNAP_ROW_WEIGHTS)
         // The instruction set's own form of the loop below (4-bit values).
         if constexpr (VB == 4 && kCodeOffset == 0.f) {
-          row_weights4<CH>(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], b_lanes[r]);
+          row_weights4(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], b_lanes[r]);
         } else
 #endif
         for (int g = 0; g < n_groups; ++g) {
-          v8f bs = splat(0.f);
-          float b_sum = 0.f;
-          for (int part = 0; part < kParts; ++part) {
-          const int j0p = part * kPartKeys;
-          v8f w[kPartKeys / 8];
-          v8f amax = splat(0.f);
-          for (int j = 0; j < kPartKeys; j += 8) {
-            v8f p = load(&sc[r][j0p + j]);
-            w[j / 8] = p * load(&v_scale[g][j0p + j]);
-            bs += p * load(&v_bias[g][j0p + j]);
+          v8f w[kChunk / 8];
+          v8f bs = splat(0.f), amax = splat(0.f);
+          for (int j = 0; j < kChunk; j += 8) {
+            v8f p = load(&sc[r][j]);
+            w[j / 8] = p * load(&v_scale[g][j]);
+            bs += p * load(&v_bias[g][j]);
             v8f a = reinterpret_cast<v8f>(reinterpret_cast<v8i>(w[j / 8]) & 0x7fffffff); // |w|
             amax = amax > a ? amax : a;
           }
@@ -359,12 +342,12 @@ void attend_rows_int(
           // overflow) count as 0: the largest probability of a chunk with a
           // new max is 1.
           float inv = w_max > 1e-30f ? float(kWMax) / w_max : 0.f;
-          step[0][part][g] = w_max / float(kWMax);
-          step[WP - 1][part][g] = WP == 2 ? step[0][part][g] / float(2 * kWMax) : step[0][part][g];
+          step[0][g] = w_max / float(kWMax);
+          step[WP - 1][g] = WP == 2 ? step[0][g] / float(2 * kWMax) : step[0][g];
           v8f w_sum[WP] = {};
-          for (int j = 0; j < kPartKeys; j += 8) {
+          for (int j = 0; j < kChunk; j += 8) {
             v8f x = w[j / 8] * splat(inv);
-            store_int8(&w8[0][g][j0p + j], x);
+            store_int8(&w8[0][g][j], x);
             if constexpr (VB == 8 || kCodeOffset != 0.f) {
               w_sum[0] += round_even(x);
             }
@@ -373,18 +356,18 @@ void attend_rows_int(
               v8f res = round_even((x - xr) * splat(float(2 * kWMax)));
               res = res > splat(float(kWMax)) ? splat(float(kWMax)) : res;
               res = res < splat(float(-kWMax)) ? splat(float(-kWMax)) : res;
-              store_int8(&w8[WP - 1][g][j0p + j], res);
+              store_int8(&w8[WP - 1][g][j], res);
               w_sum[WP - 1] += res;
             }
           }
+          store(b_lanes[r][g], load(b_lanes[r][g]) + bs);
+          float b_sum = 0.f;
           if constexpr (kCodeOffset != 0.f) {
-            b_sum += kCodeOffset * step[0][part][g] * hsum(w_sum[0]);
+            b_sum += kCodeOffset * step[0][g] * hsum(w_sum[0]);
             if constexpr (VB == 8) {
-              b_sum += kCodeOffset * step[WP - 1][part][g] * hsum(w_sum[WP - 1]);
+              b_sum += kCodeOffset * step[WP - 1][g] * hsum(w_sum[WP - 1]);
             }
           }
-          }
-          store(b_lanes[r][g], load(b_lanes[r][g]) + bs);
           bias_sum[r][g] += b_sum;
         }
         float* out = acc_perm[r];
@@ -395,25 +378,20 @@ void attend_rows_int(
           constexpr int VPB = VB == 4 ? 8 : 4; // layout.vec_per_block
           for (int k0 = 0, cb = 0; k0 < NV; k0 += VPB, ++cb) {
             for (int plane = 0; plane < WP; ++plane) {
-              FVec f[kParts];
-              for (int part = 0; part < kParts; ++part) {
-                f[part] = lane_steps(step[plane][part], layout.block_group[cb], layout.block_quad[cb]);
-              }
+              const FVec f = lane_steps(step[plane], layout.block_group[cb], layout.block_quad[cb]);
               IVec w[kBlocks];
 #if defined(KVSNAP_BLOCK_WEIGHTS)
-              if (!block_weights<CH>(w8[plane], n_groups, layout.block_group[cb], w))
+              if (!block_weights(w8[plane], n_groups, layout.block_group[cb], w))
 #endif
               for (int blk = 0; blk < kBlocks; ++blk) {
-                w[blk] = lane_weights<CH>(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
+                w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
               }
               for (int i = 0; i < VPB; ++i) {
-                for (int part = 0; part < kParts; ++part) {
-                  IVec s = {};
-                  for (int blk = part * kPartBlocks; blk < (part + 1) * kPartBlocks; ++blk) {
-                    s = dot_step<VB>(s, xv[blk][k0 + i], w[blk]);
-                  }
-                  fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s), f[part]);
+                IVec s = {};
+                for (int blk = 0; blk < kBlocks; ++blk) {
+                  s = dot_step<VB>(s, xv[blk][k0 + i], w[blk]);
                 }
+                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s), f);
               }
             }
           }
@@ -421,13 +399,11 @@ void attend_rows_int(
         }
         // Otherwise (4-bit groups of 16) per vector: each pattern's steps
         // per lane, and its weights for each block of 4 keys, first.
-        alignas(64) float f[WP][kParts][Layout::kMaxVec][kLanes];
+        alignas(64) float f[WP][Layout::kMaxVec][kLanes];
         for (int p = 0; p < layout.n_pat; ++p) {
           for (int x = 0; x < kLanes; ++x) {
             for (int plane = 0; plane < WP; ++plane) {
-              for (int part = 0; part < kParts; ++part) {
-                f[plane][part][p][x] = step[plane][part][layout.group[p][x]];
-              }
+              f[plane][p][x] = step[plane][layout.group[p][x]];
             }
           }
         }
@@ -435,20 +411,18 @@ void attend_rows_int(
         for (int plane = 0; plane < WP; ++plane) {
           for (int blk = 0; blk < n_blocks; ++blk) {
             for (int p = 0; p < layout.n_pat; ++p) {
-              wl[plane][blk][p] = lane_weights<CH>(&w8[plane][0][4 * blk], layout.group[p], layout.quad[p]);
+              wl[plane][blk][p] = lane_weights(&w8[plane][0][4 * blk], layout.group[p], layout.quad[p]);
             }
           }
         }
         for (int k = 0; k < NV; ++k) {
           const int p = layout.pat[k];
           for (int plane = 0; plane < WP; ++plane) {
-            for (int part = 0; part * kPartBlocks < n_blocks; ++part) {
-              IVec s = {};
-              for (int blk = part * kPartBlocks; blk < std::min((part + 1) * kPartBlocks, n_blocks); ++blk) {
-                s = dot_step<VB>(s, xv[blk][k], wl[plane][blk][p]);
-              }
-              fma_lanes(out + kLanes * k, dot_finish<VB>(s), f[plane][part][p]);
+            IVec s = {};
+            for (int blk = 0; blk < n_blocks; ++blk) {
+              s = dot_step<VB>(s, xv[blk][k], wl[plane][blk][p]);
             }
+            fma_lanes(out + kLanes * k, dot_finish<VB>(s), f[plane][p]);
           }
         }
       }

@@ -131,14 +131,13 @@ struct Row {
 };
 
 // Adds the score bias of rows [0, R) (their coefficients rows[r].coef) to
-// sc[r * st + j] for the keys t = c0 + j, j < n <= kBiasBlock (-inf, an
-// unseen key, stays -inf):
+// sc[r][j] for the keys t = c0 + j, j < n (-inf, an unseen key, stays -inf):
 // sc + c_0 T_0t + c_1 T_1t + ... in that order for every element, whether
 // the chunk is one table block or not and whatever rows share it, so a row
 // gets the same bits alone or batched. Two rows at a time share each read.
 template <int NR>
 inline void add_score_bias_rows(
-    const AttentionArgs& a, const Row* rows, int c0, int n, float* sc, int st) {
+    const AttentionArgs& a, const Row* rows, int c0, int n, float (*sc)[kChunk]) {
   static_assert(kChunk == kBiasBlock);
   constexpr int X = kChunk / 8;
   const int E = a.bias_rank;
@@ -151,7 +150,7 @@ inline void add_score_bias_rows(
     v16f acc[NR][X16];
     for (int r = 0; r < NR; ++r) {
       for (int x = 0; x < X16; ++x) {
-        std::memcpy(&acc[r][x], sc + r * st + 16 * x, sizeof(v16f));
+        std::memcpy(&acc[r][x], sc[r] + 16 * x, sizeof(v16f));
       }
     }
     for (int e = 0; e < E; ++e, tab += kBiasBlock) {
@@ -168,7 +167,7 @@ inline void add_score_bias_rows(
     }
     for (int r = 0; r < NR; ++r) {
       for (int x = 0; x < X16; ++x) {
-        std::memcpy(sc + r * st + 16 * x, &acc[r][x], sizeof(v16f));
+        std::memcpy(sc[r] + 16 * x, &acc[r][x], sizeof(v16f));
       }
     }
     return;
@@ -179,7 +178,7 @@ inline void add_score_bias_rows(
     v8f acc[NR][X];
     for (int r = 0; r < NR; ++r) {
       for (int x = 0; x < X; ++x) {
-        acc[r][x] = load(sc + r * st + 8 * x);
+        acc[r][x] = load(sc[r] + 8 * x);
       }
     }
     for (int e = 0; e < E; ++e, tab += kBiasBlock) {
@@ -196,7 +195,7 @@ inline void add_score_bias_rows(
     }
     for (int r = 0; r < NR; ++r) {
       for (int x = 0; x < X; ++x) {
-        store(sc + r * st + 8 * x, acc[r][x]);
+        store(sc[r] + 8 * x, acc[r][x]);
       }
     }
     return;
@@ -206,29 +205,24 @@ inline void add_score_bias_rows(
       const int t = c0 + j;
       const float tv = a.bias_table[(int64_t(t / kBiasBlock) * E + e) * kBiasBlock + t % kBiasBlock];
       for (int r = 0; r < NR; ++r) {
-        sc[r * st + j] += rows[r].coef[e] * tv;
+        sc[r][j] += rows[r].coef[e] * tv;
       }
     }
   }
 }
 
-// add_score_bias_rows for all R rows and n keys of a chunk (row r's scores
-// at sc + r * st), kBiasBlock keys at a time.
-inline void add_score_bias(const AttentionArgs& a, const Row* rows, int R, int c0, int n, float* sc, int st) {
-  for (int j = 0; j < n; j += kBiasBlock) {
-    const int nj = std::min(kBiasBlock, n - j);
-    int r = 0;
+inline void add_score_bias(const AttentionArgs& a, const Row* rows, int R, int c0, int n, float (*sc)[kChunk]) {
+  int r = 0;
 #if defined(__AVX512F__)
-    for (; r + 4 <= R; r += 4) {
-      add_score_bias_rows<4>(a, rows + r, c0 + j, nj, sc + r * st + j, st);
-    }
+  for (; r + 4 <= R; r += 4) {
+    add_score_bias_rows<4>(a, rows + r, c0, n, sc + r);
+  }
 #endif
-    for (; r + 2 <= R; r += 2) {
-      add_score_bias_rows<2>(a, rows + r, c0 + j, nj, sc + r * st + j, st);
-    }
-    if (r < R) {
-      add_score_bias_rows<1>(a, rows + r, c0 + j, nj, sc + r * st + j, st);
-    }
+  for (; r + 2 <= R; r += 2) {
+    add_score_bias_rows<2>(a, rows + r, c0, n, sc + r);
+  }
+  if (r < R) {
+    add_score_bias_rows<1>(a, rows + r, c0, n, sc + r);
   }
 }
 
@@ -373,7 +367,7 @@ void attend_block(
         score_keys(std::integral_constant<int, 1>{}, j);
       }
       if (a.bias_rank > 0) {
-        add_score_bias(a, rows, R, c0, n, &sc[0][0], kChunk);
+        add_score_bias(a, rows, R, c0, n, sc);
       }
       // Softmax update: sc becomes the chunk's probabilities (0 if unseen).
       for (int r = 0; r < RB; ++r) {
