@@ -181,17 +181,28 @@ inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* q
   return _mm512_i32gather_epi32(offsets, w, 1);
 }
 
+// A row's int8 P.V weights of a chunk (w8[g][t], at most 2 groups of 32
+// bytes) as one vector, kept in a register by row_weights4 (ok). Loading
+// them from w8 instead waited on the 16-byte stores just made there (a
+// 64-byte load over several stores is not forwarded from the store buffer):
+// without this a 32K decode call took 1.04x as long (RESULTS.md).
+struct PackedWeights {
+  __m512i v;
+  bool ok = false;
+};
+
 // lane_weights of every block of 4 keys of a chunk at once (w[blk]), where
 // the int8 weights of all groups fit one vector (at most 2 groups of 32
-// bytes): one vpermd per block instead of a broadcast per group. False
-// (nothing written) for more groups.
+// bytes; from packed where it holds them, else from w8): one vpermd per
+// block instead of a broadcast per group. False (nothing written) for more
+// groups.
 #define KVSNAP_BLOCK_WEIGHTS 1
-inline bool block_weights(const int8_t (*w8)[kChunk], int n_groups, const int32_t* group, IVec* w) {
+inline bool block_weights(const int8_t (*w8)[kChunk], int n_groups, const int32_t* group, IVec* w, const PackedWeights& packed) {
   static_assert(kChunk == 32);
   if (n_groups > 2) {
     return false;
   }
-  const __m512i all = _mm512_maskz_loadu_epi8(n_groups == 2 ? ~__mmask64(0) : __mmask64(0xFFFFFFFF), w8[0]);
+  const __m512i all = packed.ok ? packed.v : _mm512_maskz_loadu_epi8(n_groups == 2 ? ~__mmask64(0) : __mmask64(0xFFFFFFFF), w8[0]);
   __m512i idx = _mm512_slli_epi32(_mm512_load_si512(group), 3); // dword g * 8 + blk: group g's block blk
   for (int blk = 0; blk < kChunk / 4; ++blk) {
     w[blk] = _mm512_permutexvar_epi32(idx, all);
@@ -258,14 +269,16 @@ inline void row_exp(float* sc, float m, float* lanes) {
 // int_dot_rows.h's P.V weights of one row for 4-bit values, 16 keys to a
 // vector: for each group g, w8[g][t] = round(p_t s_tg / step[g]) with
 // step[g] = max_t |p_t s_tg| / 127 (0 below 1e-30), and the 16 lanes
-// b_lanes[g] += the terms of sum_t p_t b_tg. The same weights as the 8-lane loop there, in half the
+// b_lanes[g] += the terms of sum_t p_t b_tg; the weights of up to 2 groups
+// also in packed (for block_weights). The same weights as the 8-lane loop there, in half the
 // instructions (vpmovdb packs to bytes in one step).
 #define KVSNAP_ROW_WEIGHTS 1
 inline void row_weights4(
     const float* p, const float (*scale)[kChunk], const float (*bias)[kChunk], int n_groups, int8_t (*w8)[kChunk],
-    float* step, float (*b_lanes)[16]) {
+    float* step, float (*b_lanes)[16], PackedWeights& packed) {
   static_assert(kChunk == 32);
   const __m512 p0 = _mm512_load_ps(p), p1 = _mm512_load_ps(p + 16);
+  __m512i all = _mm512_setzero_si512();
   for (int g = 0; g < n_groups; ++g) {
     const __m512 w0 = _mm512_mul_ps(p0, _mm512_load_ps(scale[g]));
     const __m512 w1 = _mm512_mul_ps(p1, _mm512_load_ps(scale[g] + 16));
@@ -274,10 +287,17 @@ inline void row_weights4(
     const float inv = w_max > 1e-30f ? 127.f / w_max : 0.f;
     step[g] = w_max / 127.f;
     const __m512 vi = _mm512_set1_ps(inv);
-    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g]), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi))));
-    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g] + 16), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi))));
+    const __m128i x0 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w0, vi)));
+    const __m128i x1 = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w1, vi)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g]), x0);
+    _mm_store_si128(reinterpret_cast<__m128i*>(w8[g] + 16), x1);
+    if (g < 2) {
+      all = _mm512_inserti32x4(_mm512_inserti32x4(all, x0, 2 * g), x1, 2 * g + 1);
+    }
     _mm512_store_ps(b_lanes[g], _mm512_add_ps(_mm512_load_ps(b_lanes[g]), bs));
   }
+  packed.v = all;
+  packed.ok = n_groups <= 2;
 }
 
 // int_dot_avx2.h prepares a table of broadcast query bytes; here vpdpbusd

@@ -27,11 +27,14 @@
 //   KVSNAP_ROW_SOFTMAX    row_max(sc), row_exp(sc, m, lanes): a row's largest
 //                         score of the chunk; its scores to exp(score - m),
 //                         their sum added to lanes[16] (any lanes)
-//   KVSNAP_ROW_WEIGHTS    row_weights4(...): a row's int8 P.V weights, steps
-//                         and bias sums (into lanes) for 4-bit values
-//   KVSNAP_BLOCK_WEIGHTS  block_weights(w8, n_groups, group, w): lane_weights
-//                         of all the chunk's blocks of 4 keys at once, or
-//                         false (the per-block form runs)
+//   KVSNAP_BLOCK_WEIGHTS  block_weights(w8, n_groups, group, w, packed):
+//                         lane_weights of all the chunk's blocks of 4 keys
+//                         at once, or false (the per-block form runs);
+//                         packed: a PackedWeights, the weights w8 in a
+//                         register where row_weights4 made them
+//   KVSNAP_ROW_WEIGHTS    row_weights4(..., packed): a row's int8 P.V
+//                         weights, steps and bias sums (into lanes) for
+//                         4-bit values (needs KVSNAP_BLOCK_WEIGHTS)
 //
 // Softmax, masks and the int8 weights are plain 256-bit float code here
 // (simd.h): the integer dot products are the larger part.
@@ -321,10 +324,13 @@ void attend_rows_int(
         constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
         alignas(64) int8_t w8[WP][16][kChunk];
         float step[WP][16] = {}; // [plane][group]: the int8 weights' step (8 bits: the residual plane's too)
+#if defined(KVSNAP_BLOCK_WEIGHTS)
+        PackedWeights packed; // the weights w8[0] in a register, if row_weights4 made them
+#endif
 #if defined(KVSNAP_ROW_WEIGHTS)
         // The instruction set's own form of the loop below (4-bit values).
         if constexpr (VB == 4 && kCodeOffset == 0.f) {
-          row_weights4(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], b_lanes[r]);
+          row_weights4(sc[r], v_scale, v_bias, n_groups, w8[0], step[0], b_lanes[r], packed);
         } else
 #endif
         for (int g = 0; g < n_groups; ++g) {
@@ -381,7 +387,7 @@ void attend_rows_int(
               const FVec f = lane_steps(step[plane], layout.block_group[cb], layout.block_quad[cb]);
               IVec w[kBlocks];
 #if defined(KVSNAP_BLOCK_WEIGHTS)
-              if (!block_weights(w8[plane], n_groups, layout.block_group[cb], w))
+              if (!block_weights(w8[plane], n_groups, layout.block_group[cb], w, plane == 0 ? packed : PackedWeights{}))
 #endif
               for (int blk = 0; blk < kBlocks; ++blk) {
                 w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
