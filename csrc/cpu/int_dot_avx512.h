@@ -270,8 +270,8 @@ inline void row_exp(float* sc, float m, float* lanes) {
 // vector: for each group g, w8[g][t] = round(p_t s_tg / step[g]) with
 // step[g] = max_t |p_t s_tg| / 127 (0 below 1e-30), and the 16 lanes
 // b_lanes[g] += the terms of sum_t p_t b_tg; the weights of up to 2 groups
-// also in packed (for block_weights). The same weights as the 8-lane loop there, in half the
-// instructions (vpmovdb packs to bytes in one step).
+// also in packed (for block_weights). The same weights as the 8-lane loop
+// there, in half the instructions (vpmovdb packs to bytes in one step).
 #define KVSNAP_ROW_WEIGHTS 1
 inline void row_weights4(
     const float* p, const float (*scale)[kChunk], const float (*bias)[kChunk], int n_groups, int8_t (*w8)[kChunk],
