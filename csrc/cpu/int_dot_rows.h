@@ -161,13 +161,11 @@ void attend_rows_int(
   const int NV = layout.n_vec;
 
   alignas(64) float acc_perm[kMaxRows][kMaxDim]; // sum_t w_t c_t, ValueLayout order
-  // The sums over keys of p_t (l_lanes[r]) and p_t b_tg (b_lanes[r][g], and
-  // bias_sum[r][g] for what is summed as a scalar) are kept in 16 lanes and
-  // added up once at the end: a horizontal sum per row and chunk took ~4% of
-  // a 32K decode call (RESULTS.md).
+  // The sums over keys of p_t (l_lanes[r]) and p_t b_tg (b_lanes[r][g]) are
+  // kept in 16 lanes and added up once at the end: a horizontal sum per row
+  // and chunk took ~4% of a 32K decode call (RESULTS.md).
   alignas(64) float l_lanes[kMaxRows][16];
   alignas(64) float b_lanes[kMaxRows][16][16];
-  float bias_sum[kMaxRows][16];
   alignas(64) float sc[kMaxRows][kChunk];
   alignas(64) IVec xv[kBlocks][Layout::kMaxVec]; // the chunk's value codes, interleaved
   alignas(64) float v_scale[16][kChunk], v_bias[16][kChunk]; // [group][key of chunk]
@@ -180,7 +178,6 @@ void attend_rows_int(
     std::fill(acc_perm[r], acc_perm[r] + NV * kLanes, 0.f);
     std::fill(l_lanes[r], l_lanes[r] + 16, 0.f);
     std::fill(b_lanes[r][0], b_lanes[r][0] + 16 * n_groups, 0.f);
-    std::fill(bias_sum[r], bias_sum[r] + n_groups, 0.f);
   }
   ScoreQueries sq;
   sq.prepare<KB>(qi, R, D);
@@ -277,9 +274,6 @@ void attend_rows_int(
           scale_row(corr, l_lanes[r], 16);
           scale_row(corr, b_lanes[r][0], 16 * n_groups);
           scale_row(corr, acc_perm[r], NV * kLanes);
-          for (int g = 0; g < n_groups; ++g) {
-            bias_sum[r][g] *= corr;
-          }
           m[r] = m_new;
         }
 #if defined(KVSNAP_ROW_SOFTMAX)
@@ -367,14 +361,13 @@ void attend_rows_int(
             }
           }
           store(b_lanes[r][g], load(b_lanes[r][g]) + bs);
-          float b_sum = 0.f;
           if constexpr (kCodeOffset != 0.f) {
-            b_sum += kCodeOffset * step[0][g] * hsum(w_sum[0]);
+            float b_sum = kCodeOffset * step[0][g] * hsum(w_sum[0]);
             if constexpr (VB == 8) {
               b_sum += kCodeOffset * step[WP - 1][g] * hsum(w_sum[WP - 1]);
             }
+            b_lanes[r][g][0] += b_sum;
           }
-          bias_sum[r][g] += b_sum;
         }
         float* out = acc_perm[r];
         if (layout.blocks_uniform) {
@@ -439,8 +432,9 @@ void attend_rows_int(
   const int gs_shift = __builtin_ctz(unsigned(gs)); // group sizes are powers of 2
   for (int r = 0; r < R; ++r) {
     l[r] = hsum(load(l_lanes[r]) + load(l_lanes[r] + 8));
+    float bias_sum[16];
     for (int g = 0; g < n_groups; ++g) {
-      bias_sum[r][g] += hsum(load(b_lanes[r][g]) + load(b_lanes[r][g] + 8));
+      bias_sum[g] = hsum(load(b_lanes[r][g]) + load(b_lanes[r][g] + 8));
     }
     float* out = acc + size_t(r) * D;
     int d = 0;
@@ -450,11 +444,11 @@ void attend_rows_int(
     for (; gs >= 16 && d + 16 <= D; d += 16) {
       const __m512i idx = _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(layout.lane + d)));
       const __m512 x = _mm512_i32gather_ps(idx, acc_perm[r], 4);
-      _mm512_storeu_ps(out + d, _mm512_add_ps(x, _mm512_set1_ps(bias_sum[r][d >> gs_shift])));
+      _mm512_storeu_ps(out + d, _mm512_add_ps(x, _mm512_set1_ps(bias_sum[d >> gs_shift])));
     }
 #endif
     for (; d < D; ++d) {
-      out[d] = acc_perm[r][layout.lane[d]] + bias_sum[r][d >> gs_shift];
+      out[d] = acc_perm[r][layout.lane[d]] + bias_sum[d >> gs_shift];
     }
   }
 }
