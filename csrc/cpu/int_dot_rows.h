@@ -385,6 +385,11 @@ void attend_rows_int(
               for (int blk = 0; blk < kBlocks; ++blk) {
                 w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
               }
+              // Unrolled by two on AVX2: fully unrolled (8 x 8 steps), a
+              // decode call took 1-3% longer on AMD Zen 3 (same bits).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#pragma GCC unroll 2
+#endif
               for (int i = 0; i < VPB; ++i) {
                 IVec s = {};
                 for (int blk = 0; blk < kBlocks; ++blk) {
