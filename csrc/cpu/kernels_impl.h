@@ -38,11 +38,11 @@ constexpr int kMaxRows = 32; // query rows per tile
 constexpr int kSplitKeys = 512; // at least this many keys per part of a split tile
 // At most this many parts: 2 per thread (for balance where tiles are few),
 // at least 4 and at most 16. Each part costs ~2 us besides its keys (setup,
-// first chunk, merge): on 2 threads 4 parts instead of 16 made a decode
-// call 1.3-1.7% faster at 32K, 3.3% at 16K, 3.8% at 4K (RESULTS.md). A function of the thread
-// count, which is fixed for the process: a sequence still gets the same
-// bits alone or in any batch; tiles of fewer than 2,560 keys are split the
-// same way for any thread count (at most 3 parts of 512).
+// first chunk, merge): on 2 threads 4 parts instead of 16 made a decode call
+// 1.3-1.7% faster at 32K, 3.3% at 16K, 3.8% at 4K (RESULTS.md). A function
+// of the thread count, fixed for the process: a sequence still gets the
+// same bits alone or in any batch; tiles of fewer than 2,560 keys are split
+// the same way for any thread count (at most 3 parts of 512).
 constexpr int kMinMaxSplits = 4;
 constexpr int kMaxSplits = 16;
 inline int max_splits() {
