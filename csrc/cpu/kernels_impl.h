@@ -42,7 +42,7 @@ constexpr int kSplitKeys = 512; // at least this many keys per part of a split t
 // 1.3-1.7% faster at 32K, 3.3% at 16K, 3.8% at 4K (RESULTS.md). A function
 // of the thread count, fixed for the process: a sequence still gets the
 // same bits alone or in any batch; tiles of fewer than 2,560 keys are split
-// the same way for any thread count (at most 3 parts of 512).
+// the same way for any thread count (at most 4 parts of 512).
 constexpr int kMinMaxSplits = 4;
 constexpr int kMaxSplits = 16;
 inline int max_splits() {
