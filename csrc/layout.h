@@ -134,9 +134,10 @@ inline int kv_split_step(int span, int splits, int chunk) {
 }
 
 // How many parts the keys of one query tile are split into: a function of
-// that tile's own key span only (at least `min_keys` keys a part, at most
-// `max_splits` parts), never of the batch around it, so a sequence's output
-// is the same bits whether it is attended alone or in any batch.
+// that tile's own key span (at least `min_keys` keys a part) and of
+// `max_splits` (the CPU kernels: fixed by the process's thread count), never
+// of the batch around it, so a sequence's output is the same bits whether it
+// is attended alone or in any batch.
 inline int kv_splits_for(int span, int min_keys, int max_splits) {
   int n = span / min_keys;
   return n < 1 ? 1 : (n > max_splits ? max_splits : n);

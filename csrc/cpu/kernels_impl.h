@@ -36,17 +36,19 @@ using namespace simd;
 constexpr int kChunk = 32; // keys per softmax update
 constexpr int kMaxRows = 32; // query rows per tile
 constexpr int kSplitKeys = 512; // at least this many keys per part of a split tile
-// At most this many parts: 2 per thread (for balance where tiles are few),
-// at least 4 and at most 16. Each part costs ~2 us besides its keys (setup,
-// first chunk, merge): on 2 threads 4 parts instead of 16 made a decode call
-// 1.3-1.7% faster at 32K, 3.3% at 16K, 3.8% at 4K (RESULTS.md). A function
-// of the thread count, fixed for the process: a sequence still gets the
-// same bits alone or in any batch; tiles of fewer than 2,560 keys are split
-// the same way for any thread count (at most 4 parts of 512).
-constexpr int kMinMaxSplits = 4;
+// At most this many parts: one per thread (to fill the threads where tiles
+// are few), at least 2 and at most 16. Each part costs some microseconds
+// besides its keys (setup, its first chunk's fetch, the merge): with 8 KV
+// heads on 2 threads, at most 2 parts instead of 4 made a decode call
+// 0.3-1.5% faster at 32K and 3-4% at 4K on an Intel Xeon (Sapphire
+// Rapids), and at most 4 instead of 16 1.3-3.8% on AMD Zen 3 (RESULTS.md).
+// A function of the thread count, fixed for the process: a sequence still
+// gets the same bits alone or in any batch; tiles of fewer than 1,536 keys
+// are split the same way for any thread count (at most 2 parts of 512).
+constexpr int kMinMaxSplits = 2;
 constexpr int kMaxSplits = 16;
 inline int max_splits() {
-  static const int n = std::clamp(2 * num_threads(), kMinMaxSplits, kMaxSplits);
+  static const int n = std::clamp(num_threads(), kMinMaxSplits, kMaxSplits);
   return n;
 }
 constexpr int kMaxSplitRows = 8; // tiles of more query rows are not split
@@ -562,7 +564,7 @@ struct Tile {
   int first; // first row: index into the (l, g) rows of (b, h)
   int R;
   int t0, t1; // union of the rows' key ranges
-  int splits = 1; // parts the keys are cut into (kv_splits_for: from t1 - t0 alone)
+  int splits = 1; // parts the keys are cut into (kv_splits_for: from t1 - t0 and the thread count)
   int first_task = 0; // index of its first part among all tasks
 };
 
