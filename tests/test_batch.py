@@ -5,8 +5,9 @@ Debian's license texts. Each agent is prefilled once; the batched run and the
 run alone start from copies of that cache (same bytes), so any difference
 comes from the batched forward pass itself. kvsnap's attention gives a
 sequence the same bits alone or in any batch (its key splits depend on the
-sequence and the process's thread count, never on the batch), but OpenBLAS's matmuls round a row differently when the
-matrix has more rows (measured: ~1e-6 on some of SmolLM2's projections).
+sequence and the process's thread count, never on the batch), but
+OpenBLAS's matmuls round a row differently when the matrix has more rows
+(measured: ~1e-6 on some of SmolLM2's projections).
 Stored K/V are quantized, and a rounding difference that lands on a
 quantization boundary moves one code by a whole step: at 4 bits that moves
 later logits by up to ~1, at 8 bits by ~1/16 of that. The comparison
