@@ -182,10 +182,11 @@ inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* q
 }
 
 // A row's int8 P.V weights of a chunk (w8[g][t], at most 2 groups of 32
-// bytes) as one vector, kept in a register by row_weights4 (ok). Loading
-// them from w8 instead waited on the 16-byte stores just made there (a
-// 64-byte load over several stores is not forwarded from the store buffer):
-// without this a 32K decode call took 1.04x as long (RESULTS.md).
+// bytes) as one vector, made by row_weights4 (ok). Loading them from w8
+// instead waited on the 16-byte stores just made there (a 64-byte load over
+// several stores is not forwarded from the store buffer): without this a
+// 32K decode call took 1.04x as long (RESULTS.md, when each row's weights
+// were made right before its product).
 struct PackedWeights {
   __m512i v;
   bool ok = false;

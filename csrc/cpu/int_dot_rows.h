@@ -309,17 +309,28 @@ void attend_rows_int(
       for (int blk = n_blocks; blk < kBlocks; ++blk) {
         std::fill(xv[blk], xv[blk] + NV, IVec{});
       }
+      // Weights w_tg = p_t s_tg in int8, one step per group; bias sums
+      // (with the code offset's share: sum_t w_t * offset). Every row's
+      // first, then the rows' P.V products: a row's weights are a chain of
+      // dependent steps (largest |w|, its inverse, the rounding), and made
+      // between two rows' products they held the next row back; in a loop
+      // of their own the rows' chains overlap (a 32K decode call 0.95x as
+      // long, RESULTS.md).
+      constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
+      alignas(64) int8_t w8s[kMaxRows][WP][16][kChunk];
+      float steps[kMaxRows][WP][16]; // [row][plane][group]: the int8 weights' step (8 bits: the residual plane's too)
+#if defined(KVSNAP_BLOCK_WEIGHTS)
+      PackedWeights packs[kMaxRows]; // [row]: the weights w8[0] in a register, if row_weights4 made them
+#endif
       for (int r = 0; r < R; ++r) {
         if (!active[r]) {
           continue;
         }
-        // Weights w_tg = p_t s_tg in int8, one step per group; bias sums
-        // (with the code offset's share: sum_t w_t * offset).
-        constexpr int WP = VB == 8 ? 2 : 1; // weight planes (8 bits: int8 + residual)
-        alignas(64) int8_t w8[WP][16][kChunk];
-        float step[WP][16] = {}; // [plane][group]: the int8 weights' step (8 bits: the residual plane's too)
+        auto& w8 = w8s[r];
+        auto& step = steps[r];
+        std::fill(step[0], step[0] + WP * 16, 0.f);
 #if defined(KVSNAP_BLOCK_WEIGHTS)
-        PackedWeights packed; // the weights w8[0] in a register, if row_weights4 made them
+        auto& packed = packs[r];
 #endif
 #if defined(KVSNAP_ROW_WEIGHTS)
         // The instruction set's own form of the loop below (4-bit values).
@@ -369,6 +380,16 @@ void attend_rows_int(
             b_lanes[r][g][0] += b_sum;
           }
         }
+      }
+      for (int r = 0; r < R; ++r) {
+        if (!active[r]) {
+          continue;
+        }
+        auto& w8 = w8s[r];
+        auto& step = steps[r];
+#if defined(KVSNAP_BLOCK_WEIGHTS)
+        auto& packed = packs[r];
+#endif
         float* out = acc_perm[r];
         if (layout.blocks_uniform) {
           // Column block by column block: one weight vector per block of 4
