@@ -35,6 +35,7 @@ namespace {
 
 using IVec = __m256i;
 constexpr int kVecBytes = 32;
+constexpr int kPvRows = 1; // int_dot_rows.h; 16 registers: with 4 rows the sums spilled (avx2-int 1.05x as long at 32K)
 
 #if defined(KVSNAP_AVX_VNNI)
 template <int KB>

@@ -60,6 +60,7 @@ namespace {
 
 using IVec = __m512i;
 constexpr int kVecBytes = 64;
+constexpr int kPvRows = 4; // int_dot_rows.h; 32 registers: 4 rows' sums and steps, a code vector, most of the rows' weights
 
 template <int KB>
 constexpr int kQueryMax = 127; // int8 queries of full range: vpdpbusd sums in int32
@@ -77,11 +78,6 @@ inline IVec dot_step(IVec acc, IVec codes, IVec w) {
 template <int CB>
 inline IVec dot_finish(IVec acc) {
   return acc;
-}
-
-// Keeps a chain's sum in a register at this point (as int_dot_avx2.h's).
-inline void in_register(IVec& acc) {
-  asm("" : "+v"(acc));
 }
 
 // In-register transpose of a 16 x 16 dword tile: c[i] lane k = r[k] lane i.
@@ -157,8 +153,13 @@ void load_meta16(const char* p, int64_t stride, int n_groups, int n, float (*out
   }
 }
 
-inline __m512i bcast4(const int8_t* p) {
-  return _mm512_set1_epi32(load4(p));
+// acc + vpdpbusd(codes, the 4 bytes at p in every lane), the bytes read by
+// the instruction's own broadcast ({1to16}): GCC 12 loads them with a
+// vpbroadcastd of its own instead, one more instruction per product, and
+// this kernel's calls are bound by the instructions they run (RESULTS.md).
+inline __m512i dpbusd_bcast(__m512i acc, __m512i codes, const int8_t* p) {
+  asm("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(codes), "m"(*reinterpret_cast<const int32_t*>(p)));
+  return acc;
 }
 
 
@@ -189,7 +190,7 @@ inline IVec lane_weights(const int8_t* w, const int32_t* group, const int32_t* q
 // were made right before its product).
 struct PackedWeights {
   __m512i v;
-  bool ok = false;
+  bool ok; // set for each active row of a chunk (no constructor: the chunk loop's array holds kMaxRows)
 };
 
 // lane_weights of every block of 4 keys of a chunk at once (w[blk]), where
@@ -334,10 +335,8 @@ __attribute__((always_inline)) inline void score_cols(
     }
     const int byte = byte0 + 4 * i;
     for (int r = 0; r < NR; ++r) {
-      a0[r] = _mm512_dpbusd_epi32(a0[r], c0, bcast4(qi[r]->lo + byte));
-      a1[r] = _mm512_dpbusd_epi32(a1[r], c1, bcast4((KC == 4 ? qi[r]->hi : qi[r]->res) + byte));
-      in_register(a0[r]);
-      in_register(a1[r]);
+      a0[r] = dpbusd_bcast(a0[r], c0, qi[r]->lo + byte);
+      a1[r] = dpbusd_bcast(a1[r], c1, (KC == 4 ? qi[r]->hi : qi[r]->res) + byte);
     }
   }
   const __m512 sc = _mm512_load_ps(scale_g);
@@ -394,19 +393,33 @@ void int_scores16(
   // Elements per dword column of packed bytes: 8 at 4 bits, 4 at 8 bits.
   constexpr int kElemsPerCol = KC == 4 ? 8 : 4;
   const int cols_per_group = gs / kElemsPerCol;
-  const uint8_t* key[16];
-  for (int u = 0; u < 16; ++u) {
-    key[u] = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
-  }
+  // Key u's row at key0 + u * key_st (keys past n: the last key's row
+  // again), by one pointer stepped from key to key: a table of 16 pointers
+  // here was filled by vector multiplies and spilled.
+  const uint8_t* const key0 = reinterpret_cast<const uint8_t*>(kp);
+  const int64_t key_st = kst * 4;
   for (int cb = 0; cb < row_bytes; cb += 64) {
     int w = std::min(64, row_bytes - cb); // bytes of this 64-byte column block
     __mmask64 m = w == 64 ? ~__mmask64(0) : ((__mmask64(1) << w) - 1);
     __m512i rows[16], cols[16];
-    for (int u = 0; u < 16; ++u) {
+    const uint8_t* key = key0 + (KB == 6 ? cb / 4 * 3 : cb);
+    const auto row = [&](const uint8_t* p) __attribute__((always_inline)) {
       if constexpr (KB == 6) {
-        rows[u] = widen6(key[u] + cb / 4 * 3, w / 4 * 3);
+        return widen6(p, w / 4 * 3);
       } else {
-        rows[u] = w == 64 ? _mm512_loadu_si512(key[u] + cb) : _mm512_maskz_loadu_epi8(m, key[u] + cb);
+        return w == 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8(m, p);
+      }
+    };
+    if (n == 16) {
+      for (int u = 0; u < 16; ++u, key += key_st) {
+        rows[u] = row(key);
+        asm("" : "+r"(key)); // stepped here, not precomputed for every key
+      }
+    } else {
+      for (int u = 0; u < 16; ++u) {
+        rows[u] = row(key);
+        key += u + 1 < n ? key_st : 0;
+        asm("" : "+r"(key));
       }
     }
     transpose16(rows, cols);

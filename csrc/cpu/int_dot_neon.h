@@ -28,6 +28,7 @@ namespace {
 
 using IVec = int32x4_t;
 constexpr int kVecBytes = 16;
+constexpr int kPvRows = 1; // int_dot_rows.h; not measured with more (no arm64 machine here)
 
 template <int KB>
 constexpr int kQueryMax = 127;

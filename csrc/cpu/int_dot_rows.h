@@ -4,6 +4,8 @@
 // header that includes this one:
 //
 //   kVecBytes             bytes of an IVec (ValueLayout<kVecBytes> order)
+//   kPvRows               rows whose P.V products go through a chunk's code
+//                         vectors together (1 to 4; registers allowing)
 //   kQueryMax<KB>         the int8 range of queries for KB-bit keys
 //   kWeightMax<VB>        the int8 range of P.V weights for VB-bit values
 //   kValueCodeOffset<VB>  what interleave4 subtracts from each value code
@@ -95,7 +97,14 @@ inline void prefetch_rows(const void* p, int64_t st, int n, int row_bytes) {
   const char* c = static_cast<const char*>(p);
   if (st <= row_bytes + 64) { // dense: every line of the span
     const int64_t span = (n - 1) * st + row_bytes;
-    for (int64_t i = 0; i < span; i += 64) {
+    int64_t i = 0;
+    for (; i + 256 <= span; i += 256) { // 4 lines a step: the loop's own instructions were 2/3 of it
+      prefetch_line(c + i);
+      prefetch_line(c + i + 64);
+      prefetch_line(c + i + 128);
+      prefetch_line(c + i + 192);
+    }
+    for (; i < span; i += 64) {
       prefetch_line(c + i);
     }
     prefetch_line(c + span - 1);
@@ -298,13 +307,23 @@ void attend_rows_int(
             static_cast<const char*>(run.vb) + (j0 + j) * run.st[5] * kScaleBytes, run.st[5], n_groups, nj, &v_bias[0][j], kChunk);
       }
       const int n_blocks = (n + 3) / 4;
-      for (int blk = 0; blk < n_blocks; ++blk) {
-        const uint8_t* v[4];
-        for (int u = 0; u < 4; ++u) {
-          int j = 4 * blk + u;
-          v[u] = j < n ? reinterpret_cast<const uint8_t*>(run.vp + (j0 + j) * run.st[3]) : kZeroRow;
+      const uint8_t* const v0 = reinterpret_cast<const uint8_t*>(run.vp + j0 * run.st[3]);
+      const int64_t v_st = run.st[3] * 4;
+      if (n == kChunk) { // a whole chunk: no key past n, the rows by one stepped pointer
+        const uint8_t* vb = v0;
+        for (int blk = 0; blk < kBlocks; ++blk, vb += 4 * v_st) {
+          const uint8_t* v[4] = {vb, vb + v_st, vb + 2 * v_st, vb + 3 * v_st};
+          interleave4<VB>(v, v_row_bytes, xv[blk]);
         }
-        interleave4<VB>(v, v_row_bytes, xv[blk]);
+      } else {
+        for (int blk = 0; blk < n_blocks; ++blk) {
+          const uint8_t* v[4];
+          for (int u = 0; u < 4; ++u) {
+            int j = 4 * blk + u;
+            v[u] = j < n ? v0 + j * v_st : kZeroRow;
+          }
+          interleave4<VB>(v, v_row_bytes, xv[blk]);
+        }
       }
       for (int blk = n_blocks; blk < kBlocks; ++blk) {
         std::fill(xv[blk], xv[blk] + NV, IVec{});
@@ -320,17 +339,21 @@ void attend_rows_int(
       alignas(64) int8_t w8s[kMaxRows][WP][16][kChunk];
       float steps[kMaxRows][WP][16]; // [row][plane][group]: the int8 weights' step (8 bits: the residual plane's too)
 #if defined(KVSNAP_BLOCK_WEIGHTS)
-      PackedWeights packs[kMaxRows]; // [row]: the weights w8[0] in a register, if row_weights4 made them
+      PackedWeights packs[kMaxRows]; // [row]: the weights w8[0] in a register, if row_weights4 made them (ok)
 #endif
+      int act[kMaxRows]; // the active rows
+      int n_act = 0;
       for (int r = 0; r < R; ++r) {
         if (!active[r]) {
           continue;
         }
+        act[n_act++] = r;
         auto& w8 = w8s[r];
         auto& step = steps[r];
         std::fill(step[0], step[0] + WP * 16, 0.f);
 #if defined(KVSNAP_BLOCK_WEIGHTS)
         auto& packed = packs[r];
+        packed.ok = false;
 #endif
 #if defined(KVSNAP_ROW_WEIGHTS)
         // The instruction set's own form of the loop below (4-bit values).
@@ -381,30 +404,30 @@ void attend_rows_int(
           }
         }
       }
-      for (int r = 0; r < R; ++r) {
-        if (!active[r]) {
-          continue;
-        }
-        auto& w8 = w8s[r];
-        auto& step = steps[r];
-#if defined(KVSNAP_BLOCK_WEIGHTS)
-        auto& packed = packs[r];
-#endif
-        float* out = acc_perm[r];
-        if (layout.blocks_uniform) {
-          // Column block by column block: one weight vector per block of 4
-          // keys serves all the column block's vectors (whole chunks: the
-          // codes of keys past n are zeros).
-          constexpr int VPB = VB == 4 ? 8 : 4; // layout.vec_per_block
+      if (layout.blocks_uniform) {
+        // Column block by column block: one weight vector per block of 4
+        // keys serves all the column block's vectors (whole chunks: the
+        // codes of keys past n are zeros). kPvRows rows at a time: each
+        // code vector is loaded once for them, and the rows' weight vectors
+        // are read by the dot products themselves (AVX-512, 4 rows: a row at
+        // a time, every code vector was loaded once per row, 14% more
+        // instructions in this loop; AVX2's 16 registers hold one row's).
+        constexpr int VPB = VB == 4 ? 8 : 4; // layout.vec_per_block
+        const auto rows_pv = [&](const int* rs, auto nr) __attribute__((always_inline)) {
+          constexpr int NR = decltype(nr)::value;
           for (int k0 = 0, cb = 0; k0 < NV; k0 += VPB, ++cb) {
             for (int plane = 0; plane < WP; ++plane) {
-              const FVec f = lane_steps(step[plane], layout.block_group[cb], layout.block_quad[cb]);
-              IVec w[kBlocks];
+              FVec f[NR];
+              alignas(64) IVec w[NR][kBlocks];
+              for (int q = 0; q < NR; ++q) {
+                const int r = rs[q];
+                f[q] = lane_steps(steps[r][plane], layout.block_group[cb], layout.block_quad[cb]);
 #if defined(KVSNAP_BLOCK_WEIGHTS)
-              if (!block_weights(w8[plane], n_groups, layout.block_group[cb], w, plane == 0 ? packed : PackedWeights{}))
+                if (!block_weights(w8s[r][plane], n_groups, layout.block_group[cb], w[q], plane == 0 ? packs[r] : PackedWeights{}))
 #endif
-              for (int blk = 0; blk < kBlocks; ++blk) {
-                w[blk] = lane_weights(&w8[plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
+                for (int blk = 0; blk < kBlocks; ++blk) {
+                  w[q][blk] = lane_weights(&w8s[r][plane][0][4 * blk], layout.block_group[cb], layout.block_quad[cb]);
+                }
               }
               // Unrolled by two on AVX2: fully unrolled (8 x 8 steps), a
               // decode call took 1-3% longer on AMD Zen 3 (same bits).
@@ -412,16 +435,52 @@ void attend_rows_int(
 #pragma GCC unroll 2
 #endif
               for (int i = 0; i < VPB; ++i) {
-                IVec s = {};
-                for (int blk = 0; blk < kBlocks; ++blk) {
-                  s = dot_step<VB>(s, xv[blk][k0 + i], w[blk]);
+                IVec s[NR];
+                for (int q = 0; q < NR; ++q) {
+                  s[q] = IVec{};
                 }
-                fma_lanes(out + kLanes * (k0 + i), dot_finish<VB>(s), f);
+                for (int blk = 0; blk < kBlocks; ++blk) {
+                  const IVec codes = xv[blk][k0 + i];
+                  for (int q = 0; q < NR; ++q) {
+                    s[q] = dot_step<VB>(s[q], codes, w[q][blk]);
+                  }
+                }
+                for (int q = 0; q < NR; ++q) {
+                  fma_lanes(acc_perm[rs[q]] + kLanes * (k0 + i), dot_finish<VB>(s[q]), f[q]);
+                }
               }
             }
           }
-          continue;
+        };
+        for (int a0 = 0; a0 < n_act; a0 += kPvRows) {
+          const int nr = std::min(kPvRows, n_act - a0);
+          if constexpr (kPvRows >= 4) {
+            if (nr == 4) {
+              rows_pv(act + a0, std::integral_constant<int, 4>{});
+              continue;
+            }
+          }
+          if constexpr (kPvRows >= 3) {
+            if (nr == 3) {
+              rows_pv(act + a0, std::integral_constant<int, 3>{});
+              continue;
+            }
+          }
+          if constexpr (kPvRows >= 2) {
+            if (nr == 2) {
+              rows_pv(act + a0, std::integral_constant<int, 2>{});
+              continue;
+            }
+          }
+          rows_pv(act + a0, std::integral_constant<int, 1>{});
         }
+        continue;
+      }
+      for (int a0 = 0; a0 < n_act; ++a0) {
+        const int r = act[a0];
+        auto& w8 = w8s[r];
+        auto& step = steps[r];
+        float* out = acc_perm[r];
         // Otherwise (4-bit groups of 16) per vector: each pattern's steps
         // per lane, and its weights for each block of 4 keys, first.
         alignas(64) float f[WP][Layout::kMaxVec][kLanes];
