@@ -413,13 +413,14 @@ void int_scores16(
     if (n == 16) {
       for (int u = 0; u < 16; ++u, key += key_st) {
         rows[u] = row(key);
-        asm("" : "+r"(key)); // stepped here, not precomputed for every key
+        asm volatile("" : "+r"(key)); // stepped here, not precomputed for every key
       }
     } else {
+      int n_here = n;
+      asm volatile("" : "+r"(n_here)); // (nor the steps of keys past n)
       for (int u = 0; u < 16; ++u) {
         rows[u] = row(key);
-        key += u + 1 < n ? key_st : 0;
-        asm("" : "+r"(key));
+        key += u + 1 < n_here ? key_st : 0;
       }
     }
     transpose16(rows, cols);
