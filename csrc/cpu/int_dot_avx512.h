@@ -124,14 +124,15 @@ inline __m512i widen6(const uint8_t* p, int n_bytes) {
   return _mm512_and_si512(r, _mm512_set1_epi8(0x3F));
 }
 
-// Scales (or biases) of n <= 16 keys as floats, out[g][u] for group g of key
-// u (keys past n: 0), the first key's at p, key u's at p + u * stride elements.
+// Scales (or biases) of n <= 16 keys as floats, out[g * ost + u] for group g
+// of key u (keys past n: 0), the first key's at p, key u's at p + u * stride
+// elements.
 template <DType SD>
-void load_meta16(const char* p, int64_t stride, int n_groups, int n, float (*out)[16]) {
+__attribute__((always_inline)) inline void load_meta16(const char* p, int64_t stride, int n_groups, int n, float* out, int ost) {
   if constexpr (SD == DType::f16) {
     if (stride == n_groups && n_groups == 1) {
       __m256i h = _mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p);
-      _mm512_store_ps(out[0], _mm512_cvtph_ps(h));
+      _mm512_store_ps(out, _mm512_cvtph_ps(h));
       return;
     }
     if (stride == n_groups && n_groups == 2) {
@@ -141,14 +142,14 @@ void load_meta16(const char* p, int64_t stride, int n_groups, int n, float (*out
       __m512 f1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)); // keys 8-15
       const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
       const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-      _mm512_store_ps(out[0], _mm512_permutex2var_ps(f0, even, f1));
-      _mm512_store_ps(out[1], _mm512_permutex2var_ps(f0, odd, f1));
+      _mm512_store_ps(out, _mm512_permutex2var_ps(f0, even, f1));
+      _mm512_store_ps(out + ost, _mm512_permutex2var_ps(f0, odd, f1));
       return;
     }
   }
   for (int u = 0; u < 16; ++u) {
     for (int g = 0; g < n_groups; ++g) {
-      out[g][u] = u < n ? load_elem<SD>(p, u * stride + g) : 0.f;
+      out[g * ost + u] = u < n ? load_elem<SD>(p, u * stride + g) : 0.f;
     }
   }
 }
@@ -250,13 +251,38 @@ inline __m512 exp_neg16(__m512 x) {
   return _mm512_maskz_mul_ps(__mmask16(~zero), p, _mm512_castsi512_ps(e));
 }
 
-// int_dot_rows.h's softmax steps for one row of kChunk scores, 16 lanes at
-// a time: the largest score, and (row_exp) the scores replaced by
-// exp(score - m), their sum added to lanes[0 .. 16).
+// int_dot_rows.h's softmax steps, 16 lanes at a time: the largest score of
+// each row of kChunk scores (rows_max), and (row_exp) a row's scores
+// replaced by exp(score - m), their sum added to lanes[0 .. 16).
 #define KVSNAP_ROW_SOFTMAX 1
 inline float row_max(const float* sc) {
   static_assert(kChunk == 32);
   return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_load_ps(sc), _mm512_load_ps(sc + 16)));
+}
+
+// out[r] = row_max(sc[r]) for r < R, rows 4 at a time by one tree of
+// shuffles (a row's own reduction is 8 instructions).
+inline void rows_max(const float (*sc)[kChunk], int R, float* out) {
+  static_assert(kChunk == 32);
+  int r = 0;
+  for (; r + 4 <= R; r += 4) {
+    __m512 a[4];
+    for (int i = 0; i < 4; ++i) {
+      a[i] = _mm512_max_ps(_mm512_load_ps(sc[r + i]), _mm512_load_ps(sc[r + i] + 16));
+    }
+    // 128-bit lanes of t01: row r's lanes 0|2, 1|3, row r+1's 0|2, 1|3 (t23: rows r+2, r+3).
+    const __m512 t01 = _mm512_max_ps(_mm512_shuffle_f32x4(a[0], a[1], 0x44), _mm512_shuffle_f32x4(a[0], a[1], 0xEE));
+    const __m512 t23 = _mm512_max_ps(_mm512_shuffle_f32x4(a[2], a[3], 0x44), _mm512_shuffle_f32x4(a[2], a[3], 0xEE));
+    // 128-bit lane i: row r + i's 4 partial maxima; then within lanes.
+    __m512 u = _mm512_max_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+    u = _mm512_max_ps(u, _mm512_permute_ps(u, 0x4E));
+    u = _mm512_max_ps(u, _mm512_permute_ps(u, 0xB1));
+    const __m512 rows = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u);
+    _mm_storeu_ps(out + r, _mm512_castps512_ps128(rows));
+  }
+  for (; r < R; ++r) {
+    out[r] = row_max(sc[r]);
+  }
 }
 
 inline void row_exp(float* sc, float m, float* lanes) {
@@ -354,42 +380,17 @@ __attribute__((always_inline)) inline void score_cols(
   }
 }
 
-// Scores (before masks) of n <= 16 keys, key u at kp + u * kst words with
-// scales/biases at ks + u * sst, kb + u * bst elements, for the R query rows
-// qi[0..R): out[r * out_st + u]. Keys past n score garbage (the caller
-// ignores them). 6-bit keys are widened to bytes as they are loaded and then
-// summed as 8-bit keys are (the queries have the residual plane).
-template <int KB, DType SD>
-void int_scores16(
-    const uint32_t* kp,
-    int64_t kst,
-    const char* ks,
-    const char* kb,
-    int64_t sst,
-    int64_t bst,
-    int n,
-    int D,
-    int gs,
-    const IntQuery* const* qi,
-    const ScoreQueries&,
-    int R,
-    float* out,
-    int out_st) {
-  const int n_groups = D / gs;
+// The code part of the scores of n <= 16 keys, key u at kp + u * kst words,
+// for the R query rows qi[0..R): out[r * out_st + u] += the sum over groups
+// g of scale[g * kChunk + u] qs_g (q8_g . c_g). Keys past n score garbage.
+// 6-bit keys are widened to bytes as they are loaded and then summed as
+// 8-bit keys are (the queries have the residual plane).
+template <int KB>
+__attribute__((always_inline)) inline void score_keys16(
+    const uint32_t* kp, int64_t kst, int n, int D, int gs, const IntQuery* const* qi, int R, const float* scale,
+    float* out, int out_st) {
   constexpr int KC = KB == 6 ? 8 : KB; // bits per code in the integer sums
   const int row_bytes = D * KC / 8;
-  alignas(64) float scale[16][16]; // [group][key]
-  alignas(64) float bias[16][16];
-  load_meta16<SD>(ks, sst, n_groups, n, scale);
-  load_meta16<SD>(kb, bst, n_groups, n, bias);
-  // Bias terms first: score = sum_g b_g qsum_g + ...
-  for (int r = 0; r < R; ++r) {
-    __m512 s = _mm512_setzero_ps();
-    for (int g = 0; g < n_groups; ++g) {
-      s = _mm512_fmadd_ps(_mm512_load_ps(bias[g]), _mm512_set1_ps(qi[r]->qsum[g]), s);
-    }
-    _mm512_storeu_ps(out + r * out_st, s);
-  }
   // Elements per dword column of packed bytes: 8 at 4 bits, 4 at 8 bits.
   constexpr int kElemsPerCol = KC == 4 ? 8 : 4;
   const int cols_per_group = gs / kElemsPerCol;
@@ -416,11 +417,9 @@ void int_scores16(
         asm volatile("" : "+r"(key)); // stepped here, not precomputed for every key
       }
     } else {
-      int n_here = n;
-      asm volatile("" : "+r"(n_here)); // (nor the steps of keys past n)
       for (int u = 0; u < 16; ++u) {
         rows[u] = row(key);
-        key += u + 1 < n_here ? key_st : 0;
+        key += u + 1 < n ? key_st : 0;
       }
     }
     transpose16(rows, cols);
@@ -429,8 +428,63 @@ void int_scores16(
     for_score_parts<16>(R, n_cols, col0, cols_per_group, [&](int r0, auto nr, int c, int cnt, int g)
                                   __attribute__((always_inline)) {
       score_cols<KB, KC, decltype(nr)::value>(
-          cols, c, cnt, 4 * (col0 + c), g, scale[g], qi + r0, out + r0 * out_st, out_st);
+          cols, c, cnt, 4 * (col0 + c), g, scale + g * kChunk, qi + r0, out + r0 * out_st, out_st);
     });
+  }
+}
+
+// Scores (before masks) of the n <= kChunk keys of a chunk, key u at
+// kp + u * kst words with scales/biases at ks + u * sst, kb + u * bst
+// elements, for the R query rows qi[0..R): out[r * out_st + u], u < kChunk
+// (keys past n score garbage; the caller ignores them). The scales and
+// biases of the chunk's keys are loaded, and the bias terms summed, once;
+// then the codes 16 keys at a time. Inlined in the chunk loop: as two calls
+// of a 16-key function, the calls and their set-up took ~13% of a decode
+// call's instructions (counted, RESULTS.md).
+#define KVSNAP_CHUNK_SCORES 1
+template <int KB, DType SD>
+__attribute__((always_inline)) inline void int_scores_chunk(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    const ScoreQueries&,
+    int R,
+    float* out,
+    int out_st) {
+  static_assert(kChunk == 32);
+  const int n_groups = D / gs;
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  alignas(64) float scale[16][kChunk]; // [group][key]
+  alignas(64) float bias[16][kChunk];
+  const int n_lo = std::min(16, n), n_hi = n - n_lo;
+  load_meta16<SD>(ks, sst, n_groups, n_lo, scale[0], kChunk);
+  load_meta16<SD>(kb, bst, n_groups, n_lo, bias[0], kChunk);
+  if (n_hi > 0) {
+    load_meta16<SD>(ks + 16 * sst * kScaleBytes, sst, n_groups, n_hi, scale[0] + 16, kChunk);
+    load_meta16<SD>(kb + 16 * bst * kScaleBytes, bst, n_groups, n_hi, bias[0] + 16, kChunk);
+  }
+  // Bias terms first: score = sum_g b_g qsum_g + ... (keys past n: 0 or
+  // garbage, never read).
+  for (int r = 0; r < R; ++r) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int g = 0; g < n_groups; ++g) {
+      const __m512 qsum = _mm512_set1_ps(qi[r]->qsum[g]);
+      s0 = _mm512_fmadd_ps(_mm512_load_ps(bias[g]), qsum, s0);
+      s1 = _mm512_fmadd_ps(_mm512_load_ps(bias[g] + 16), qsum, s1);
+    }
+    _mm512_storeu_ps(out + r * out_st, s0);
+    _mm512_storeu_ps(out + r * out_st + 16, s1);
+  }
+  score_keys16<KB>(kp, kst, n_lo, D, gs, qi, R, scale[0], out, out_st);
+  if (n_hi > 0) {
+    score_keys16<KB>(kp + 16 * kst, kst, n_hi, D, gs, qi, R, scale[0] + 16, out + 16, out_st);
   }
 }
 

@@ -24,11 +24,15 @@
 //   lane_steps(step, grp, quad)  the FVec of lane x = step[grp[x]]
 //   load_params8<SD>(p, st, G, n, out, ost)  load_params (int_dot_common.h), maybe faster
 //
-// and, where it defines the macro, its own form of one row's step:
+// and, where it defines the macro, its own form of a step:
 //
-//   KVSNAP_ROW_SOFTMAX    row_max(sc), row_exp(sc, m, lanes): a row's largest
-//                         score of the chunk; its scores to exp(score - m),
-//                         their sum added to lanes[16] (any lanes)
+//   KVSNAP_CHUNK_SCORES   int_scores_chunk<KB, SD>: the scores of all the
+//                         keys of a chunk in one call (otherwise: below,
+//                         int_scores16 per 16 keys)
+//   KVSNAP_ROW_SOFTMAX    rows_max(sc, R, out), row_exp(sc, m, lanes): the
+//                         largest score of the chunk of each of rows
+//                         [0, R); a row's scores to exp(score - m), their
+//                         sum added to lanes[16] (any lanes)
 //   KVSNAP_BLOCK_WEIGHTS  block_weights(w8, n_groups, group, w, packed):
 //                         lane_weights of all the chunk's blocks of 4 keys
 //                         at once, or false (the per-block form runs);
@@ -135,6 +139,34 @@ inline void prefetch_chunk(const RowRun& run, int64_t j, int n, bool values, int
   }
 }
 
+#if !defined(KVSNAP_CHUNK_SCORES)
+// The scores of the n <= kChunk keys of a chunk (as int_dot_avx512.h's), by
+// int_scores16 16 keys at a time.
+template <int KB, DType SD>
+inline void int_scores_chunk(
+    const uint32_t* kp,
+    int64_t kst,
+    const char* ks,
+    const char* kb,
+    int64_t sst,
+    int64_t bst,
+    int n,
+    int D,
+    int gs,
+    const IntQuery* const* qi,
+    const ScoreQueries& sq,
+    int R,
+    float* out,
+    int out_st) {
+  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+  for (int j = 0; j < n; j += 16) {
+    int_scores16<KB, SD>(
+        kp + j * kst, kst, ks + j * sst * kScaleBytes, kb + j * bst * kScaleBytes, sst, bst, std::min(16, n - j), D, gs, qi,
+        sq, R, out + j, out_st);
+  }
+}
+#endif
+
 // attend_block's job for all R <= kMaxRows rows of a tile at once, in integers.
 template <int KB, int VB, DType SD>
 void attend_rows_int(
@@ -220,24 +252,21 @@ void attend_rows_int(
       }
       prefetch_chunk(ahead, j_next, n_next, false, k_row_bytes, n_groups, kScaleBytes);
       // Scores, then key ranges and masks.
-      for (int j = 0; j < n; j += 16) {
-        int64_t jj = j0 + j;
-        int_scores16<KB, SD>(
-            run.kp + jj * run.st[0],
-            run.st[0],
-            static_cast<const char*>(run.ks) + jj * run.st[1] * kScaleBytes,
-            static_cast<const char*>(run.kb) + jj * run.st[2] * kScaleBytes,
-            run.st[1],
-            run.st[2],
-            std::min(16, n - j),
-            D,
-            gs,
-            qi,
-            sq,
-            R,
-            &sc[0][j],
-            kChunk);
-      }
+      int_scores_chunk<KB, SD>(
+          run.kp + j0 * run.st[0],
+          run.st[0],
+          static_cast<const char*>(run.ks) + j0 * run.st[1] * kScaleBytes,
+          static_cast<const char*>(run.kb) + j0 * run.st[2] * kScaleBytes,
+          run.st[1],
+          run.st[2],
+          n,
+          D,
+          gs,
+          qi,
+          sq,
+          R,
+          &sc[0][0],
+          kChunk);
       for (int r = 0; r < R; ++r) {
         const Row& row = rows[r];
         // Keys [lo, hi) of the chunk are in the row's range; the rest -inf.
@@ -261,23 +290,30 @@ void attend_rows_int(
       if (a.bias_rank > 0) {
         add_score_bias(a, rows, R, c0, n, sc); // the key-offset correction (kernels_impl.h)
       }
-      // Softmax update: sc becomes the chunk's probabilities.
-      for (int r = 0; r < R; ++r) {
+      // Softmax update: sc becomes the chunk's probabilities. Every row's
+      // largest score first, then the (rare) rescaling of rows with a new
+      // max, then the exps: in a loop of their own, with no call in it,
+      // the exp's constants stay in registers (a vbroadcastss of each per
+      // row before).
+      float cmax[kMaxRows];
 #if defined(KVSNAP_ROW_SOFTMAX)
-        const float cmax = row_max(sc[r]); // the instruction set's form of the loop below
+      rows_max(sc, R, cmax); // the instruction set's form of the loop below
 #else
+      for (int r = 0; r < R; ++r) {
         v8f vmax = load(&sc[r][0]);
         for (int j = 8; j < kChunk; j += 8) {
           v8f x = load(&sc[r][j]);
           vmax = vmax > x ? vmax : x;
         }
-        const float cmax = hmax(vmax);
+        cmax[r] = hmax(vmax);
+      }
 #endif
-        if (cmax == kNegInf) {
+      for (int r = 0; r < R; ++r) {
+        if (cmax[r] == kNegInf) {
           active[r] = false;
           continue;
         }
-        float m_new = std::max(m[r], cmax);
+        const float m_new = std::max(m[r], cmax[r]);
         if (m_new != m[r]) {
           float corr = std::exp(m[r] - m_new);
           scale_row(corr, l_lanes[r], 16);
@@ -285,10 +321,15 @@ void attend_rows_int(
           scale_row(corr, acc_perm[r], NV * kLanes);
           m[r] = m_new;
         }
+      }
+      for (int r = 0; r < R; ++r) {
+        if (!active[r]) {
+          continue;
+        }
 #if defined(KVSNAP_ROW_SOFTMAX)
-        row_exp(sc[r], m_new, l_lanes[r]);
+        row_exp(sc[r], m[r], l_lanes[r]);
 #else
-        v8f sum = splat(0.f), mv = splat(m_new);
+        v8f sum = splat(0.f), mv = splat(m[r]);
         for (int j = 0; j < kChunk; j += 8) {
           v8f p = simd::exp_neg(load(&sc[r][j]) - mv);
           store(&sc[r][j], p);
@@ -310,10 +351,22 @@ void attend_rows_int(
       const uint8_t* const v0 = reinterpret_cast<const uint8_t*>(run.vp + j0 * run.st[3]);
       const int64_t v_st = run.st[3] * 4;
       if (n == kChunk) { // a whole chunk: no key past n, the rows by one stepped pointer
-        const uint8_t* vb = v0;
-        for (int blk = 0; blk < kBlocks; ++blk, vb += 4 * v_st) {
-          const uint8_t* v[4] = {vb, vb + v_st, vb + 2 * v_st, vb + 3 * v_st};
-          interleave4<VB>(v, v_row_bytes, xv[blk]);
+        // The row length a constant where it is one of the common ones (head
+        // dim 64 or 128 at 4 bits): interleave4's loop over its 64-byte
+        // parts, and their masks, then go away.
+        const auto whole = [&](auto row_bytes) __attribute__((always_inline)) {
+          const uint8_t* vb = v0;
+          for (int blk = 0; blk < kBlocks; ++blk, vb += 4 * v_st) {
+            const uint8_t* v[4] = {vb, vb + v_st, vb + 2 * v_st, vb + 3 * v_st};
+            interleave4<VB>(v, int(row_bytes), xv[blk]);
+          }
+        };
+        if (v_row_bytes == 64) {
+          whole(std::integral_constant<int, 64>{});
+        } else if (v_row_bytes == 32) {
+          whole(std::integral_constant<int, 32>{});
+        } else {
+          whole(v_row_bytes);
         }
       } else {
         for (int blk = 0; blk < n_blocks; ++blk) {

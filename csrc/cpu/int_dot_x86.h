@@ -46,7 +46,7 @@ inline void load_params8(const char* p, int64_t st, int G, int n, float* out, in
 }
 
 // The score loops of a column block of a tile, shared by int_dot_avx2.h's
-// int_scores8 and int_dot_avx512.h's int_scores16 (kCols dword columns to
+// int_scores8 and int_dot_avx512.h's score_keys16 (kCols dword columns to
 // a whole block): part(r0, nr, c, cnt, g) for each group of up to 4 query
 // rows [r0, r0 + nr) (nr a std::integral_constant, so the rows' sums are
 // registers) and each run of columns [c, c + cnt) of the block in one key
