@@ -37,7 +37,12 @@ K/V bytes a variant must read by its time and compare that with this
 machine's read bandwidth, measured in the same run: numpy summing a large
 array on one thread and on every core, before and after the cases, the
 fastest of the four (a pure read; until 2026-12-02 the read side of a numpy
-copy, about half of it, was the yardstick).
+copy, about half of it, was the yardstick). The bandwidth target (32K
+decode) is measured in pairs: each kvsnap call followed by that read on
+every core, caches flushed before each, and the median of the pairs'
+fractions; the table's %BW (the median call against the fastest read of the
+run) is printed beside it. On a shared host the two differ: see
+paired_bandwidth.
 
     python benchmarks/attention.py [--contexts 1024 4096 ...] [--quick] [--cpu-only] [--out DIR]
 
@@ -136,6 +141,10 @@ class Row:
     runs: int = 0
     gb_per_s: float | None = None
     bandwidth_fraction: float | None = None
+    # The bandwidth target's row only: timed in alternation with the
+    # bandwidth read (paired_bandwidth); the median fraction, and all of it.
+    paired_bandwidth_fraction: float | None = None
+    paired: dict | None = None
     kvsnap_speedup: float | None = None  # this row's time / kvsnap q4 g64's time
     max_abs_diff: float | None = None
     check: str = ""  # "ok" / "FAIL" for kvsnap rows, "" otherwise
@@ -149,10 +158,16 @@ class Timing:
     max_runs: int
     slow_call_s: float  # calls slower than this (the float prefills, ~12 s) ...
     slow_min_runs: int  # ... get this many runs instead of min_runs
+    pair_budget_s: float  # time to spend on the bandwidth target's paired runs (paired_bandwidth)
+    min_pairs: int
 
 
-FULL_TIMING = Timing(budget_s=1.0, min_runs=5, max_runs=100, slow_call_s=5.0, slow_min_runs=3)
-QUICK_TIMING = Timing(budget_s=0.2, min_runs=1, max_runs=10, slow_call_s=5.0, slow_min_runs=1)
+FULL_TIMING = Timing(
+    budget_s=1.0, min_runs=5, max_runs=100, slow_call_s=5.0, slow_min_runs=3, pair_budget_s=4.0, min_pairs=10
+)
+QUICK_TIMING = Timing(
+    budget_s=0.2, min_runs=1, max_runs=10, slow_call_s=5.0, slow_min_runs=1, pair_budget_s=0.5, min_pairs=2
+)
 
 
 # ---------------------------------------------------------------------------
@@ -464,6 +479,7 @@ class CacheFlusher:
         self.nbytes = nbytes
         self._buffer = np.ones(nbytes // 8, dtype=np.int64)
         n = max(1, os.cpu_count() or 1)
+        self.threads = n
         self._parts = np.array_split(self._buffer, n)
         self._pool = ThreadPoolExecutor(n)
 
@@ -475,6 +491,10 @@ class CacheFlusher:
     def close(self) -> None:
         self._pool.shutdown()
         self._buffer = self._parts = None
+
+
+def read_text(read: CacheFlusher) -> str:
+    return f"read of {read.nbytes >> 20} MiB on {read.threads} threads"
 
 
 def time_call(
@@ -497,13 +517,52 @@ def time_call(
     return times, out
 
 
+def paired_bandwidth(
+    run: Callable[[], mx.array], kv_bytes: int, read: CacheFlusher, timing: Timing, flush: Callable[[], None]
+) -> dict:
+    """The bandwidth target's measurement: the kernel call and the read that
+    measures the machine's bandwidth (measure_bandwidth's, on every core),
+    timed in alternation, caches flushed before each; the fraction of each
+    pair (the kernel's K/V bytes per second over the read's) and their median.
+
+    The table's %BW compares the kernel's median with the best of ~20 reads
+    spread over the run; on a shared host whose load changes within minutes
+    that compares a typical minute with the quietest one (the same 32K call
+    measured 20% to 58% of it in one session). A pair sees the same minute.
+    """
+    kernel, reads = [], []
+    deadline = time.perf_counter() + timing.pair_budget_s
+    while len(kernel) < timing.min_pairs or time.perf_counter() < deadline:
+        flush()
+        start = time.perf_counter()
+        mx.eval(run())
+        kernel.append(time.perf_counter() - start)
+        flush()
+        start = time.perf_counter()
+        read()
+        reads.append(time.perf_counter() - start)
+    fractions = [(kv_bytes / k) / (read.nbytes / r) for k, r in zip(kernel, reads)]
+    return {
+        "pairs": len(fractions),
+        "fraction": statistics.median(fractions),
+        "fraction_min": min(fractions),
+        "fraction_max": max(fractions),
+        "kernel_ms": 1e3 * statistics.median(kernel),
+        "read_gb_per_s": read.nbytes / statistics.median(reads) / 1e9,
+        "read_bytes": read.nbytes,
+    }
+
+
 def bench_case(
     case: Case,
     timing: Timing,
     flush: Callable[[], None],
     seed: int,
     gpu: bool = False,
+    pair_read: CacheFlusher | None = None,
 ) -> list[Row]:
+    """The case's rows; with pair_read, the bandwidth target's row gets its
+    paired measurement too (paired_bandwidth)."""
     rows = []
     for variant in make_variants(case, seed, gpu):
         row = Row(case.name, case.queries, case.context, variant.name, variant.kv_bytes)
@@ -519,6 +578,15 @@ def bench_case(
         seconds = statistics.median(times)
         row.ms, row.runs = seconds * 1e3, len(times)
         row.gb_per_s = variant.kv_bytes / seconds / 1e9
+        target_row = (case.queries, case.context, variant.name) == (1, TARGET_BANDWIDTH_CONTEXT, BASELINE)
+        if pair_read is not None and target_row:
+            row.paired = paired_bandwidth(variant.run, variant.kv_bytes, pair_read, timing, flush)
+            row.paired_bandwidth_fraction = row.paired["fraction"]
+            print(
+                f"  {case.name:<20} {variant.name:<28} {row.paired['kernel_ms']:10.3f} ms  "
+                f"({row.paired['pairs']} runs, each paired with a {read_text(pair_read)})",
+                flush=True,
+            )
         if variant.reference is not None:
             diff = mx.abs(out.astype(mx.float32) - variant.reference).max().item()
             row.max_abs_diff = diff
@@ -613,9 +681,10 @@ def check_targets(rows: list[Row]) -> list[dict]:
         {
             "target": (
                 f"decode {TARGET_BANDWIDTH_CONTEXT // 1024}K: {BASELINE} reads K/V at "
-                f">= {TARGET_BANDWIDTH_FRACTION:.0%} of measured read bandwidth"
+                f">= {TARGET_BANDWIDTH_FRACTION:.0%} of measured read bandwidth "
+                "(each call paired with a bandwidth read: median)"
             ),
-            "measured": None if base is None else base.bandwidth_fraction,
+            "measured": None if base is None else base.paired_bandwidth_fraction,
             "goal": TARGET_BANDWIDTH_FRACTION,
             "unit": "fraction",
         }
@@ -687,6 +756,22 @@ def print_targets(targets: list[dict]) -> None:
         else:
             shown = f"{measured:.0%}"
         print(f"  {target['status']:<4} {target['target']}: {shown}")
+
+
+def print_paired(rows: list[Row], bandwidth: dict) -> None:
+    base = find(rows, TARGET_BANDWIDTH_CONTEXT, BASELINE)
+    if base is None or base.paired is None:
+        return
+    p = base.paired
+    print(
+        f"  the pairs: {p['pairs']} kernel calls (median {p['kernel_ms']:.3f} ms) each followed by the "
+        f"{p['read_bytes'] >> 20} MiB read (median {p['read_gb_per_s']:.2f} GB/s); fraction per pair "
+        f"{p['fraction_min']:.0%} to {p['fraction_max']:.0%}, median {p['fraction']:.0%}"
+    )
+    print(
+        f"  unpaired, as the table's %BW: the kernel's median call against the best read of the run "
+        f"({bandwidth['read_gb_per_s']:.2f} GB/s): {base.bandwidth_fraction:.0%}"
+    )
 
 
 def plot(rows: list[Row], bandwidth: dict, path: Path) -> None:
@@ -800,8 +885,11 @@ def main(argv: list[str] | None = None) -> None:
         Case(PREFILL_QUERIES, PREFILL_CONTEXT)
     ]
     rows: list[Row] = []
+    # measure_bandwidth's read on every core, for the bandwidth target's pairs.
+    pair_read = CacheFlusher(copy_bytes)
     for case in cases:
-        rows += bench_case(case, timing, flusher, args.seed, gpu)
+        rows += bench_case(case, timing, flusher, args.seed, gpu, pair_read)
+    pair_read.close()
     flush_bytes_used = 0 if args.warm_cache else flusher.nbytes
     if isinstance(flusher, CacheFlusher):
         flusher.close()  # the worker threads and the flush buffer
@@ -836,6 +924,7 @@ def main(argv: list[str] | None = None) -> None:
     print_key_costs(costs)
     targets = check_targets(rows)
     print_targets(targets)
+    print_paired(rows, bandwidth)
 
     args.out.mkdir(parents=True, exist_ok=True)
     elapsed = time.perf_counter() - started
