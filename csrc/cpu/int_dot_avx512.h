@@ -433,9 +433,8 @@ __attribute__((always_inline)) inline void score_keys16(
   }
 }
 
-// Scores (before masks) of the n <= kChunk keys of a chunk, key u at
-// kp + u * kst words with scales/biases at ks + u * sst, kb + u * bst
-// elements, for the R query rows qi[0..R): out[r * out_st + u], u < kChunk
+// Scores (before masks) of the n <= kChunk keys of a chunk (keys: its first
+// key on) for the R query rows qi[0..R): out[r * out_st + u], u < kChunk
 // (keys past n score garbage; the caller ignores them). The scales and
 // biases of the chunk's keys are loaded, and the bias terms summed, once;
 // then the codes 16 keys at a time. Inlined in the chunk loop: as two calls
@@ -445,31 +444,18 @@ __attribute__((always_inline)) inline void score_keys16(
 #define KVSNAP_CHUNK_SCORES 1
 template <int KB, DType SD>
 __attribute__((always_inline)) inline void int_scores_chunk(
-    const uint32_t* kp,
-    int64_t kst,
-    const char* ks,
-    const char* kb,
-    int64_t sst,
-    int64_t bst,
-    int n,
-    int D,
-    int gs,
-    const IntQuery* const* qi,
-    const ScoreQueries&,
-    int R,
-    float* out,
-    int out_st) {
+    const KeyRun& keys, int n, int D, int gs, const IntQuery* const* qi, const ScoreQueries&, int R, float* out, int out_st) {
   static_assert(kChunk == 32);
   const int n_groups = D / gs;
-  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
   alignas(64) float scale[16][kChunk]; // [group][key]
   alignas(64) float bias[16][kChunk];
   const int n_lo = std::min(16, n), n_hi = n - n_lo;
-  load_meta16<SD>(ks, sst, n_groups, n_lo, scale[0], kChunk);
-  load_meta16<SD>(kb, bst, n_groups, n_lo, bias[0], kChunk);
+  load_meta16<SD>(keys.ks, keys.sst, n_groups, n_lo, scale[0], kChunk);
+  load_meta16<SD>(keys.kb, keys.bst, n_groups, n_lo, bias[0], kChunk);
   if (n_hi > 0) {
-    load_meta16<SD>(ks + 16 * sst * kScaleBytes, sst, n_groups, n_hi, scale[0] + 16, kChunk);
-    load_meta16<SD>(kb + 16 * bst * kScaleBytes, bst, n_groups, n_hi, bias[0] + 16, kChunk);
+    const KeyRun hi = keys.from<SD>(16);
+    load_meta16<SD>(hi.ks, hi.sst, n_groups, n_hi, scale[0] + 16, kChunk);
+    load_meta16<SD>(hi.kb, hi.bst, n_groups, n_hi, bias[0] + 16, kChunk);
   }
   // Bias terms first: score = sum_g b_g qsum_g + ... (keys past n: 0 or
   // garbage, never read).
@@ -483,9 +469,9 @@ __attribute__((always_inline)) inline void int_scores_chunk(
     _mm512_storeu_ps(out + r * out_st, s0);
     _mm512_storeu_ps(out + r * out_st + 16, s1);
   }
-  score_keys16<KB>(kp, kst, n_lo, D, gs, qi, R, scale[0], out, out_st);
+  score_keys16<KB>(keys.kp, keys.kst, n_lo, D, gs, qi, R, scale[0], out, out_st);
   if (n_hi > 0) {
-    score_keys16<KB>(kp + 16 * kst, kst, n_hi, D, gs, qi, R, scale[0] + 16, out + 16, out_st);
+    score_keys16<KB>(keys.kp + 16 * keys.kst, keys.kst, n_hi, D, gs, qi, R, scale[0] + 16, out + 16, out_st);
   }
 }
 

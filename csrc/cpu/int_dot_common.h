@@ -28,6 +28,24 @@ struct IntQuery {
   int32_t res_sum[16]; // for kernels that take codes as signed bytes (c - 128)
 };
 
+// The keys of a run of the cache (row_run) from one key on, as every
+// instruction set's scoring functions take them: key u's codes at
+// kp + u * kst words, its scales and biases (one per key group, elements of
+// the scales' dtype) at ks + u * sst and kb + u * bst elements.
+struct KeyRun {
+  const uint32_t* kp;
+  const char* ks;
+  const char* kb;
+  int64_t kst, sst, bst;
+
+  // The same run from key u on (SD: the scales' dtype).
+  template <DType SD>
+  KeyRun from(int64_t u) const {
+    constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+    return {kp + u * kst, ks + u * sst * kScaleBytes, kb + u * bst * kScaleBytes, kst, sst, bst};
+  }
+};
+
 // Rounds a query row to int8 in [-QMAX, QMAX] with one step per key group.
 // QMAX is 127 unless the instruction set's 16-bit pair sums would overflow
 // (vpmaddubsw with 8-bit codes: 2 * 255 * 63 < 32768).

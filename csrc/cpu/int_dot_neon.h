@@ -121,19 +121,7 @@ inline uint8x16_t widen6(const uint8_t* row, int sb, int row_bytes) {
 // Scores of n <= 4 keys (arguments as int_scores16), out[r * out_st + u].
 template <int KB, DType SD>
 void int_scores4(
-    const uint32_t* kp,
-    int64_t kst,
-    const char* ks,
-    const char* kb,
-    int64_t sst,
-    int64_t bst,
-    int n,
-    int D,
-    int gs,
-    const IntQuery* const* qi,
-    int R,
-    float* out,
-    int out_st) {
+    const KeyRun& keys, int n, int D, int gs, const IntQuery* const* qi, int R, float* out, int out_st) {
   const int n_groups = D / gs;
   constexpr int KC = KB == 6 ? 8 : KB; // bits per code in the integer sums (6: widened)
   const int row_bytes = D * KC / 8;
@@ -141,8 +129,8 @@ void int_scores4(
   alignas(16) float bias[16][4];
   for (int u = 0; u < 4; ++u) {
     for (int g = 0; g < n_groups; ++g) {
-      scale[g][u] = u < n ? load_elem<SD>(ks, u * sst + g) : 0.f;
-      bias[g][u] = u < n ? load_elem<SD>(kb, u * bst + g) : 0.f;
+      scale[g][u] = u < n ? load_elem<SD>(keys.ks, u * keys.sst + g) : 0.f;
+      bias[g][u] = u < n ? load_elem<SD>(keys.kb, u * keys.bst + g) : 0.f;
     }
   }
   // The 4 keys' codes as signed bytes: 4 bits, low nibbles at [0, 128) and
@@ -150,7 +138,7 @@ void int_scores4(
   alignas(16) int8_t codes[4][256];
   const uint8x16_t nib = vdupq_n_u8(0x0F);
   for (int u = 0; u < 4; ++u) {
-    const uint8_t* row = reinterpret_cast<const uint8_t*>(kp + (u < n ? u : 0) * kst);
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(keys.kp + (u < n ? u : 0) * keys.kst);
     for (int cb = 0; cb < row_bytes; cb += 16) {
       uint8x16_t x = KB == 6 ? widen6(row, cb / 4 * 3, D * 6 / 8) : load16(row, cb, row_bytes);
       if constexpr (KC == 4) {
@@ -215,25 +203,9 @@ struct ScoreQueries {
 // int_dot_avx512.h): sets of 4; keys past n are left as they were.
 template <int KB, DType SD>
 void int_scores16(
-    const uint32_t* kp,
-    int64_t kst,
-    const char* ks,
-    const char* kb,
-    int64_t sst,
-    int64_t bst,
-    int n,
-    int D,
-    int gs,
-    const IntQuery* const* qi,
-    const ScoreQueries&,
-    int R,
-    float* out,
-    int out_st) {
-  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+    const KeyRun& keys, int n, int D, int gs, const IntQuery* const* qi, const ScoreQueries&, int R, float* out, int out_st) {
   for (int u = 0; u < n; u += 4) {
-    int_scores4<KB, SD>(
-        kp + u * kst, kst, ks + u * sst * kScaleBytes, kb + u * bst * kScaleBytes, sst, bst,
-        std::min(4, n - u), D, gs, qi, R, out + u, out_st);
+    int_scores4<KB, SD>(keys.from<SD>(u), std::min(4, n - u), D, gs, qi, R, out + u, out_st);
   }
 }
 

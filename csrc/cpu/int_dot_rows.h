@@ -144,25 +144,9 @@ inline void prefetch_chunk(const RowRun& run, int64_t j, int n, bool values, int
 // int_scores16 16 keys at a time.
 template <int KB, DType SD>
 inline void int_scores_chunk(
-    const uint32_t* kp,
-    int64_t kst,
-    const char* ks,
-    const char* kb,
-    int64_t sst,
-    int64_t bst,
-    int n,
-    int D,
-    int gs,
-    const IntQuery* const* qi,
-    const ScoreQueries& sq,
-    int R,
-    float* out,
-    int out_st) {
-  constexpr int kScaleBytes = SD == DType::f32 ? 4 : 2;
+    const KeyRun& keys, int n, int D, int gs, const IntQuery* const* qi, const ScoreQueries& sq, int R, float* out, int out_st) {
   for (int j = 0; j < n; j += 16) {
-    int_scores16<KB, SD>(
-        kp + j * kst, kst, ks + j * sst * kScaleBytes, kb + j * bst * kScaleBytes, sst, bst, std::min(16, n - j), D, gs, qi,
-        sq, R, out + j, out_st);
+    int_scores16<KB, SD>(keys.from<SD>(j), std::min(16, n - j), D, gs, qi, sq, R, out + j, out_st);
   }
 }
 #endif
@@ -226,6 +210,8 @@ void attend_rows_int(
   for (int t = t0; t < t1;) {
     RowRun run = row_run(src, b, h, t);
     int run_end = std::min(t1, t + run.run);
+    const KeyRun keys{
+        run.kp, static_cast<const char*>(run.ks), static_cast<const char*>(run.kb), run.st[0], run.st[1], run.st[2]};
     // Chunks at multiples of kChunk: a key falls in the same chunk whatever
     // the tile's other rows (the weights' int8 steps are per chunk), so a
     // row gets the same bits alone or batched.
@@ -252,21 +238,7 @@ void attend_rows_int(
       }
       prefetch_chunk(ahead, j_next, n_next, false, k_row_bytes, n_groups, kScaleBytes);
       // Scores, then key ranges and masks.
-      int_scores_chunk<KB, SD>(
-          run.kp + j0 * run.st[0],
-          run.st[0],
-          static_cast<const char*>(run.ks) + j0 * run.st[1] * kScaleBytes,
-          static_cast<const char*>(run.kb) + j0 * run.st[2] * kScaleBytes,
-          run.st[1],
-          run.st[2],
-          n,
-          D,
-          gs,
-          qi,
-          sq,
-          R,
-          &sc[0][0],
-          kChunk);
+      int_scores_chunk<KB, SD>(keys.from<SD>(j0), n, D, gs, qi, sq, R, &sc[0][0], kChunk);
       for (int r = 0; r < R; ++r) {
         const Row& row = rows[r];
         // Keys [lo, hi) of the chunk are in the row's range; the rest -inf.
