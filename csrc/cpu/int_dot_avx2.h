@@ -319,6 +319,68 @@ void int_scores16(
   }
 }
 
+// int_scores8's work for the 4 sets of 8 keys of a whole chunk of 4-bit
+// keys in groups of 64 or more (every 32-byte column block in one group:
+// kvsnap's default format), for rows in fours (R % 4 == 0): the same
+// score_cols calls in the same order, so the same bits, without the
+// general form's per-set checks (n < 8, ragged column blocks, row counts),
+// its division for the group, and two int_scores16 calls per chunk.
+template <DType SD>
+void scores_whole_chunk4(
+    const KeyRun& keys, int D, int gs, const IntQuery* const* qi, const ScoreQueries& sq, int R, float* out, int out_st) {
+  const int n_groups = D / gs;
+  const int row_bytes = D / 2;
+  const int gs_shift = __builtin_ctz(unsigned(gs)); // group sizes are powers of 2
+#pragma GCC unroll 1
+  for (int h = 0; h < kChunk; h += 8) {
+    const KeyRun set = keys.from<SD>(h);
+    alignas(32) float scale[16][8]; // [group][key]
+    alignas(32) float bias[16][8];
+    load_params8<SD>(set.ks, set.sst, n_groups, 8, scale[0], 8);
+    load_params8<SD>(set.kb, set.bst, n_groups, 8, bias[0], 8);
+    for (int r = 0; r < R; ++r) {
+      __m256 s = _mm256_setzero_ps();
+      for (int g = 0; g < n_groups; ++g) {
+        s = _mm256_fmadd_ps(_mm256_load_ps(bias[g]), _mm256_set1_ps(qi[r]->qsum[g]), s);
+      }
+      _mm256_storeu_ps(out + r * out_st + h, s);
+    }
+    const uint8_t* key = reinterpret_cast<const uint8_t*>(set.kp);
+    const int64_t key_st = set.kst * 4;
+#pragma GCC unroll 1
+    for (int cb = 0; cb < row_bytes; cb += 32) {
+      __m256i rows[8], cols[8];
+      for (int u = 0; u < 8; ++u) {
+        rows[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(key + u * key_st + cb));
+      }
+      transpose8(rows, cols);
+      const int g = (2 * cb) >> gs_shift; // the block's 64 elements' group
+      for (int r0 = 0; r0 < R; r0 += 4) {
+        score_cols<4, 4, 4>(cols, 0, 8, sq.at(r0, cb / 4), g, scale[g], qi + r0, out + r0 * out_st + h, out_st);
+      }
+    }
+  }
+}
+
+// The scores of the n <= kChunk keys of a chunk (as int_dot_avx512.h's):
+// scores_whole_chunk4 where it applies, else int_scores16 per 16 keys. On
+// AMD Zen 3 the whole-chunk form made a 32K decode call 0.957x as long, 4K
+// 0.968x (same bits; RESULTS.md).
+#define KVSNAP_CHUNK_SCORES 1
+template <int KB, DType SD>
+inline void int_scores_chunk(
+    const KeyRun& keys, int n, int D, int gs, const IntQuery* const* qi, const ScoreQueries& sq, int R, float* out, int out_st) {
+  if constexpr (KB == 4) {
+    if (n == kChunk && R % 4 == 0 && gs % 64 == 0 && D % 64 == 0) {
+      scores_whole_chunk4<SD>(keys, D, gs, qi, sq, R, out, out_st);
+      return;
+    }
+  }
+  for (int j = 0; j < n; j += 16) {
+    int_scores16<KB, SD>(keys.from<SD>(j), std::min(16, n - j), D, gs, qi, sq, R, out + j, out_st);
+  }
+}
+
 // The codes of 4 value rows v[0..3] as ValueLayout<32>'s n_vec vectors at x[0 .. n_vec).
 template <int VB>
 __attribute__((always_inline)) inline void interleave4(const uint8_t* const* v, int row_bytes, __m256i* x) {
