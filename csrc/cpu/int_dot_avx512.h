@@ -450,10 +450,10 @@ __attribute__((always_inline)) inline void int_scores_chunk(
   alignas(64) float scale[16][kChunk]; // [group][key]
   alignas(64) float bias[16][kChunk];
   const int n_lo = std::min(16, n), n_hi = n - n_lo;
+  const KeyRun hi = keys.from<SD>(16); // keys 16 .. n (read only where n_hi > 0)
   load_meta16<SD>(keys.ks, keys.sst, n_groups, n_lo, scale[0], kChunk);
   load_meta16<SD>(keys.kb, keys.bst, n_groups, n_lo, bias[0], kChunk);
   if (n_hi > 0) {
-    const KeyRun hi = keys.from<SD>(16);
     load_meta16<SD>(hi.ks, hi.sst, n_groups, n_hi, scale[0] + 16, kChunk);
     load_meta16<SD>(hi.kb, hi.bst, n_groups, n_hi, bias[0] + 16, kChunk);
   }
@@ -471,7 +471,7 @@ __attribute__((always_inline)) inline void int_scores_chunk(
   }
   score_keys16<KB>(keys.kp, keys.kst, n_lo, D, gs, qi, R, scale[0], out, out_st);
   if (n_hi > 0) {
-    score_keys16<KB>(keys.kp + 16 * keys.kst, keys.kst, n_hi, D, gs, qi, R, scale[0] + 16, out + 16, out_st);
+    score_keys16<KB>(hi.kp, hi.kst, n_hi, D, gs, qi, R, scale[0] + 16, out + 16, out_st);
   }
 }
 
