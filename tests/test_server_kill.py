@@ -175,13 +175,25 @@ def probe(served: Served, replay: AgentMemory, model: str, agent: Agent, from_di
     agent.usage, agent.in_flight = usage, None
 
 
+def wait_for_turn(agents: list[Agent], before: int, timeout: float) -> bool:
+    """Waits until the agents have more than ``before`` completed turns (or
+    one of them an error); True if it had to wait."""
+    deadline = time.perf_counter() + timeout
+    waited = False
+    while sum(a.turns for a in agents) <= before and not any(a.errors for a in agents):
+        assert time.perf_counter() < deadline, f"no turn finished in {timeout:.0f} s of load"
+        waited = True
+        time.sleep(0.05)
+    return waited
+
+
 def kill_rounds(tmp_path: Path, model: str, kills: int, n_agents: int, max_tokens: int, seed: int,
                 window: tuple[float, float]) -> dict:
     rng = random.Random(seed)
     store = tmp_path / "store"
     replay = AgentMemory(*load(model), path=tmp_path / "replay-store", budget="256MB")
     agents = [Agent(f"agent-{i}", i) for i in range(n_agents)]
-    figures = {"kills": 0, "turns": 0, "in_flight_saved": 0, "restarts": 0}
+    figures = {"kills": 0, "turns": 0, "in_flight_saved": 0, "restarts": 0, "waited_for_a_turn": 0}
     spent = dict.fromkeys(("load", "verify", "restart", "check", "probe"), 0.0)
     try:
         served = Served(store, model=model)
@@ -194,6 +206,15 @@ def kill_rounds(tmp_path: Path, model: str, kills: int, n_agents: int, max_token
                 t.start()
             t0 = time.perf_counter()
             time.sleep(rng.uniform(*window))
+            # On a busy host no turn may have finished by then: the kill
+            # waits for the round's first one (then a random moment of the
+            # next half second), so every round kills under load and the
+            # turns it counts do not depend on the host's speed (CI failed
+            # once with no turn in any of SmolLM2's three windows).
+            waited = wait_for_turn(agents, before, timeout=300)
+            figures["waited_for_a_turn"] += waited
+            if waited:
+                time.sleep(rng.uniform(0.0, 0.5))
             served.kill()
             figures["kills"] += 1
             stop.set()

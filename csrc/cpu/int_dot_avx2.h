@@ -364,8 +364,8 @@ void scores_whole_chunk4(
 
 // The scores of the n <= kChunk keys of a chunk (as int_dot_avx512.h's):
 // scores_whole_chunk4 where it applies, else int_scores16 per 16 keys. On
-// AMD Zen 3 the whole-chunk form made a 32K decode call 0.957x as long, 4K
-// 0.968x (same bits; RESULTS.md).
+// AMD Zen 3 the whole-chunk form made a 32K decode call 0.950x as long, 4K
+// 0.967x (same bits; RESULTS.md).
 #define KVSNAP_CHUNK_SCORES 1
 template <int KB, DType SD>
 inline void int_scores_chunk(
